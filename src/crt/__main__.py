@@ -1,0 +1,5 @@
+import sys
+
+from crt.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""`crt`: train, evaluate and fetch data from the command line.
+
+Every user error ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Any
+
+from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, load_preset, model_config_from_dict, preset_names
+from crt.errors import CRTError
+
+DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
+EVAL_FIELDS = ("data_dir", "map_unk", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
+_PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, names: list[str], title: str) -> None:
+    group = parser.add_argument_group(title)
+    for name in names:
+        f = MODEL_FIELDS.get(name) or TRAIN_FIELDS[name]
+        typ = _PY_TYPES[f.type] if isinstance(f.type, str) else f.type
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            group.add_argument(flag, dest=name, type=typ, default=None, metavar=typ.__name__.upper(), help=f"(default {f.default!r})")
+
+
+def _overrides(args: argparse.Namespace, names) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, spec)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'model':<14}{'params':>10}{'valid ppl':>12}{'recall acc':>12}  run"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['arch']:<14}{r['params']:>10,}{_fmt(r['valid_ppl'], '.3f'):>12}{_fmt(r['valid_recall'], '.3f'):>12}  {r['run_dir']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from crt.train.checkpoint import load_checkpoint
+    from crt.train.loop import train
+
+    overrides = _overrides(args, list(MODEL_FIELDS) + list(TRAIN_FIELDS))
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        changed = sorted(k for k in overrides if k in MODEL_FIELDS)
+        if changed:
+            raise CRTError(f"cannot change model fields {changed} when resuming: start a new run instead")
+        mcfg = model_config_from_dict(ckpt.meta["model"])
+        _, tcfg = apply_overrides(ModelConfig(), TrainConfig(**ckpt.meta["train"]), overrides)
+        print_table([train(mcfg, tcfg, resume=ckpt, progress=not args.no_progress)])
+        return
+    presets = [args.preset] if args.preset else list(DEFAULT_PRESETS)
+    rows = []
+    for name in presets:
+        mcfg, tcfg = load_preset(name)
+        mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
+        print(f"== training {mcfg.arch} ({name}) -> {tcfg.out_dir}", flush=True)
+        rows.append(train(mcfg, tcfg, progress=not args.no_progress))
+    print()
+    print_table(rows)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from crt.data import Vocab
+    from crt.models import build_model
+    from crt.train.checkpoint import load_checkpoint
+    from crt.train.evaluate import evaluate
+    from crt.train.loop import load_corpus, resolve_device
+
+    ckpt = load_checkpoint(args.checkpoint)
+    overrides = _overrides(args, EVAL_FIELDS)
+    mcfg, tcfg = apply_overrides(model_config_from_dict(ckpt.meta["model"]), TrainConfig(**ckpt.meta["train"]), overrides)
+    corpus = load_corpus(tcfg)
+    vocab = Vocab.from_list(ckpt.meta["vocab"])
+    if vocab.itos != corpus.vocab.itos:
+        raise CRTError(
+            f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
+        )
+    device = resolve_device(tcfg.device)
+    model = build_model(mcfg.validate()).to(device)
+    ckpt.load_weights(model)
+    data = getattr(corpus, args.split)
+    result = evaluate(
+        model, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
+        precision=tcfg.precision, max_tokens=tcfg.eval_max_tokens,
+    )
+    seg = mcfg.eval_segment_len or mcfg.segment_len
+    mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
+    print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}")
+    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + (f"  recall {result['recall']:.3f}" if not math.isnan(result["recall"]) else ""))
+    unk = corpus.unk_mapped.get(args.split)
+    if unk:
+        print(f"{unk:,} {args.split} tokens unseen in train were mapped to <unk>")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from crt.data import download
+
+    path = download(args.name, args.dir)
+    print(f"{args.name} is in {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crt", description="Compact Recurrent Transformer: train, evaluate, fetch data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (no arguments: CRT and the Transformer on the built-in recall task)",
+        description="Train from a preset plus overrides of any field. With no --preset it trains CRT and the "
+        f"segment Transformer on the built-in synthetic recall corpus and prints a table. Presets: {', '.join(preset_names())}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", help="preset name or path to a .toml file")
+    p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_field_flags(p, list(MODEL_FIELDS), "model fields (override the preset)")
+    _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint over a whole split")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    _add_field_flags(p, list(EVAL_FIELDS), "evaluation options (default: as trained)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("download", help="download a corpus from its canonical public source and verify it")
+    d.add_argument("name", choices=("ptb", "wikitext-2", "wikitext-103"))
+    d.add_argument("--dir", required=True, help="folder to put the files in")
+    d.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CRTError as e:
+        print(f"crt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

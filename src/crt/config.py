@@ -1,0 +1,208 @@
+"""Configuration: one dataclass for the model, one for the run, presets from TOML files.
+
+Field names are unique across both dataclasses, so the CLI can offer every field as a flat
+`--field-name VALUE` flag. Every (choice) of SPEC §3 is a field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from crt.errors import CRTError
+
+ARCHS = ("crt", "transformer", "transformer_xl")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "crt"  # crt | transformer | transformer_xl
+    vocab_size: int = 0  # set from the data
+    d_model: int = 128  # model width
+    n_layer: int = 3  # transformer blocks
+    n_head: int = 4  # attention heads
+    d_ff: int = 512  # feed-forward hidden width
+    segment_len: int = 70  # tokens per segment (training)
+    dropout: float = 0.1  # residual branches and feed-forward
+    emb_dropout: float = 0.1  # on the summed input embeddings
+    attn_dropout: float = 0.0  # on the attention weights
+    tie_weights: bool = True  # LM head shares the input embedding
+    # positions: crt: recurrent | sinusoidal | learned | rotary | none;
+    # transformer: learned | sinusoidal | rotary; transformer_xl: relative (its only choice).
+    # auto: recurrent for crt, learned for transformer, relative for transformer_xl.
+    positions: str = "auto"
+    # --- CRT (SPEC §3) ---
+    memory_position: str = "prepend"  # prepend | append | none: where the memory token goes
+    memory_init: str = "learned"  # learned | zeros: m_0
+    memory_cell: str = "gru"  # gru | ncgru: the RNN that updates the memory
+    memory_reads: str = "tokens"  # tokens | memory_token | last_token: what the memory RNN reads
+    d_memory: int = 0  # memory width d_m; 0 means d_model
+    carry_rpe: bool = True  # carry the recurrent positional GRU's state across segments
+    ncgru_negative: int = 0  # number of -1 entries in the NCGRU's diagonal D (0 means d_memory // 2)
+    ncgru_orthogonal_reset: bool = False  # make the NCGRU's U_r orthogonal too
+    # --- Transformer-XL (SPEC §4) ---
+    mem_len: int = 0  # cached hidden states per layer; 0 means segment_len
+    clamp_len: int = -1  # relative distances beyond this use the same encoding; -1: no clamp
+    same_length: bool = False  # every query attends to the same number of keys
+    # --- evaluation lengths (0: same as training) ---
+    eval_segment_len: int = 0  # segment length at evaluation
+    eval_mem_len: int = 0  # Transformer-XL memory at evaluation
+    eval_stride: int = 0  # Transformer: sliding-window stride at evaluation; 0: non-overlapping segments
+
+    def __post_init__(self) -> None:
+        if self.positions == "auto":
+            self.positions = {"crt": "recurrent", "transformer": "learned", "transformer_xl": "relative"}.get(self.arch, "auto")
+
+    @property
+    def memory_dim(self) -> int:
+        return self.d_memory or self.d_model
+
+    def validate(self) -> "ModelConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise CRTError(msg)
+
+        need(self.arch in ARCHS, f"unknown arch {self.arch!r}: use one of {', '.join(ARCHS)}")
+        need(self.segment_len >= 1, f"segment_len must be >= 1, got {self.segment_len}: set --segment-len to a positive length")
+        need(self.d_model >= 1 and self.n_layer >= 1 and self.n_head >= 1, "d_model, n_layer and n_head must be >= 1")
+        need(self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        need(self.eval_segment_len >= 0 and self.eval_mem_len >= 0 and self.eval_stride >= 0, "eval lengths must be >= 0")
+        choices = {
+            "crt": ("recurrent", "sinusoidal", "learned", "rotary", "none"),
+            "transformer": ("learned", "sinusoidal", "rotary"),
+            "transformer_xl": ("relative",),
+        }[self.arch]
+        need(self.positions in choices, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(choices)}")
+        need(self.memory_position in ("prepend", "append", "none"), f"memory_position={self.memory_position!r}: use prepend, append or none")
+        need(self.memory_init in ("learned", "zeros"), f"memory_init={self.memory_init!r}: use learned or zeros")
+        need(self.memory_cell in ("gru", "ncgru"), f"memory_cell={self.memory_cell!r}: use gru or ncgru")
+        need(self.memory_reads in ("tokens", "memory_token", "last_token"), f"memory_reads={self.memory_reads!r}: use tokens, memory_token or last_token")
+        if self.arch == "crt" and self.memory_reads == "memory_token":
+            need(
+                self.memory_position == "append",
+                "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask",
+            )
+        if self.arch == "transformer":
+            stride = self.eval_stride
+            need(stride <= (self.eval_segment_len or self.segment_len), "eval_stride must not exceed the evaluation segment length")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data: str = "synthetic"  # synthetic | ptb | wikitext-2 | wikitext-103 | words | chars
+    data_dir: str = ""  # directory of the corpus files (a text file for chars)
+    map_unk: bool = False  # map valid/test words unseen in train to <unk> instead of failing
+    # --- synthetic recall corpus (data=synthetic) ---
+    synth_pairs: int = 2  # key->value pairs that open each document
+    synth_keys: int = 16  # distinct keys
+    synth_values: int = 16  # distinct values
+    synth_filler: int = 32  # filler tokens between the pairs and the queries
+    synth_filler_vocab: int = 32  # distinct filler tokens
+    synth_train_docs: int = 4000
+    synth_valid_docs: int = 200
+    synth_test_docs: int = 200
+    # --- optimisation ---
+    batch_size: int = 32  # parallel streams
+    bptt_segments: int = 2  # K: back-propagate through the last K segments
+    max_steps: int = 1000  # optimizer steps (each sees batch_size * K * segment_len tokens)
+    max_tokens: int = 0  # stop after this many training tokens; 0: no token budget
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    # --- run ---
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 200  # steps between validations; 0: only at the end
+    eval_batch_size: int = 10
+    eval_max_tokens: int = 0  # cap on tokens scored at periodic validation; 0: whole split
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at validations and the end
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    log_every: int = 10
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise CRTError(f"{name} expects true or false, got {value!r}")
+    try:
+        return typ(value)
+    except (TypeError, ValueError):
+        raise CRTError(f"{name} expects a {typ.__name__}, got {value!r}") from None
+
+
+MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
+TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Return copies of both configs with `overrides` (field name -> value) applied and type-checked."""
+    m, t = {}, {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key in MODEL_FIELDS:
+            m[key] = _coerce(value, MODEL_FIELDS[key].type, key)
+        elif key in TRAIN_FIELDS:
+            t[key] = _coerce(value, TRAIN_FIELDS[key].type, key)
+        else:
+            raise CRTError(f"unknown config key {key!r}: see `crt train --help` for the fields")
+    return dataclasses.replace(model, **m), dataclasses.replace(train, **t)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("crt.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
+    """A preset by name (a file in crt/configs/) or by path to a TOML file.
+
+    The TOML has two tables, [model] and [train], whose keys are the dataclass fields.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+    else:
+        res = resources.files("crt.configs") / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise CRTError(f"unknown preset {name_or_path!r}: use one of {', '.join(preset_names())} or a path to a .toml file")
+        text = res.read_text()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CRTError(f"preset {name_or_path!r} is not valid TOML: {e}") from None
+    unknown = set(doc) - {"model", "train"}
+    if unknown:
+        raise CRTError(f"preset {name_or_path!r} has unknown tables {sorted(unknown)}: only [model] and [train] are allowed")
+    for table, known in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
+        bad = set(doc.get(table, {})) - set(known)
+        if bad:
+            raise CRTError(f"preset {name_or_path!r} has unknown [{table}] keys {sorted(bad)}")
+    return apply_overrides(ModelConfig(), TrainConfig(), {**doc.get("model", {}), **doc.get("train", {})})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    bad = set(d) - set(MODEL_FIELDS)
+    if bad:
+        raise CRTError(f"checkpoint config has unknown model keys {sorted(bad)}: it was written by another version of crt")
+    return ModelConfig(**d)

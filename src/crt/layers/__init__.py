@@ -1,0 +1,22 @@
+"""Building blocks shared by every model in crt."""
+
+from crt.layers.attention import CausalSelfAttention
+from crt.layers.block import Block
+from crt.layers.feedforward import FeedForward
+from crt.layers.embedding import TokenEmbedding
+from crt.layers.init import init_weights
+from crt.layers.positional import AbsolutePositions, LearnedPositions, RecurrentPositions, Rotary, apply_rotary, sinusoidal_table
+
+__all__ = [
+    "AbsolutePositions",
+    "Block",
+    "CausalSelfAttention",
+    "FeedForward",
+    "LearnedPositions",
+    "RecurrentPositions",
+    "Rotary",
+    "TokenEmbedding",
+    "apply_rotary",
+    "init_weights",
+    "sinusoidal_table",
+]

@@ -1,0 +1,20 @@
+"""The models. Every one follows `logits, state = model(tokens, state)` (SPEC §2)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from crt.config import ModelConfig
+from crt.models.crt import CRT
+from crt.models.transformer import Transformer
+from crt.models.transformer_xl import TransformerXL
+
+MODELS = {"crt": CRT, "transformer": Transformer, "transformer_xl": TransformerXL}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model `cfg.arch` names, built from `cfg` (validated first)."""
+    return MODELS[cfg.validate().arch](cfg)
+
+
+__all__ = ["CRT", "MODELS", "Transformer", "TransformerXL", "build_model"]

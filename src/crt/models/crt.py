@@ -1,0 +1,144 @@
+"""Compact Recurrent Transformer (Mucllari, Daniels, Zhang, Ye 2025; arXiv 2505.00929).
+
+A shallow transformer reads one short segment at a time. Between segments, one memory
+vector m carries what the model needs from the past:
+
+    segment n:   u   = [W_m m_{n-1} + b_m ;  e_1 .. e_L]        memory token, then the tokens
+                 u  += GRU_pos(u, r_{n-1})                      recurrent positions; r_n = last hidden
+                 h   = Blocks(u)   (causal, over L + 1 tokens)
+                 y_t = softmax(E h_t)                           tied LM head, t = 1..L
+                 m_n = RNN(h_1 .. h_L; m_{n-1})                 GRU or NCGRU, last hidden state
+
+Per token CRT adds two small RNN steps and one attended token to a plain segment transformer,
+where Transformer-XL attends to M cached states in every layer. Each (choice) of SPEC §3 is
+a `ModelConfig` field; `ModelConfig.validate` rejects combinations that cannot work.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from crt.config import ModelConfig
+from crt.layers import AbsolutePositions, Block, RecurrentPositions, TokenEmbedding, init_weights
+from crt.layers.ncgru import NCGRU
+
+
+class CRTState(NamedTuple):
+    memory: torch.Tensor  # [B, d_m]  m_{n-1}, the persistent memory vector
+    positions: torch.Tensor  # [B, D]  r_{n-1}, hidden state of the recurrent positional GRU (zeros if unused)
+
+
+class GRU(nn.Module):
+    """torch's GRU with the (x [B, T, I], h [B, H]) -> (out [B, T, H], h_last [B, H]) convention of NCGRU."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.gru = nn.GRU(input_size, hidden_size, batch_first=True)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype))  # [B, T, H], [1, B, H]
+        return out, h_last.squeeze(0)
+
+
+class CRT(nn.Module):
+    """CRT language model. Every constructor choice comes from `cfg` (see `ModelConfig`):
+
+    d_model, n_layer, n_head, d_ff, dropout, emb_dropout, attn_dropout: the shallow transformer.
+    segment_len / eval_segment_len: the longest segment it is fed (sizes learned positions).
+    memory_position: prepend (every token attends to the memory token), append (the token
+        follows the segment: it sees every token but none sees it, so the memory is written
+        but never read; an ablation of the read path) or none (no memory token).
+    memory_init: m_0 learned (starts at zero) or fixed zeros. Both still place a memory token;
+        with zeros it is W_m 0 + b_m = b_m. Only memory_position=none removes it.
+    memory_cell: gru | ncgru; d_memory: its width d_m (0: d_model).
+    memory_reads: what the memory RNN reads: all segment outputs h_1..h_L, the memory token's
+        output (needs memory_position=append), or the last token's output only.
+    positions: recurrent (CRT's GRU) | sinusoidal | learned | rotary | none; carry_rpe: carry
+        the positional GRU's state to the next segment (else it restarts at zero).
+    tie_weights: share the LM head with the token embedding.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D, d_m = cfg.d_model, cfg.memory_dim
+        self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
+        self.memory_in = nn.Linear(d_m, D)  # m_{n-1} -> memory token
+        self.drop = nn.Dropout(cfg.emb_dropout)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(D)
+        if cfg.positions != "recurrent":
+            max_len = max(cfg.segment_len, cfg.eval_segment_len) + 1  # + memory token
+            self.absolute_positions = AbsolutePositions(cfg.positions, max_len, D, cfg.n_head)
+        self.apply(init_weights)
+        # The RNNs keep torch's / NCGRU's own initialisation, so they are built after init_weights.
+        if cfg.positions == "recurrent":
+            self.recurrent_positions = RecurrentPositions(D)
+        if cfg.memory_cell == "gru":
+            self.memory_rnn = GRU(D, d_m)
+        else:
+            self.memory_rnn = NCGRU(D, d_m, n_negative=cfg.ncgru_negative or None, orthogonal_reset=cfg.ncgru_orthogonal_reset)
+        # m_0: a parameter when learned (zero at start: the model begins like the zeros choice)
+        m0 = torch.zeros(d_m)
+        if cfg.memory_init == "learned":
+            self.memory_init = nn.Parameter(m0)
+        else:
+            self.register_buffer("memory_init", m0)
+
+    def init_state(self, batch_size: int, evaluation: bool = False) -> CRTState:
+        """State before the first segment: m_0 in every row, zero positional state.
+
+        Gradients reach a learned m_0 through this state until the first detach.
+        `evaluation` is accepted for the shared interface; CRT's state is the same in both.
+        """
+        device = self.memory_in.weight.device
+        memory = self.memory_init.to(device).expand(batch_size, -1)  # [B, d_m]
+        positions = torch.zeros(batch_size, self.cfg.d_model, device=device)  # [B, D]
+        return CRTState(memory, positions)
+
+    def forward(self, tokens: torch.Tensor, state: CRTState) -> tuple[torch.Tensor, CRTState]:
+        # tokens: [B, T] with T <= segment length; state: CRTState
+        cfg = self.cfg
+        B, T = tokens.shape
+        x = self.tokens(tokens)  # [B, T, D]
+        memory_token = self.memory_in(state.memory.to(x.dtype)).unsqueeze(1)  # [B, 1, D]
+        if cfg.memory_position == "prepend":
+            u, first = torch.cat([memory_token, x], dim=1), 1  # [B, T+1, D]; tokens start at 1
+        elif cfg.memory_position == "append":
+            u, first = torch.cat([x, memory_token], dim=1), 0  # [B, T+1, D]; memory token at T
+        else:
+            u, first = x, 0  # [B, T, D]
+
+        positions_state = state.positions
+        if cfg.positions == "recurrent":
+            r0 = state.positions if cfg.carry_rpe else torch.zeros_like(state.positions)
+            p, r_last = self.recurrent_positions(u, r0)  # p: [B, S, D], r_last: [B, D]
+            u, attn_kwargs = u + p, {}  # u_t += GRU_pos(u)_t
+            if cfg.carry_rpe:
+                positions_state = r_last.to(state.positions.dtype)
+        else:
+            u, attn_kwargs = self.absolute_positions(u)  # [B, S, D]
+
+        h = self.drop(u)  # [B, S, D]
+        for block in self.blocks:
+            h = block(h, **attn_kwargs)  # [B, S, D]
+        h = self.ln_f(h)  # [B, S, D]
+        h_tokens = h[:, first : first + T]  # [B, T, D]
+        logits = self.tokens.unembed(h_tokens)  # [B, T, V]
+
+        # m_n = RNN(reads; m_{n-1}): the memory is updated from this segment's final-layer outputs
+        if cfg.memory_reads == "tokens":
+            reads = h_tokens  # [B, T, D]
+        elif cfg.memory_reads == "memory_token":
+            reads = h[:, T:]  # [B, 1, D] (append: the memory token is last)
+        else:
+            reads = h_tokens[:, -1:]  # [B, 1, D]
+        _, memory = self.memory_rnn(reads, state.memory.to(reads.dtype))  # [B, d_m]
+        # The state stays in the dtype init_state gave it, whatever autocast computed in.
+        return logits, CRTState(memory.to(state.memory.dtype), positions_state)

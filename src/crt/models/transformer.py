@@ -1,0 +1,51 @@
+"""The segment-limited Transformer baseline: the same blocks as CRT, no memory.
+
+Attention never crosses a segment boundary, positions are absolute within the segment, and
+nothing is carried between calls (its state is `EmptyState()`). At evaluation it reads the
+split in non-overlapping segments, or in a sliding window with stride s (each token then sees
+up to segment_len - 1 earlier tokens; see `crt.train.evaluate`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from crt.config import ModelConfig
+from crt.layers import AbsolutePositions, Block, TokenEmbedding, init_weights
+from crt.state import EmptyState
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer over one segment. From `cfg`:
+
+    d_model, n_layer, n_head, d_ff, dropout, emb_dropout, attn_dropout: the blocks.
+    positions: learned | sinusoidal | rotary absolute positions 0..T-1 within the segment.
+    segment_len / eval_segment_len: the longest input (sizes learned positions).
+    tie_weights: share the LM head with the token embedding.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
+        self.drop = nn.Dropout(cfg.emb_dropout)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(D)
+        self.positions = AbsolutePositions(cfg.positions, max(cfg.segment_len, cfg.eval_segment_len), D, cfg.n_head)
+        self.apply(init_weights)
+
+    def init_state(self, batch_size: int, evaluation: bool = False) -> EmptyState:
+        return EmptyState()
+
+    def forward(self, tokens: torch.Tensor, state: EmptyState) -> tuple[torch.Tensor, EmptyState]:
+        # tokens: [B, T]
+        x, attn_kwargs = self.positions(self.tokens(tokens))  # [B, T, D]
+        h = self.drop(x)  # [B, T, D]
+        for block in self.blocks:
+            h = block(h, **attn_kwargs)  # [B, T, D]
+        return self.tokens.unembed(self.ln_f(h)), state  # [B, T, V]

@@ -1,0 +1,133 @@
+"""Checkpoints: safetensors weights, a JSON of config and vocabulary, and the trainer state.
+
+A run directory holds `checkpoints/step-000100/` folders and a `checkpoints/latest` file
+naming the newest. Each folder is written under a temporary name and renamed when complete,
+and `latest` is replaced atomically, so an interrupted save never damages what is on disk.
+config.json records the SHA-256 of the other two files, so a truncated or corrupted
+checkpoint is reported as such instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from crt.errors import CRTError
+
+WEIGHTS, CONFIG, TRAINER, LATEST = "model.safetensors", "config.json", "trainer.pt", "latest"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, Any], trainer: dict[str, Any], keep: int = 2) -> Path:
+    """Save model weights, `meta` (config, vocab, ...) and `trainer` (optimizer, RNG, ...)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        save_model(model, str(tmp / WEIGHTS))
+        torch.save(trainer, tmp / TRAINER)
+        meta = {**meta, "step": step, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), TRAINER: _sha256(tmp / TRAINER)}}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
+        if final.exists():  # re-saving a step (after a resume): swap, then remove the old copy
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic(ckpt_root / LATEST, final.name + "\n")
+    for stale in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.suffix == "")[: -max(keep, 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run directory or its checkpoints/ folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CRTError(f"checkpoint {path} does not exist: pass a run directory or a checkpoints/step-N folder")
+    if (path / CONFIG).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if (root / LATEST).is_file():
+            name = (root / LATEST).read_text().strip()
+            if (root / name / CONFIG).is_file():
+                return root / name
+            raise CRTError(f"{root / LATEST} names {name}, which is missing: pass a checkpoints/step-N folder directly")
+    raise CRTError(f"no checkpoint in {path}: expected {CONFIG} or checkpoints/{LATEST} (was the run saved?)")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]  # config.json: model, train, vocab, step, ...
+
+    def load_weights(self, model: nn.Module) -> None:
+        self._verify(WEIGHTS)
+        try:
+            missing, unexpected = load_model(model, str(self.path / WEIGHTS), strict=False)
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise CRTError(f"cannot load weights from {self.path / WEIGHTS}: {str(e).splitlines()[0]}") from None
+        if missing or unexpected:
+            raise CRTError(
+                f"checkpoint {self.path} does not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): it was trained with another architecture"
+            )
+
+    def load_trainer(self) -> dict[str, Any]:
+        self._verify(TRAINER)
+        try:
+            return torch.load(self.path / TRAINER, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged pickle/zip
+            raise CRTError(f"cannot load {self.path / TRAINER}: {str(e).splitlines()[0]}") from None
+
+    def _verify(self, name: str) -> None:
+        f = self.path / name
+        if not f.is_file():
+            raise CRTError(f"checkpoint {self.path} lacks {name}: it is incomplete; use another checkpoint")
+        if _sha256(f) != self.meta.get("sha256", {}).get(name):
+            raise CRTError(f"{f} is corrupted or truncated (SHA-256 differs from {CONFIG}); use another checkpoint")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    folder = resolve(path)
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CRTError(f"{folder / CONFIG} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not {"model", "train", "vocab", "sha256"} <= set(meta):
+        raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/vocab/sha256)")
+    return Checkpoint(folder, meta)

@@ -1,0 +1,103 @@
+"""Perplexity over a whole split with the state carried across every segment (SPEC §3.6)."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crt.train.segments import iter_segments
+
+IGNORE = -100  # target id that counts for nothing (padding)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA when precision is bf16, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = None):
+    """Cut a split into `batch_size` contiguous streams of (input, target) pairs.
+
+    Unlike the usual batchify nothing is dropped: inputs = data[:-1], targets = data[1:],
+    split into B rows of ceil((N-1)/B) and the tail of the last row padded with targets that
+    are ignored. Every one of the N - 1 predictable tokens is scored exactly once.
+
+    data: [N]  ->  inputs [B, n], targets [B, n], is_answer [B, n] bool
+    """
+    inputs, targets = data[:-1], data[1:].clone()  # [N-1]
+    is_answer = answers[1:] if answers is not None else torch.zeros_like(targets, dtype=torch.bool)  # [N-1]
+    n = math.ceil(len(inputs) / batch_size)
+    pad = n * batch_size - len(inputs)
+    inputs = F.pad(inputs, (0, pad), value=0).view(batch_size, n)  # [B, n]
+    targets = F.pad(targets, (0, pad), value=IGNORE).view(batch_size, n)  # [B, n]
+    is_answer = F.pad(is_answer, (0, pad), value=False).view(batch_size, n)  # [B, n]
+    return inputs, targets, is_answer
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: torch.Tensor,
+    batch_size: int = 10,
+    segment_len: int | None = None,
+    stride: int = 0,
+    answers: torch.Tensor | None = None,
+    precision: str = "fp32",
+    max_tokens: int = 0,
+) -> dict[str, float]:
+    """Score every token of `data` and return loss (mean NLL, nats), ppl, tokens, and recall.
+
+    segment_len: tokens per call; default the model's evaluation segment length.
+    stride: 0 streams non-overlapping segments with the state carried from one to the next.
+        s > 0 uses a sliding window (for models without memory): each call sees up to
+        segment_len tokens and scores only its last s, so every token has at least
+        segment_len - s tokens of context (except at the start of a stream).
+    answers: bool [N] marking answer tokens; recall = share of them predicted by argmax.
+    max_tokens: score only the first max_tokens + 1 tokens of data (0: all).
+    """
+    cfg = model.cfg
+    segment_len = segment_len or cfg.eval_segment_len or cfg.segment_len
+    if max_tokens:
+        data = data[: max_tokens + 1]
+        answers = answers[: max_tokens + 1] if answers is not None else None
+    batch_size = max(1, min(batch_size, len(data) - 1))
+    device = next(model.parameters()).device
+    inputs, targets, is_answer = (t.to(device) for t in streams(data, batch_size, answers))
+    was_training = model.training
+    model.eval()
+    nll, count, hits, n_answers = 0.0, 0, 0, 0
+
+    def score(logits: torch.Tensor, tgt: torch.Tensor, ans: torch.Tensor) -> None:
+        nonlocal nll, count, hits, n_answers
+        logits = logits.float()  # [B, T, V]
+        nll += F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        count += int((tgt != IGNORE).sum())
+        hits += int(((logits.argmax(-1) == tgt) & ans).sum())
+        n_answers += int(ans.sum())
+
+    with autocast(device, precision):
+        if stride:
+            n = inputs.shape[1]
+            for c in range(0, n, stride):
+                lo = max(0, c + stride - segment_len)  # window [lo, c + stride) of at most segment_len tokens
+                logits, _ = model(inputs[:, lo : c + stride], model.init_state(batch_size, evaluation=True))
+                score(logits[:, c - lo :], targets[:, c : c + stride], is_answer[:, c : c + stride])
+        else:
+            state = model.init_state(batch_size, evaluation=True)
+            for start, logits, state in iter_segments(model, inputs, state, segment_len):
+                T = logits.shape[1]
+                score(logits, targets[:, start : start + T], is_answer[:, start : start + T])
+    model.train(was_training)
+    loss = nll / max(count, 1)
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "tokens": count,
+        "recall": hits / n_answers if n_answers else float("nan"),
+    }

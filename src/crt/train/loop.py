@@ -1,0 +1,233 @@
+"""The training loop: truncated BPTT over K segments, AdamW, warmup + cosine, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from crt.config import ModelConfig, TrainConfig, to_dict
+from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
+from crt.errors import CRTError
+from crt.models import build_model
+from crt.state import detach
+from crt.train.checkpoint import Checkpoint, save_checkpoint
+from crt.train.evaluate import autocast, evaluate
+from crt.train.metrics import MetricsLog, plot_curves
+from crt.train.segments import iter_segments
+
+
+def load_corpus(t: TrainConfig) -> Corpus:
+    """The corpus a TrainConfig names (data + data_dir + options)."""
+    if t.data == "synthetic":
+        return make_synthetic(
+            pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
+            filler_vocab=t.synth_filler_vocab, train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs,
+            test_docs=t.synth_test_docs, seed=t.seed,
+        )
+    if not t.data_dir:
+        raise CRTError(f"data={t.data} needs --data-dir: the folder of the corpus files (or `crt data download {t.data} --dir DIR`)")
+    if t.data in ("ptb", "wikitext-2", "wikitext-103", "words"):
+        kind = {"ptb": "ptb", "words": "auto"}.get(t.data, "wikitext")
+        return load_words(t.data_dir, kind=kind, map_unk=t.map_unk)
+    if t.data == "chars":
+        return load_chars(t.data_dir)
+    raise CRTError(f"unknown data {t.data!r}: use synthetic, ptb, wikitext-2, wikitext-103, words or chars")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CRTError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise CRTError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases, norms, gains or m_0)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def free_run_dir(out_dir: str) -> Path:
+    """out_dir itself if it holds no run yet, else the first free out_dir-2, out_dir-3, ...
+
+    A new run never writes into a folder that holds another run's checkpoints.
+    """
+    base = Path(out_dir)
+    path, n = base, 1
+    while (path / "checkpoints").exists() or (path / "metrics.jsonl").exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    resume: Checkpoint | None = None,
+    corpus: Corpus | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one model; return a summary (run_dir, params, valid loss/ppl/recall, steps, ...).
+
+    resume: continue a checkpoint's run so that the loss trajectory equals that of an
+        uninterrupted run (same configs required; only the stopping budget may grow).
+    corpus: the data, if already loaded (else from tcfg).
+    """
+    device = resolve_device(tcfg.device)
+    if tcfg.precision not in ("fp32", "bf16"):
+        raise CRTError(f"unknown precision {tcfg.precision!r}: use fp32 or bf16")
+    if tcfg.batch_size < 1 or tcfg.bptt_segments < 1:
+        raise CRTError("batch_size and bptt_segments must be >= 1")
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
+    corpus = corpus or load_corpus(tcfg)
+    if resume is not None and Vocab.from_list(resume.meta["vocab"]).itos != corpus.vocab.itos:
+        raise CRTError(f"checkpoint {resume.path} was trained with another vocabulary than {tcfg.data} {tcfg.data_dir}: resume on the same data")
+    mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
+    model = build_model(mcfg).to(device)
+    optimizer = make_optimizer(model, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tcfg) / tcfg.lr)
+
+    B, K, L = tcfg.batch_size, tcfg.bptt_segments, mcfg.segment_len
+    stream = batchify(corpus.train, B).to(device)  # [B, n]
+    window = K * L
+    n_windows = (stream.shape[1] - 1) // window
+    if n_windows < 1:
+        raise CRTError(
+            f"the training split ({len(corpus.train)} tokens) is too short for batch_size * bptt_segments * segment_len = {B * window}: lower one of them"
+        )
+
+    step, tokens_seen = 0, 0
+    state = model.init_state(B)
+    if resume is not None:
+        run_dir = resume.path.parent.parent
+        resume.load_weights(model)
+        trainer = resume.load_trainer()
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        step, tokens_seen = trainer["step"], trainer["tokens_seen"]
+        state = type(state)(*(t.to(device) for t in trainer["state"]))
+        _set_rng_state(trainer["rng"])
+    else:
+        run_dir = free_run_dir(tcfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(run_dir, resume_step=step if resume is not None else None)
+    meta = {"model": to_dict(mcfg), "train": to_dict(tcfg), "vocab": corpus.vocab.to_list(), "data": corpus.name}
+    n_params = count_parameters(model)
+
+    def save() -> Path:
+        trainer = {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+            "tokens_seen": tokens_seen, "state": [t.detach().cpu() for t in state], "rng": _rng_state(),
+        }
+        return save_checkpoint(run_dir, step, model, meta, trainer, keep=tcfg.keep_checkpoints)
+
+    def validate() -> dict[str, float]:
+        result = evaluate(
+            model, corpus.valid, tcfg.eval_batch_size, answers=corpus.answers.get("valid"),
+            precision=tcfg.precision, max_tokens=tcfg.eval_max_tokens,
+        )
+        metrics.log({"step": step, "split": "valid", **result})
+        return result
+
+    def done() -> bool:
+        return step >= tcfg.max_steps or (tcfg.max_tokens > 0 and tokens_seen >= tcfg.max_tokens)
+
+    model.train()
+    bar = tqdm(total=tcfg.max_steps, initial=step, disable=not progress, desc=run_dir.name, dynamic_ncols=True)
+    last_valid: dict[str, float] = {}
+    interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
+    while not done():
+        w = step % n_windows
+        if w == 0 and step > 0:
+            state = model.init_state(B)  # a new epoch starts the streams over
+        x = stream[:, w * window : (w + 1) * window]  # [B, K*L]
+        y = stream[:, w * window + 1 : (w + 1) * window + 1]  # [B, K*L]
+        t0 = time.perf_counter()
+        with autocast(device, tcfg.precision):
+            loss_sum = torch.zeros((), device=device)
+            for start, logits, state in iter_segments(model, x, state, L, K):
+                T = logits.shape[1]
+                loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), y[:, start : start + T].flatten(), reduction="sum")
+        loss = loss_sum / x.numel()
+        if not torch.isfinite(loss):
+            bar.close()
+            metrics.close()
+            raise CRTError(
+                f"the training loss became {loss.item()} at step {step + 1}: lower --lr or use --precision fp32; checkpoints saved before it in {run_dir} are intact"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state = detach(state)
+        step += 1
+        tokens_seen += x.numel()
+        interval_loss += loss.item()
+        interval_tokens += x.numel()
+        interval_time += time.perf_counter() - t0
+        bar.update(1)
+        if step % tcfg.log_every == 0 or done():
+            n = (step - 1) % tcfg.log_every + 1
+            avg = interval_loss / n
+            tok_s = interval_tokens / max(interval_time, 1e-9)
+            metrics.log({"step": step, "split": "train", "loss": avg, "ppl": math.exp(min(avg, 700.0)), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "tokens_seen": tokens_seen})
+            bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 700.0)):.1f}", tok_s=f"{tok_s:,.0f}")
+            interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
+        at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
+        if at_eval or done():
+            last_valid = validate()
+            bar.write(f"step {step}: valid loss {last_valid['loss']:.4f}  ppl {last_valid['ppl']:.2f}" + (f"  recall {last_valid['recall']:.3f}" if not math.isnan(last_valid["recall"]) else ""))
+        if at_eval or done() or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0):
+            save()
+    bar.close()
+    metrics.close()
+    if not last_valid:  # resumed a run that had already reached its budget
+        last_valid = validate()
+    plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {corpus.name}")
+    return {
+        "run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen,
+        "valid_loss": last_valid["loss"], "valid_ppl": last_valid["ppl"], "valid_recall": last_valid["recall"],
+    }

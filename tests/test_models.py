@@ -1,0 +1,225 @@
+"""SPEC §7 properties of CRT and the segment Transformer, and the shared segment runner."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crt.config import ModelConfig
+from crt.errors import CRTError
+from crt.models import build_model
+from crt.models.crt import CRTState
+from crt.state import detach, reset_rows
+from crt.train.evaluate import evaluate
+from crt.train.segments import iter_segments
+
+V, L = 37, 8
+
+
+def tiny(arch="crt", **kw) -> ModelConfig:
+    base = dict(arch=arch, vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L, dropout=0.0, emb_dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+def model_of(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+def tokens(B=2, N=3 * L, seed=1):
+    return torch.randint(0, V, (B, N), generator=torch.Generator().manual_seed(seed))
+
+
+def stream_logits(model, x, segment_len=L):
+    state = model.init_state(x.shape[0])
+    return torch.cat([lg for _, lg, state in iter_segments(model, x, state, segment_len)], dim=1)  # [B, N, V]
+
+
+CRT_VARIANTS = [
+    {},
+    {"memory_cell": "ncgru"},
+    {"positions": "sinusoidal"},
+    {"positions": "learned"},
+    {"positions": "rotary"},
+    {"positions": "none"},
+    {"carry_rpe": False},
+    {"memory_init": "zeros"},
+    {"memory_reads": "last_token"},
+    {"memory_position": "append", "memory_reads": "memory_token"},
+    {"tie_weights": False, "d_memory": 16},
+]
+
+
+@pytest.mark.parametrize("kw", CRT_VARIANTS + [{"arch": "transformer"}, {"arch": "transformer", "positions": "rotary"}])
+def test_causality(kw):
+    """Changing token t changes no logit before t, within a segment and across segments."""
+    cfg = tiny(**{"arch": "crt", **kw})
+    model = model_of(cfg)
+    x = tokens()
+    base = stream_logits(model, x)
+    for t in (3, L + 5, 2 * L):  # inside segment 1, inside segment 2, first token of segment 3
+        x2 = x.clone()
+        x2[:, t] = (x2[:, t] + 1) % V
+        out = stream_logits(model, x2)
+        assert torch.equal(out[:, :t], base[:, :t]), f"logits before {t} changed"
+        assert not torch.allclose(out[:, t], base[:, t]), "the changed token must change its own logits"
+
+
+@pytest.mark.parametrize("kw", [{}, {"memory_cell": "ncgru"}, {"positions": "sinusoidal"}, {"carry_rpe": False, "positions": "learned"}])
+def test_crt_memory_is_recurrent(kw):
+    """Changing segment 1 changes the logits of segment 3 (the memory carries it over)."""
+    model = model_of(tiny(**kw))
+    x = tokens()
+    x2 = x.clone()
+    x2[:, :L] = (x2[:, :L] + 1) % V
+    a, b = stream_logits(model, x), stream_logits(model, x2)
+    assert (a[:, 2 * L :] - b[:, 2 * L :]).abs().max() > 1e-4
+
+
+def test_transformer_has_no_memory():
+    model = model_of(tiny("transformer"))
+    x = tokens()
+    x2 = x.clone()
+    x2[:, :L] = (x2[:, :L] + 1) % V
+    assert torch.equal(stream_logits(model, x)[:, L:], stream_logits(model, x2)[:, L:])
+
+
+def test_memory_position_none_ignores_memory_and_state_still_flows():
+    """With no memory token the logits cannot depend on the memory vector at all."""
+    model = model_of(tiny(memory_position="none", positions="learned"))
+    x = tokens(N=L)
+    s0 = model.init_state(2)
+    s1 = CRTState(torch.randn_like(s0.memory), s0.positions)
+    assert torch.equal(model(x, s0)[0], model(x, s1)[0])
+
+
+def test_zero_memory_semantics():
+    """memory_init=zeros means m_0 = 0 and still a memory token (W_m 0 + b_m); that is not the
+    same model as memory_position=none, which has no memory token. Documented in CRT's docstring."""
+    zeros = model_of(tiny(memory_init="zeros"))
+    state = zeros.init_state(2)
+    assert torch.count_nonzero(state.memory) == 0
+    x = tokens(N=L)
+    explicit = CRTState(torch.zeros(2, 32), torch.zeros(2, 32))
+    assert torch.equal(zeros(x, state)[0], zeros(x, explicit)[0])
+    # the same weights without a memory token give different logits
+    none = build_model(dataclasses.replace(zeros.cfg, memory_position="none")).eval()
+    none.load_state_dict(zeros.state_dict())
+    assert not torch.allclose(zeros(x, state)[0], none(x, none.init_state(2))[0])
+    # a learned m_0 starts at zero, so at initialisation both choices compute the same function
+    learned = build_model(dataclasses.replace(zeros.cfg, memory_init="learned")).eval()
+    learned.load_state_dict(zeros.state_dict(), strict=False)
+    assert torch.equal(learned(x, learned.init_state(2))[0], zeros(x, state)[0])
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("cell", ["gru", "ncgru"])
+def test_gradients_reach_exactly_K_segments_back(K, cell):
+    """The loss of the last segment back-propagates into exactly the last K segments."""
+    model = model_of(tiny(memory_cell=cell))
+    model.train()
+    x = tokens(N=2 * K * L)
+    captured = []
+
+    def keep(module, inputs, out):  # returns None, so the output is left as it is
+        out.retain_grad()
+        captured.append(out)
+
+    hook = model.tokens.embed.register_forward_hook(keep)
+    state = model.init_state(2)
+    *_, (start, logits, state) = list(iter_segments(model, x, state, L, bptt_segments=K))
+    logits.sum().backward()
+    hook.remove()
+    has_grad = [e.grad is not None and e.grad.abs().sum().item() > 0 for e in captured]
+    assert has_grad == [False] * K + [True] * K
+
+
+def test_learned_initial_memory_gets_gradient():
+    model = model_of(tiny())
+    model.train()
+    state = model.init_state(2)
+    _, logits, _ = next(iter_segments(model, tokens(N=L), state, L, bptt_segments=1))
+    logits.sum().backward()
+    assert model.memory_init.grad is not None and model.memory_init.grad.abs().sum() > 0
+
+
+def test_detach_cuts_graph():
+    model = model_of(tiny())
+    _, state = model(tokens(N=L), model.init_state(2))
+    assert state.memory.requires_grad
+    assert not any(t.requires_grad for t in detach(state))
+
+
+@pytest.mark.parametrize("arch", ["crt", "transformer"])
+def test_reset_rows_starts_a_new_document_in_one_row(arch):
+    model = model_of(tiny(arch))
+    x = tokens(N=2 * L)
+    _, state = model(x[:, :L], model.init_state(2))
+    state = reset_rows(state, model.init_state(2), torch.tensor([False, True]))
+    out, _ = model(x[:, L:], state)
+    carried, _ = model(x[:1, L:], model(x[:1, :L], model.init_state(1))[1])
+    fresh, _ = model(x[1:, L:], model.init_state(1))
+    torch.testing.assert_close(out[:1], carried, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1:], fresh, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{}, {"memory_cell": "ncgru"}, {"arch": "transformer"}])
+def test_bf16_autocast_runs_and_keeps_state_dtype(kw):
+    model = model_of(tiny(**{"arch": "crt", **kw}))
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.init_state(2)
+        for _, logits, state in iter_segments(model, x, state, L):
+            assert torch.isfinite(logits.float()).all()
+    assert all(t.dtype == torch.float32 for t in state)
+    fp32 = stream_logits(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = stream_logits(model, x).float()
+    # bf16 keeps 8 bits of mantissa; logits of this tiny model are O(1), so 0.1 absolute is loose but not vacuous
+    assert (bf16 - fp32).abs().max() < 0.1
+
+
+def test_config_rejects_impossible_choices():
+    with pytest.raises(CRTError, match="memory_position=append"):
+        tiny(memory_reads="memory_token").validate()
+    with pytest.raises(CRTError, match="segment_len"):
+        tiny(segment_len=0).validate()
+    with pytest.raises(CRTError, match="positions"):
+        tiny("transformer", positions="recurrent").validate()
+
+
+def test_evaluate_scores_every_token_once():
+    model = model_of(tiny())
+    data = tokens(B=1, N=101).flatten()
+    for B in (1, 3, 7):
+        assert evaluate(model, data, batch_size=B)["tokens"] == 100
+
+
+def test_evaluate_matches_manual_perplexity():
+    """Batch size 1: the loss is the mean NLL of streaming the split by hand."""
+    model = model_of(tiny())
+    data = tokens(B=1, N=3 * L + 4).flatten()
+    logits = stream_logits(model, data[None, :-1])
+    nll = F.cross_entropy(logits[0], data[1:])
+    assert evaluate(model, data, batch_size=1)["loss"] == pytest.approx(nll.item(), rel=1e-5)
+
+
+def test_sliding_window_with_full_stride_equals_segments():
+    model = model_of(tiny("transformer"))
+    data = tokens(B=1, N=5 * L + 3).flatten()
+    seg = evaluate(model, data, batch_size=2)
+    slide = evaluate(model, data, batch_size=2, stride=L)
+    assert slide["loss"] == pytest.approx(seg["loss"], rel=1e-6)
+    overlap = evaluate(model, data, batch_size=2, stride=2)
+    assert overlap["tokens"] == seg["tokens"]
+    assert overlap["loss"] != pytest.approx(seg["loss"], rel=1e-6)  # more context changes the scores
+
+
+def test_crt_eval_longer_segments_than_training():
+    model = model_of(tiny(positions="learned", eval_segment_len=2 * L))
+    x = tokens(N=2 * L)
+    logits, _ = model(x, model.init_state(2))
+    assert logits.shape == (2, 2 * L, V)
