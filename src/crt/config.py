@@ -42,7 +42,7 @@ class ModelConfig:
     memory_reads: str = "tokens"  # tokens | memory_token | last_token: what the memory RNN reads
     d_memory: int = 0  # memory width d_m; 0 means d_model
     carry_rpe: bool = True  # carry the recurrent positional GRU's state across segments
-    ncgru_negative: int = 0  # number of -1 entries in the NCGRU's diagonal D (0 means d_memory // 2)
+    ncgru_negative: int = -1  # number of -1 entries in the NCGRU's diagonal D; -1: d_memory // 2
     ncgru_orthogonal_reset: bool = False  # make the NCGRU's U_r orthogonal too
     # --- Transformer-XL (SPEC §4) ---
     mem_len: int = 0  # cached hidden states per layer; 0 means segment_len
@@ -53,9 +53,12 @@ class ModelConfig:
     eval_mem_len: int = 0  # Transformer-XL memory at evaluation
     eval_stride: int = 0  # Transformer: sliding-window stride at evaluation; 0: non-overlapping segments
 
-    def __post_init__(self) -> None:
+    @property
+    def position_encoding(self) -> str:
+        """`positions` with auto resolved for this arch."""
         if self.positions == "auto":
-            self.positions = {"crt": "recurrent", "transformer": "learned", "transformer_xl": "relative"}.get(self.arch, "auto")
+            return {"crt": "recurrent", "transformer": "learned", "transformer_xl": "relative"}.get(self.arch, "auto")
+        return self.positions
 
     @property
     def memory_dim(self) -> int:
@@ -70,13 +73,15 @@ class ModelConfig:
         need(self.segment_len >= 1, f"segment_len must be >= 1, got {self.segment_len}: set --segment-len to a positive length")
         need(self.d_model >= 1 and self.n_layer >= 1 and self.n_head >= 1, "d_model, n_layer and n_head must be >= 1")
         need(self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        need(self.eval_segment_len >= 0 and self.eval_mem_len >= 0 and self.eval_stride >= 0, "eval lengths must be >= 0")
+        need(self.eval_segment_len >= 0 and self.eval_stride >= 0, "eval_segment_len and eval_stride must be >= 0 (0: the default)")
+        need(self.mem_len >= 0 and self.eval_mem_len >= 0, f"mem_len={self.mem_len} and eval_mem_len={self.eval_mem_len} must be >= 0 (0: the default)")
+        need(self.clamp_len >= -1, f"clamp_len={self.clamp_len}: use -1 (no clamp) or a distance >= 0")
         choices = {
             "crt": ("recurrent", "sinusoidal", "learned", "rotary", "none"),
             "transformer": ("learned", "sinusoidal", "rotary"),
             "transformer_xl": ("relative",),
         }[self.arch]
-        need(self.positions in choices, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(choices)}")
+        need(self.position_encoding in choices, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(choices)}")
         need(self.memory_position in ("prepend", "append", "none"), f"memory_position={self.memory_position!r}: use prepend, append or none")
         need(self.memory_init in ("learned", "zeros"), f"memory_init={self.memory_init!r}: use learned or zeros")
         need(self.memory_cell in ("gru", "ncgru"), f"memory_cell={self.memory_cell!r}: use gru or ncgru")
@@ -104,6 +109,7 @@ class TrainConfig:
     synth_values: int = 16  # distinct values
     synth_filler: int = 32  # filler tokens between the pairs and the queries
     synth_filler_vocab: int = 32  # distinct filler tokens
+    synth_query_rounds: int = 1  # each round queries every pair once
     synth_train_docs: int = 4000
     synth_valid_docs: int = 200
     synth_test_docs: int = 200

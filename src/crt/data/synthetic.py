@@ -6,6 +6,8 @@ every value back:
     <doc> k3 v7 k12 v0 <sep> f5 f19 ... f2 <q> k12 v0 <q> k3 v7 <eos>
           '--- pairs ---'     '-- filler --'   '---- queries ----'
 
+(with query_rounds=R every pair is asked R times, each round in a fresh order).
+
 Apart from the values (the answers) everything after <sep> is either fixed structure or
 uniform filler, so the only way to predict an answer better than chance (1 / values) is to
 remember the pair from before the filler. With filler longer than a model's segment, a
@@ -26,9 +28,9 @@ DOC, QUERY, SEP = "<doc>", "<q>", "<sep>"
 _SPECIALS = (EOS, DOC, QUERY, SEP)  # ids 0..3; keys, values and filler follow in that order
 
 
-def doc_length(pairs: int, filler: int) -> int:
-    """Tokens per document: <doc> + 2*pairs + <sep> + filler + 3*pairs (<q> k v) + <eos>."""
-    return 5 * pairs + filler + 3
+def doc_length(pairs: int, filler: int, query_rounds: int = 1) -> int:
+    """Tokens per document: <doc> + 2*pairs + <sep> + filler + 3*pairs*rounds (<q> k v) + <eos>."""
+    return 2 * pairs + 3 * pairs * query_rounds + filler + 3
 
 
 def synthetic_vocab(keys: int, values: int, filler_vocab: int) -> Vocab:
@@ -46,31 +48,31 @@ def _generator(seed: int, split: str) -> torch.Generator:
 
 
 def _make_split(
-    docs: int, pairs: int, keys: int, values: int, filler: int, filler_vocab: int, g: torch.Generator
+    docs: int, pairs: int, keys: int, values: int, filler: int, filler_vocab: int, query_rounds: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`docs` concatenated documents and their answer mask, both [docs * doc_length]."""
-    D, P, F = docs, pairs, filler
+    D, P, F, R = docs, pairs, filler, query_rounds
     k0 = len(_SPECIALS)  # first key id
     v0 = k0 + keys  # first value id
     f0 = v0 + values  # first filler id
     key = torch.rand(D, keys, generator=g).argsort(dim=1)[:, :P]  # [D, P] distinct keys per doc
     val = torch.randint(values, (D, P), generator=g)  # [D, P] values may repeat across keys
     fill = torch.randint(filler_vocab, (D, F), generator=g) if F else torch.zeros(D, 0, dtype=torch.long)  # [D, F]
-    order = torch.rand(D, P, generator=g).argsort(dim=1)  # [D, P] query order, a permutation per doc
-    qkey, qval = key.gather(1, order), val.gather(1, order)  # [D, P] each
+    order = torch.rand(D, R, P, generator=g).argsort(dim=2).view(D, R * P)  # [D, R*P] a permutation per round
+    qkey, qval = key.gather(1, order), val.gather(1, order)  # [D, R*P] each
 
     def col(token_id: int) -> torch.Tensor:
         return torch.full((D, 1), token_id, dtype=torch.long)  # [D, 1]
 
     pairs_part = torch.stack([key + k0, val + v0], dim=2).view(D, 2 * P)  # [D, 2P] k v k v ...
-    query_part = torch.stack([torch.full_like(qkey, _SPECIALS.index(QUERY)), qkey + k0, qval + v0], dim=2).view(D, 3 * P)  # [D, 3P]
+    query_part = torch.stack([torch.full_like(qkey, _SPECIALS.index(QUERY)), qkey + k0, qval + v0], dim=2).view(D, 3 * R * P)  # [D, 3RP]
     doc = torch.cat(
         [col(_SPECIALS.index(DOC)), pairs_part, col(_SPECIALS.index(SEP)), fill + f0, query_part, col(_SPECIALS.index(EOS))], dim=1
     )  # [D, L]
     L = doc.shape[1]
     answers = torch.zeros(D, L, dtype=torch.bool)  # [D, L]
     first_query = 2 + 2 * P + F  # position of the first <q>
-    answers[:, first_query + 2 : first_query + 3 * P : 3] = True  # the value after each query key
+    answers[:, first_query + 2 : first_query + 3 * R * P : 3] = True  # the value after each query key
     return doc.reshape(-1), answers.reshape(-1)  # [D * L], [D * L]
 
 
@@ -80,6 +82,7 @@ def make_synthetic(
     values: int = 16,
     filler: int = 32,
     filler_vocab: int = 32,
+    query_rounds: int = 1,
     train_docs: int = 4000,
     valid_docs: int = 200,
     test_docs: int = 200,
@@ -91,6 +94,8 @@ def make_synthetic(
     keys, values: sizes of the key and value alphabets; chance recall is 1 / values.
     filler: i.i.d. filler tokens between the pairs and the queries (the distance to bridge).
     filler_vocab: size of the filler alphabet.
+    query_rounds: each round asks for every pair once, in a fresh random order. More rounds
+        put more answer tokens in each document: a denser learning signal for the memory.
     *_docs: documents per split; every document is doc_length(pairs, filler) tokens.
     """
     checks = [
@@ -98,6 +103,7 @@ def make_synthetic(
         (keys >= pairs, f"synthetic keys={keys} < pairs={pairs}, but keys must be distinct within a document: raise --synth-keys or lower --synth-pairs"),
         (values >= 1, f"synthetic values must be >= 1, got {values}: set --synth-values"),
         (filler >= 0, f"synthetic filler must be >= 0, got {filler}: set --synth-filler"),
+        (query_rounds >= 1, f"synthetic query_rounds must be >= 1, got {query_rounds}: set --synth-query-rounds"),
         (filler_vocab >= 1, f"synthetic filler_vocab must be >= 1, got {filler_vocab}: set --synth-filler-vocab"),
     ]
     checks += [(n >= 1, f"synthetic {s}_docs must be >= 1, got {n}: set --synth-{s}-docs") for s, n in (("train", train_docs), ("valid", valid_docs), ("test", test_docs))]
@@ -107,5 +113,5 @@ def make_synthetic(
 
     streams, answers = {}, {}
     for split, docs in (("train", train_docs), ("valid", valid_docs), ("test", test_docs)):
-        streams[split], answers[split] = _make_split(docs, pairs, keys, values, filler, filler_vocab, _generator(seed, split))
+        streams[split], answers[split] = _make_split(docs, pairs, keys, values, filler, filler_vocab, query_rounds, _generator(seed, split))
     return Corpus(name="synthetic", vocab=synthetic_vocab(keys, values, filler_vocab), answers=answers, **streams)

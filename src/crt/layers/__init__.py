@@ -5,6 +5,7 @@ from crt.layers.block import Block
 from crt.layers.feedforward import FeedForward
 from crt.layers.embedding import TokenEmbedding
 from crt.layers.init import init_weights
+from crt.layers.ncgru import NCGRU
 from crt.layers.positional import AbsolutePositions, LearnedPositions, RecurrentPositions, Rotary, apply_rotary, sinusoidal_table
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CausalSelfAttention",
     "FeedForward",
     "LearnedPositions",
+    "NCGRU",
     "RecurrentPositions",
     "Rotary",
     "TokenEmbedding",

@@ -45,18 +45,20 @@ class NCGRU(nn.Module):
 
     input_size: width of each input vector x_t.
     hidden_size: width H of the hidden state h (and of every output).
-    n_negative: how many entries of the fixed diagonal D are −1 (the rest are +1); this fixes
-        det(U_c) = (−1)^n_negative and which eigenvalues near −1 U_c can reach.
-        None means hidden_size // 2.
+    n_negative: how many entries of the fixed diagonal D are −1 (the rest are +1). The plain
+        Cayley transform never has eigenvalue −1; with k entries −1 in D, U_c can have up to k
+        (Helfrich et al., scoRNN). It also fixes det(U_c) = (−1)^k. None means hidden_size // 2.
     orthogonal_reset: also make U_r orthogonal, U_r = (I + A_r)^{-1}(I − A_r) D with its own
         skew-symmetric A_r and the same kind of D; U_u stays a free matrix either way.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, n_negative: int | None = None, orthogonal_reset: bool = False):
+    def __init__(
+        self, input_size: int, hidden_size: int, n_negative: int | None = None, orthogonal_reset: bool = False
+    ):
         super().__init__()
         H = hidden_size
         n_negative = H // 2 if n_negative is None else n_negative
-        if not 0 <= n_negative <= H:
+        if not isinstance(n_negative, int) or not 0 <= n_negative <= H:
             raise ValueError(
                 f"n_negative={n_negative} is not a valid count of -1 entries in D for hidden_size={H}; "
                 f"pass an integer between 0 and {H}, or None for hidden_size // 2"
@@ -104,14 +106,19 @@ class NCGRU(nn.Module):
         return d  # [H]
 
     def _cayley(self, skew: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        # always fp32: in bf16 the solve would lose orthogonality at the 1e-2 level
+        # always fp32, whatever the parameter dtype or autocast's per-device op lists say: in bf16
+        # U_c would be orthogonal only to ~1e-2
         with torch.autocast(device_type=skew.device.type, enabled=False):
             H = self.hidden_size
-            A = skew.new_zeros(H, H, dtype=torch.float32).index_put((self.triu[0], self.triu[1]), skew.float())  # [H, H]
+            A = skew.new_zeros(H, H, dtype=torch.float32).index_put(tuple(self.triu), skew.float())  # [H, H]
             A = A - A.T  # [H, H] skew-symmetric
             eye = torch.eye(H, device=A.device)  # [H, H]
             # (I - A) D scales column j by d_j; one solve gives (I + A)^{-1}(I - A) D
             return torch.linalg.solve(eye + A, (eye - A) * d.float())  # [H, H] U = (I + A)^{-1}(I - A) D
+
+    def keep_gate_bias(self) -> torch.Tensor:
+        """b_u, the bias of the gate u in h' = u * h + (1 - u) * c (a view: writable under no_grad)."""
+        return self.bias_ru[self.hidden_size :]
 
     def recurrent_matrix(self) -> torch.Tensor:
         """U_c = (I + A)^{-1}(I − A) D in fp32, [H, H]."""
@@ -140,11 +147,14 @@ class NCGRU(nn.Module):
         U_c_t, U_ru_t = U_c.T, U_ru.T  # row-vector form: (U h)ᵀ = hᵀ Uᵀ
         # the state stays in h's dtype (fp32 in CRT) so rounding does not build up over long
         # streams; autocast lowers only the matmul operands
+        # unbind, not x_ru[:, t]: the backward of T selects would build T zero [B, T, 2H] gradients
         outs = []
-        for t in range(x.shape[1]):
-            ru = torch.sigmoid(torch.addmm(x_ru[:, t], h, U_ru_t))  # [B, 2H]  [r; u] = σ(W x + U h + b)
+        for xru_t, xc_t in zip(x_ru.unbind(1), x_c.unbind(1)):
+            ru = torch.sigmoid(torch.addmm(xru_t, h, U_ru_t))  # [B, 2H]  [r; u] = σ(W x + U h + b)
             r, u = ru.chunk(2, dim=-1)  # [B, H] each
-            c = modrelu(torch.addmm(x_c[:, t], r * h, U_c_t), self.bias_mod)  # [B, H]  c = modReLU(W_c x + U_c (r ⊙ h))
-            h = torch.lerp(c.to(h.dtype), h, u.to(h.dtype))  # [B, H]  h' = c + u ⊙ (h − c) = u ⊙ h + (1 − u) ⊙ c
+            # c = modReLU(W_c x + U_c (r ⊙ h))
+            c = modrelu(torch.addmm(xc_t, r * h, U_c_t), self.bias_mod)  # [B, H]
+            # h' = u ⊙ h + (1 − u) ⊙ c = c + u ⊙ (h − c), one fused lerp
+            h = torch.lerp(c.to(h.dtype), h, u.to(h.dtype))  # [B, H]
             outs.append(h)
         return torch.stack(outs, dim=1), h  # [B, T, H], [B, H]

@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, Block, RecurrentPositions, TokenEmbedding, init_weights
-from crt.layers.ncgru import NCGRU
+from crt.layers import NCGRU, AbsolutePositions, Block, RecurrentPositions, TokenEmbedding, init_weights
 
 
 class CRTState(NamedTuple):
@@ -41,6 +40,13 @@ class GRU(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype))  # [B, T, H], [1, B, H]
         return out, h_last.squeeze(0)
+
+    def keep_gate_bias(self) -> torch.Tensor:
+        """The bias of z in h' = (1 - z) * n + z * h (torch orders the gates r, z, n)."""
+        H = self.gru.hidden_size
+        with torch.no_grad():
+            self.gru.bias_ih_l0[H : 2 * H].zero_()  # one bias for the gate, not two that add up
+        return self.gru.bias_hh_l0[H : 2 * H]
 
 
 class CRT(nn.Module):
@@ -73,17 +79,24 @@ class CRT(nn.Module):
             Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(D)
-        if cfg.positions != "recurrent":
+        if cfg.position_encoding != "recurrent":
             max_len = max(cfg.segment_len, cfg.eval_segment_len) + 1  # + memory token
-            self.absolute_positions = AbsolutePositions(cfg.positions, max_len, D, cfg.n_head)
+            self.absolute_positions = AbsolutePositions(cfg.position_encoding, max_len, D, cfg.n_head)
         self.apply(init_weights)
         # The RNNs keep torch's / NCGRU's own initialisation, so they are built after init_weights.
-        if cfg.positions == "recurrent":
+        if cfg.position_encoding == "recurrent":
             self.recurrent_positions = RecurrentPositions(D)
         if cfg.memory_cell == "gru":
             self.memory_rnn = GRU(D, d_m)
         else:
-            self.memory_rnn = NCGRU(D, d_m, n_negative=cfg.ncgru_negative or None, orthogonal_reset=cfg.ncgru_orthogonal_reset)
+            self.memory_rnn = NCGRU(D, d_m, n_negative=None if cfg.ncgru_negative < 0 else cfg.ncgru_negative, orthogonal_reset=cfg.ncgru_orthogonal_reset)
+        # Chrono initialisation (Tallec & Ollivier 2018) of the memory's keep gate: b ~ log U(1, L).
+        # At b = 0 the RNN keeps half its state per token, so what it read early in a segment is
+        # ~2^-L of the memory by the segment's end and no gradient teaches it to keep anything;
+        # sigma(log x) = 1 - 1/(1 + x) gives memory times of 2..L+1 tokens.
+        with torch.no_grad():
+            keep = self.memory_rnn.keep_gate_bias()  # [d_m]
+            keep.copy_(torch.empty_like(keep).uniform_(1, max(2, cfg.segment_len)).log())
         # m_0: a parameter when learned (zero at start: the model begins like the zeros choice)
         m0 = torch.zeros(d_m)
         if cfg.memory_init == "learned":
@@ -116,7 +129,7 @@ class CRT(nn.Module):
             u, first = x, 0  # [B, T, D]
 
         positions_state = state.positions
-        if cfg.positions == "recurrent":
+        if cfg.position_encoding == "recurrent":
             r0 = state.positions if cfg.carry_rpe else torch.zeros_like(state.positions)
             p, r_last = self.recurrent_positions(u, r0)  # p: [B, S, D], r_last: [B, D]
             u, attn_kwargs = u + p, {}  # u_t += GRU_pos(u)_t

@@ -36,7 +36,7 @@ class Transformer(nn.Module):
             Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(D)
-        self.positions = AbsolutePositions(cfg.positions, max(cfg.segment_len, cfg.eval_segment_len), D, cfg.n_head)
+        self.positions = AbsolutePositions(cfg.position_encoding, max(cfg.segment_len, cfg.eval_segment_len), D, cfg.n_head)
         self.apply(init_weights)
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> EmptyState:

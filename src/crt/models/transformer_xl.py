@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crt.config import ModelConfig
-from crt.errors import CRTError
 from crt.layers import Block, TokenEmbedding, init_weights, sinusoidal_table
 
 
@@ -141,10 +140,6 @@ class TransformerXL(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
-        if cfg.mem_len < 0 or cfg.eval_mem_len < 0:
-            raise CRTError(f"mem_len={cfg.mem_len} and eval_mem_len={cfg.eval_mem_len} must be >= 0 (0: the default)")
-        if cfg.clamp_len < -1:
-            raise CRTError(f"clamp_len={cfg.clamp_len}: use -1 (no clamp) or a distance >= 0")
         self.cfg = cfg
         self.mem_len = cfg.mem_len or cfg.segment_len
         self.eval_mem_len = cfg.eval_mem_len or self.mem_len

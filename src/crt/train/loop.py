@@ -30,7 +30,7 @@ def load_corpus(t: TrainConfig) -> Corpus:
     if t.data == "synthetic":
         return make_synthetic(
             pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
-            filler_vocab=t.synth_filler_vocab, train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs,
+            filler_vocab=t.synth_filler_vocab, query_rounds=t.synth_query_rounds, train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs,
             test_docs=t.synth_test_docs, seed=t.seed,
         )
     if not t.data_dir:

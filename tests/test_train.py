@@ -1,0 +1,245 @@
+"""Training loop, checkpoints, resume, error handling and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crt.cli.main import main
+from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset, preset_names
+from crt.errors import CRTError
+from crt.models import build_model
+from crt.train.checkpoint import load_checkpoint
+from crt.train.loop import train
+from crt.train.metrics import read_metrics
+
+SMALL_MODEL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, dropout=0.1, emb_dropout=0.1)
+SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10, synth_filler=12)
+
+
+def configs(tmp_path: Path, arch="crt", **train_kw):
+    m = ModelConfig(arch=arch, **SMALL_MODEL)
+    t = TrainConfig(**{**SMALL_DATA, "batch_size": 4, "bptt_segments": 2, "max_steps": 6, "warmup_steps": 2,
+                       "eval_every": 0, "log_every": 1, "out_dir": str(tmp_path / "run"), **train_kw})
+    return m, t
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl"])
+def test_training_reduces_loss_and_writes_outputs(tmp_path, arch):
+    m, t = configs(tmp_path, arch, max_steps=30, lr=3e-3)
+    summary = train(m, t, progress=False)
+    run = Path(summary["run_dir"])
+    trace = losses(run)
+    assert len(trace) == 30 and sum(trace[-5:]) / 5 < sum(trace[:5]) / 5
+    assert (run / "curves.png").stat().st_size > 0
+    ckpt = load_checkpoint(run)
+    assert ckpt.meta["step"] == 30 and ckpt.meta["model"]["arch"] == arch
+    assert summary["valid_ppl"] > 1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Interrupt after step 3 (keep only that checkpoint), resume: the loss trajectory is identical."""
+    m, t = configs(tmp_path, checkpoint_every=3, keep_checkpoints=5)
+    full = Path(train(m, t, progress=False)["run_dir"])
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    (cut / "checkpoints" / "latest").write_text("step-0000003\n")
+    train(m, t, resume=load_checkpoint(cut), progress=False)
+    assert losses(cut) == losses(full)  # exact: same data, RNG, optimizer and carried state
+    assert load_checkpoint(cut).meta["step"] == 6
+
+
+def test_new_run_never_overwrites_an_existing_one(tmp_path):
+    m, t = configs(tmp_path, max_steps=2)
+    first = train(m, t, progress=False)["run_dir"]
+    before = (Path(first) / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
+    second = train(m, t, progress=False)["run_dir"]
+    assert second != first and second.endswith("run-2")
+    assert (Path(first) / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes() == before
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
+    m, t = configs(tmp_path, max_steps=6, checkpoint_every=2)
+    import crt.train.loop as loop
+
+    real = loop.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        out = real(*args, **kw)
+        return out * float("nan") if calls["n"] > 2 * 3 else out  # 2 segments per step: step 4 is poisoned
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(CRTError, match="at step 4"):
+        train(m, t, progress=False)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["step"] == 2
+    model = build_model(apply_overrides(m, t, {"vocab_size": len(ckpt.meta["vocab"])})[0])
+    ckpt.load_weights(model)  # intact: hashes verify
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.fixture
+def trained(tmp_path):
+    m, t = configs(tmp_path, max_steps=2)
+    return Path(train(m, t, progress=False)["run_dir"]), m, t
+
+
+def _model_for(ckpt, arch="crt"):
+    return build_model(ModelConfig(**{**ckpt.meta["model"], "arch": arch}))
+
+
+def test_checkpoint_damage_is_reported(trained):
+    run, m, t = trained
+    folder = load_checkpoint(run).path
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(CRTError, match="corrupted or truncated"):
+        load_checkpoint(run).load_weights(_model_for(load_checkpoint(run)))
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit
+    with pytest.raises(CRTError, match="corrupted or truncated"):
+        load_checkpoint(run).load_weights(_model_for(load_checkpoint(run)))
+    weights.write_bytes(good)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CRTError, match="not valid JSON"):
+        load_checkpoint(run)
+
+
+def test_checkpoint_from_another_model_is_rejected(trained):
+    run, _, _ = trained
+    ckpt = load_checkpoint(run)
+    with pytest.raises(CRTError, match="another architecture"):
+        ckpt.load_weights(_model_for(ckpt, "transformer"))
+
+
+def test_missing_checkpoint_is_reported(tmp_path):
+    with pytest.raises(CRTError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CRTError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_every_preset_loads_and_validates():
+    for name in preset_names():
+        m, t = load_preset(name)
+        m.validate()
+    with pytest.raises(CRTError, match="unknown preset"):
+        load_preset("no-such-preset")
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(CRTError, match="unknown config key"):
+        apply_overrides(ModelConfig(), TrainConfig(), {"d_modle": 3})
+    with pytest.raises(CRTError, match="expects a int"):
+        apply_overrides(ModelConfig(), TrainConfig(), {"d_model": "wide"})
+
+
+def test_model_and_train_fields_are_disjoint():
+    """The CLI offers every field as a flat flag, so no name may be in both dataclasses."""
+    from crt.config import MODEL_FIELDS, TRAIN_FIELDS
+
+    assert not set(MODEL_FIELDS) & set(TRAIN_FIELDS)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "crt", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("crt: error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+TINY = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",
+        "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5", "--synth-filler", "10",
+        "--max-steps", "3", "--eval-every", "0", "--no-progress"]
+
+
+def test_cli_train_eval_smoke(tmp_path):
+    proc = run_cli("train", "--preset", "synthetic-crt", *TINY, "--out-dir", "r", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "valid ppl" in proc.stdout and "crt" in proc.stdout
+    proc = run_cli("eval", "--checkpoint", "r", "--split", "test", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ppl" in proc.stdout and "recall" in proc.stdout
+    proc = run_cli("train", "--resume", "r", "--max-steps", "4", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "r").meta["step"] == 4
+
+
+def test_cli_default_runs_both_models(tmp_path):
+    proc = run_cli("train", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.split("recall acc")[1]
+    assert "crt" in table and "transformer" in table
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    one_line_error(run_cli("train", "--preset", "nope", cwd=tmp_path), "unknown preset")
+    one_line_error(run_cli("train", "--segment-len", "0", *TINY[2:6], cwd=tmp_path), "segment_len")
+    one_line_error(run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path), "missing")
+    (tmp_path / "empty").mkdir()
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+        (tmp_path / "empty" / name).write_text("" if name == "ptb.train.txt" else "a b\n")
+    one_line_error(run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "empty"), cwd=tmp_path), "has no words")
+    one_line_error(run_cli("eval", "--checkpoint", str(tmp_path / "nothing"), cwd=tmp_path), "does not exist")
+    one_line_error(run_cli("data", "download", "ptb", "--dir", str(tmp_path / "dl"), cwd=tmp_path), "could not download")
+    assert not any((tmp_path / "dl").glob("*")) if (tmp_path / "dl").exists() else True
+
+
+def write_ptb(folder: Path, words: list[str], lines: int = 60) -> Path:
+    folder.mkdir()
+    for split, n in (("train", lines), ("valid", 10), ("test", 10)):
+        text = "".join(" ".join(words[(i + j) % len(words)] for j in range(7)) + "\n" for i in range(n))
+        (folder / f"ptb.{split}.txt").write_text(text)
+    return folder
+
+
+def test_cli_eval_rejects_another_vocabulary_and_damage(tmp_path):
+    a = write_ptb(tmp_path / "a", ["the", "cat", "sat", "on", "a", "mat"])
+    b = write_ptb(tmp_path / "b", ["dogs", "bark", "at", "night", "and", "day"])
+    model = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "2"]
+    proc = run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2",
+                   "--eval-every", "0", "--no-progress", "--out-dir", "r", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("eval", "--checkpoint", "r", cwd=tmp_path).returncode == 0
+    one_line_error(run_cli("eval", "--checkpoint", "r", "--data-dir", str(b), cwd=tmp_path), "vocabulary")
+    # a corrupted checkpoint through the CLI: one line, and the file is left as it was
+    weights = next((tmp_path / "r" / "checkpoints").glob("step-*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    one_line_error(run_cli("eval", "--checkpoint", "r", cwd=tmp_path), "corrupted or truncated")
+    assert weights.stat().st_size == 100
+
+
+def test_ptb_presets_train_a_step_on_real_data(ptb_dir, tmp_path):
+    """Each PTB preset builds its model and runs one update on the real corpus."""
+    for name in [n for n in preset_names() if n.startswith("ptb-")]:
+        m, t = load_preset(name)
+        m, t = apply_overrides(m, t, {"data_dir": str(ptb_dir), "max_steps": 1, "batch_size": 2, "eval_max_tokens": 200,
+                                      "d_model": 32, "d_ff": 64, "n_head": 2, "out_dir": str(tmp_path / name)})
+        summary = train(m, t, progress=False)
+        assert summary["step"] == 1 and summary["valid_ppl"] > 100  # one step on a 10k vocabulary
