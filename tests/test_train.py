@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
 import shutil
 import subprocess
@@ -46,6 +47,26 @@ def test_training_reduces_loss_and_writes_outputs(tmp_path, arch):
     ckpt = load_checkpoint(run)
     assert ckpt.meta["step"] == 30 and ckpt.meta["model"]["arch"] == arch
     assert summary["valid_ppl"] > 1
+
+
+def test_bf16_training_runs_and_learns(tmp_path):
+    m, t = configs(tmp_path, max_steps=20, lr=3e-3, precision="bf16")
+    summary = train(m, t, progress=False)
+    trace = losses(summary["run_dir"])
+    assert all(map(math.isfinite, trace)) and sum(trace[-5:]) < sum(trace[:5])
+
+
+def test_map_unk_is_reported(tmp_path, capsys):
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    (folder / "ptb.train.txt").write_text("a b c a b c\n" * 40)
+    (folder / "ptb.valid.txt").write_text("a b zebra\n" * 3)
+    (folder / "ptb.test.txt").write_text("a b c\n")
+    m, t = configs(tmp_path, max_steps=1, data="ptb", data_dir=str(folder), batch_size=2)
+    with pytest.raises(CRTError, match="zebra"):
+        train(m, t, progress=False)
+    train(m, dataclasses.replace(t, map_unk=True), progress=False)
+    assert "3 valid tokens unseen in train were mapped to <unk>" in capsys.readouterr().out
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -200,6 +221,8 @@ def test_cli_default_runs_both_models(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     one_line_error(run_cli("train", "--preset", "nope", cwd=tmp_path), "unknown preset")
+    one_line_error(run_cli("train", "--d-modle", "3", cwd=tmp_path), "--d-modle")
+    one_line_error(run_cli("train", "--d-model", "wide", cwd=tmp_path), "wide")
     one_line_error(run_cli("train", "--segment-len", "0", *TINY[2:6], cwd=tmp_path), "segment_len")
     one_line_error(run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path), "missing")
     (tmp_path / "empty").mkdir()

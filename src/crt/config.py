@@ -31,10 +31,8 @@ class ModelConfig:
     emb_dropout: float = 0.1  # on the summed input embeddings
     attn_dropout: float = 0.0  # on the attention weights
     tie_weights: bool = True  # LM head shares the input embedding
-    # positions: crt: recurrent | sinusoidal | learned | rotary | none;
-    # transformer: learned | sinusoidal | rotary; transformer_xl: relative (its only choice).
-    # auto: recurrent for crt, learned for transformer, relative for transformer_xl.
-    positions: str = "auto"
+    # transformer_xl always uses its relative positions
+    positions: str = "auto"  # crt: recurrent | sinusoidal | learned | rotary | none; transformer: learned | sinusoidal | rotary; auto: recurrent, learned, relative
     # --- CRT (SPEC §3) ---
     memory_position: str = "prepend"  # prepend | append | none: where the memory token goes
     memory_init: str = "learned"  # learned | zeros: m_0
@@ -152,6 +150,16 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         return typ(value)
     except (TypeError, ValueError):
         raise CRTError(f"{name} expects a {typ.__name__}, got {value!r}") from None
+
+
+def field_help() -> dict[str, str]:
+    """Each field's trailing comment in this file: the one place a field is explained."""
+    import inspect
+    import re
+
+    lines = inspect.getsource(ModelConfig).splitlines() + inspect.getsource(TrainConfig).splitlines()
+    found = (re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line) for line in lines)
+    return {m.group(1): m.group(2) for m in found if m}
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}

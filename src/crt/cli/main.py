@@ -6,12 +6,11 @@ Every user error ends in one line on stderr and exit status 2, never a traceback
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from typing import Any
 
-from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, load_preset, model_config_from_dict, preset_names
+from crt.config import MODEL_FIELDS, field_help, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, load_preset, model_config_from_dict, preset_names
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
@@ -21,14 +20,15 @@ _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 def _add_field_flags(parser: argparse.ArgumentParser, names: list[str], title: str) -> None:
     group = parser.add_argument_group(title)
+    explained = field_help()
     for name in names:
         f = MODEL_FIELDS.get(name) or TRAIN_FIELDS[name]
         typ = _PY_TYPES[f.type] if isinstance(f.type, str) else f.type
         flag = "--" + name.replace("_", "-")
         if typ is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=f"{explained.get(name, '')} (default {f.default})")
         else:
-            group.add_argument(flag, dest=name, type=typ, default=None, metavar=typ.__name__.upper(), help=f"(default {f.default!r})")
+            group.add_argument(flag, dest=name, type=typ, default=None, metavar=typ.__name__.upper(), help=f"{explained.get(name, '')} (default {f.default!r})")
 
 
 def _overrides(args: argparse.Namespace, names) -> dict[str, Any]:
@@ -112,22 +112,28 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"{args.name} is in {path}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"crt: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crt", description="Compact Recurrent Transformer: train, evaluate, fetch data.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="crt", description="Compact Recurrent Transformer: train, evaluate, fetch data.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser(
         "train",
         help="train a model (no arguments: CRT and the Transformer on the built-in recall task)",
         description="Train from a preset plus overrides of any field. With no --preset it trains CRT and the "
-        f"segment Transformer on the built-in synthetic recall corpus and prints a table. Presets: {', '.join(preset_names())}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        f"segment Transformer on the built-in synthetic recall corpus and prints a table. Presets: {', '.join(preset_names())}."
     )
     p.add_argument("--preset", help="preset name or path to a .toml file")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_field_flags(p, list(MODEL_FIELDS), "model fields (override the preset)")
-    _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset)")
+    _add_field_flags(p, list(MODEL_FIELDS), "model fields (override the preset; defaults shown are those without one)")
+    _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset; defaults shown are those without one)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint over a whole split")
@@ -137,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="datasets")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     d = dsub.add_parser("download", help="download a corpus from its canonical public source and verify it")
     d.add_argument("name", choices=("ptb", "wikitext-2", "wikitext-103"))
     d.add_argument("--dir", required=True, help="folder to put the files in")

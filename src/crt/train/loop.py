@@ -121,6 +121,8 @@ def train(
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     corpus = corpus or load_corpus(tcfg)
+    for split, n in corpus.unk_mapped.items():
+        print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
     if resume is not None and Vocab.from_list(resume.meta["vocab"]).itos != corpus.vocab.itos:
         raise CRTError(f"checkpoint {resume.path} was trained with another vocabulary than {tcfg.data} {tcfg.data_dir}: resume on the same data")
     mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
