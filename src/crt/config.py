@@ -215,8 +215,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    bad = set(d) - set(MODEL_FIELDS)
+def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """A ModelConfig or TrainConfig from a checkpoint's config.json section."""
+    bad = set(d) - {f.name for f in fields(cls)}
     if bad:
-        raise CRTError(f"checkpoint config has unknown model keys {sorted(bad)}: it was written by another version of crt")
-    return ModelConfig(**d)
+        raise CRTError(f"checkpoint config has unknown {cls.__name__} keys {sorted(bad)}: it was written by another version of crt")
+    return cls(**d)

@@ -10,7 +10,7 @@ import math
 import sys
 from typing import Any
 
-from crt.config import MODEL_FIELDS, field_help, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, load_preset, model_config_from_dict, preset_names
+from crt.config import MODEL_FIELDS, field_help, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, load_preset, config_from_dict, preset_names
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
@@ -57,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         changed = sorted(k for k in overrides if k in MODEL_FIELDS)
         if changed:
             raise CRTError(f"cannot change model fields {changed} when resuming: start a new run instead")
-        mcfg = model_config_from_dict(ckpt.meta["model"])
-        _, tcfg = apply_overrides(ModelConfig(), TrainConfig(**ckpt.meta["train"]), overrides)
+        mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
+        _, tcfg = apply_overrides(mcfg, config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
         print_table([train(mcfg, tcfg, resume=ckpt, progress=not args.no_progress)])
         return
     presets = [args.preset] if args.preset else list(DEFAULT_PRESETS)
@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
-    mcfg, tcfg = apply_overrides(model_config_from_dict(ckpt.meta["model"]), TrainConfig(**ckpt.meta["train"]), overrides)
+    mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
     corpus = load_corpus(tcfg)
     vocab = Vocab.from_list(ckpt.meta["vocab"])
     if vocab.itos != corpus.vocab.itos:
