@@ -105,6 +105,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{unk:,} {args.split} tokens unseen in train were mapped to <unk>")
 
 
+def cmd_flops(args: argparse.Namespace) -> None:
+    from crt.analysis.flops import KNOWN_VOCAB, PARTS, flops_table
+    from crt.data.synthetic import synthetic_vocab
+
+    overrides = _overrides(args, list(MODEL_FIELDS))
+    rows = []
+    for name in args.preset or list(DEFAULT_PRESETS):
+        mcfg, tcfg = load_preset(name)
+        mcfg, _ = apply_overrides(mcfg, tcfg, overrides)
+        if not mcfg.vocab_size:
+            if tcfg.data == "synthetic":
+                mcfg.vocab_size = len(synthetic_vocab(tcfg.synth_keys, tcfg.synth_values, tcfg.synth_filler_vocab))
+            elif tcfg.data in KNOWN_VOCAB:
+                mcfg.vocab_size = KNOWN_VOCAB[tcfg.data]
+            else:
+                raise CRTError(f"preset {name} reads {tcfg.data} data, whose vocabulary size is unknown: pass --vocab-size")
+        rows.append((name, mcfg))
+    print(f"MFLOP per token ({'evaluation' if args.eval else 'training'} lengths; 1 multiply-add = 2 FLOPs; train = 3 x forward)")
+    print(flops_table(rows, evaluation=args.eval))
+    print("Counted: all matrix products (" + ", ".join(PARTS) + "). Not counted: norms, activations, softmax, "
+          "embedding lookups, the NCGRU's per-segment Cayley solve. Causal attention is counted as the full score matrix it computes.")
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from crt.data import download
 
@@ -141,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     _add_field_flags(p, list(EVAL_FIELDS), "evaluation options (default: as trained)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("flops", help="analytic FLOPs per token and segment of presets, side by side")
+    p.add_argument("--preset", action="append", help="preset name or .toml path; repeat for several (default: the built-in pair)")
+    p.add_argument("--eval", action="store_true", help="count at the evaluation segment and memory lengths")
+    _add_field_flags(p, list(MODEL_FIELDS), "model fields (override every preset)")
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)

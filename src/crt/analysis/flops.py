@@ -1,0 +1,97 @@
+"""Analytic FLOP counts for every model config (SPEC §6).
+
+One multiply-add is 2 FLOPs. Counted: every matrix product (attention projections, attention
+scores Q K^T and the weighted sum A V, feed-forward, the LM head, CRT's memory projection,
+the recurrent cells' input and hidden products, Transformer-XL's W_R R and its positional
+scores). Not counted: norms, activations, softmax, gate nonlinearities, embedding lookups,
+the NCGRU's Cayley solve (once per segment, O(d_m^3), independent of tokens) and Transformer-
+XL's gather of positional scores. Attention is counted as computed: the full T x T score
+matrix of causal attention, not the lower half the mask keeps (this is also what
+`torch.utils.flop_counter.FlopCounterMode` counts), so causal savings are not claimed.
+
+Training is taken as 3x forward (backward computes two products per forward product).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crt.config import ModelConfig
+
+PARTS = ("attention projections", "attention scores and sums", "feed-forward", "memory RNN", "positional RNN", "memory projection", "LM head")
+
+
+@dataclass
+class FlopCount:
+    """Forward FLOPs of one segment of `tokens` tokens for one sequence, by part."""
+
+    parts: dict[str, float]
+    tokens: int  # predicted tokens in the segment
+
+    @property
+    def forward_per_segment(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def forward_per_token(self) -> float:
+        return self.forward_per_segment / self.tokens
+
+    @property
+    def train_per_token(self) -> float:
+        return 3 * self.forward_per_token
+
+
+def _gru(input_size: int, hidden: int, steps: int) -> float:
+    """GRU or NCGRU: three gates, each W x (input) and U h (hidden), per step."""
+    return 2 * steps * 3 * (input_size * hidden + hidden * hidden)
+
+
+def count_flops(cfg: ModelConfig, evaluation: bool = False) -> FlopCount:
+    """FLOPs of one full segment (training or evaluation lengths) of the model `cfg` describes."""
+    cfg.validate()
+    D, F, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layer
+    T = (cfg.eval_segment_len or cfg.segment_len) if evaluation else cfg.segment_len
+    parts = dict.fromkeys(PARTS, 0.0)
+    parts["LM head"] = 2 * T * D * V
+    if cfg.arch == "transformer_xl":
+        M = (cfg.eval_mem_len or cfg.mem_len or cfg.segment_len) if evaluation else (cfg.mem_len or cfg.segment_len)
+        K = M + T  # keys: memory then segment
+        P = K if cfg.clamp_len < 0 else min(K, cfg.clamp_len + 1)  # distinct relative encodings
+        # W_q on T, W_k and W_v on M + T, W_R on P encodings, W_o on T
+        parts["attention projections"] = N * 2 * D * D * (T + 2 * K + P + T)
+        # (q+u) k^T: T x K, (q+v) (W_R R)^T: T x P, A V: T x K
+        parts["attention scores and sums"] = N * 2 * T * D * (2 * K + P)
+        parts["feed-forward"] = N * 2 * T * 2 * D * F
+        return FlopCount(parts, T)
+    S = T + (1 if cfg.arch == "crt" and cfg.memory_position != "none" else 0)  # + memory token
+    parts["attention projections"] = N * 2 * S * 4 * D * D  # W_qkv (3 D^2) and W_o (D^2)
+    parts["attention scores and sums"] = N * 2 * 2 * S * S * D  # Q K^T and A V, S x S each
+    parts["feed-forward"] = N * 2 * S * 2 * D * F
+    if cfg.arch == "crt":
+        d_m = cfg.memory_dim
+        parts["memory projection"] = 2 * d_m * D if cfg.memory_position != "none" else 0.0
+        reads = T if cfg.memory_reads == "tokens" else 1
+        parts["memory RNN"] = _gru(D, d_m, reads)
+        if cfg.position_encoding == "recurrent":
+            parts["positional RNN"] = _gru(D, D, S)
+    return FlopCount(parts, T)
+
+
+KNOWN_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "wikitext-103": 267_735}
+
+
+def flops_table(rows: list[tuple[str, ModelConfig]], evaluation: bool = False) -> str:
+    """A text table: one row per (name, config), FLOPs per token by part, in MFLOP."""
+    header = ["preset", "arch", "seg", "fwd/token", "train/token", "fwd/segment"] + list(PARTS)
+    lines = []
+    for name, cfg in rows:
+        f = count_flops(cfg, evaluation)
+        seg = f.tokens
+        lines.append(
+            [name, cfg.arch, str(seg), f"{f.forward_per_token / 1e6:.2f}", f"{f.train_per_token / 1e6:.2f}", f"{f.forward_per_segment / 1e6:.1f}"]
+            + [f"{f.parts[p] / f.tokens / 1e6:.2f}" for p in PARTS]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in lines]
+    return "\n".join(out)
