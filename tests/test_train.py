@@ -266,3 +266,23 @@ def test_ptb_presets_train_a_step_on_real_data(ptb_dir, tmp_path):
                                       "d_model": 32, "d_ff": 64, "n_head": 2, "out_dir": str(tmp_path / name)})
         summary = train(m, t, progress=False)
         assert summary["step"] == 1 and summary["valid_ppl"] > 100  # one step on a 10k vocabulary
+
+
+def test_default_demo_answers_are_out_of_segment_reach():
+    """In the embedded default every scored answer is predicted at least one full segment after
+    its value appeared, so a segment-limited model cannot see it whatever the segment alignment."""
+    from crt.train.loop import load_corpus
+
+    for name in ("synthetic-crt", "synthetic-transformer"):
+        m, t = load_preset(name)
+        t = dataclasses.replace(t, synth_valid_docs=50)
+        corpus = load_corpus(t)
+        data, answers = corpus.valid, corpus.answers["valid"]
+        doc_starts = (data == corpus.vocab.stoi["<doc>"]).nonzero().flatten().tolist()
+        for start, end in zip(doc_starts, doc_starts[1:] + [len(data)]):
+            doc = data[start:end]
+            for a in answers[start:end].nonzero().flatten().tolist():
+                key = doc[a - 1]
+                value_pos = (doc[: 2 * t.synth_pairs + 1] == key).nonzero().flatten()[0].item() + 1  # k v in the header
+                assert doc[value_pos] == doc[a]
+                assert (a - 1) - value_pos >= m.segment_len

@@ -3,10 +3,15 @@
 Each document stores a few key -> value pairs, buries them under i.i.d. filler, then asks for
 every value back:
 
-    <doc> k3 v7 k12 v0 <sep> f5 f19 ... f2 <q> k12 v0 <q> k3 v7 <eos>
+    <doc> k3 v7 k12 v0 <sep> f5 f19 ... f2 <q> k3 v7 <q> k12 v0 <eos>
           '--- pairs ---'     '-- filler --'   '---- queries ----'
 
-(with query_rounds=R every pair is asked R times, each round in a fresh order).
+The first round of queries asks the pairs in the order they were given: the memory then has
+to carry a short sequence of values one step ahead, a much denser and easier-to-learn signal
+than random access by key (shuffled queries stayed at chance within the demo's budget). With
+query_rounds=R every pair is asked R times, later rounds each in a fresh random order; only
+the first round is marked in `answers`, since later rounds can be copied from the first one
+inside a segment and would not measure memory.
 
 Apart from the values (the answers) everything after <sep> is either fixed structure or
 uniform filler, so the only way to predict an answer better than chance (1 / values) is to
@@ -58,7 +63,9 @@ def _make_split(
     key = torch.rand(D, keys, generator=g).argsort(dim=1)[:, :P]  # [D, P] distinct keys per doc
     val = torch.randint(values, (D, P), generator=g)  # [D, P] values may repeat across keys
     fill = torch.randint(filler_vocab, (D, F), generator=g) if F else torch.zeros(D, 0, dtype=torch.long)  # [D, F]
-    order = torch.rand(D, R, P, generator=g).argsort(dim=2).view(D, R * P)  # [D, R*P] a permutation per round
+    order = torch.rand(D, R, P, generator=g).argsort(dim=2)  # [D, R, P] a permutation per round
+    order[:, 0] = torch.arange(P)  # the first round asks in the order the pairs were given
+    order = order.reshape(D, R * P)  # [D, R*P]
     qkey, qval = key.gather(1, order), val.gather(1, order)  # [D, R*P] each
 
     def col(token_id: int) -> torch.Tensor:
@@ -72,7 +79,7 @@ def _make_split(
     L = doc.shape[1]
     answers = torch.zeros(D, L, dtype=torch.bool)  # [D, L]
     first_query = 2 + 2 * P + F  # position of the first <q>
-    answers[:, first_query + 2 : first_query + 3 * R * P : 3] = True  # the value after each query key
+    answers[:, first_query + 2 : first_query + 3 * P : 3] = True  # the value after each first-round query key
     return doc.reshape(-1), answers.reshape(-1)  # [D * L], [D * L]
 
 
@@ -94,8 +101,12 @@ def make_synthetic(
     keys, values: sizes of the key and value alphabets; chance recall is 1 / values.
     filler: i.i.d. filler tokens between the pairs and the queries (the distance to bridge).
     filler_vocab: size of the filler alphabet.
-    query_rounds: each round asks for every pair once, in a fresh random order. More rounds
-        put more answer tokens in each document: a denser learning signal for the memory.
+    query_rounds: each round asks for every pair once: the first in pair order, later ones in a
+        fresh random order (not scored: they can be copied from the first round in-segment).
+        An answer comes 2*pairs + filler + 2 + i tokens after its value (i: its rank) and is
+        predicted from the token before it, so with segment_len <= 2*pairs + filler + 1 every
+        scored answer's value lies in an earlier segment than the position that predicts it:
+        only a model with memory across segments can beat chance (1 / values).
     *_docs: documents per split; every document is doc_length(pairs, filler) tokens.
     """
     checks = [
