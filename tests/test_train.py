@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from crt.cli.main import main
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset, preset_names
 from crt.errors import CRTError
 from crt.models import build_model

@@ -8,7 +8,6 @@ long document-order stream, so state carried from segment t to t+1 sees the true
 
 from __future__ import annotations
 
-import codecs
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path

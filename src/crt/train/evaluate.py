@@ -90,7 +90,7 @@ def evaluate(
                 score(logits[:, c - lo :], targets[:, c : c + stride], is_answer[:, c : c + stride])
         else:
             state = model.init_state(batch_size, evaluation=True)
-            for start, logits, state in iter_segments(model, inputs, state, segment_len):
+            for start, logits, _ in iter_segments(model, inputs, state, segment_len):
                 T = logits.shape[1]
                 score(logits, targets[:, start : start + T], is_answer[:, start : start + T])
     model.train(was_training)

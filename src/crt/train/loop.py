@@ -188,6 +188,7 @@ def train(
         t0 = time.perf_counter()
         with autocast(device, tcfg.precision):
             loss_sum = torch.zeros((), device=device)
+            # rebinding `state` keeps the state after the last segment, carried to the next window
             for start, logits, state in iter_segments(model, x, state, L, K):
                 T = logits.shape[1]
                 loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), y[:, start : start + T].flatten(), reduction="sum")
