@@ -112,6 +112,7 @@ def train(
     resume: continue a checkpoint's run so that the loss trajectory equals that of an
         uninterrupted run (same configs required; only the stopping budget may grow).
     corpus: the data, if already loaded (else from tcfg).
+    progress: a tqdm bar on a terminal (tqdm leaves it out when stderr is not one).
     """
     device = resolve_device(tcfg.device)
     if tcfg.precision not in ("fp32", "bf16"):
@@ -176,7 +177,7 @@ def train(
         return step >= tcfg.max_steps or (tcfg.max_tokens > 0 and tokens_seen >= tcfg.max_tokens)
 
     model.train()
-    bar = tqdm(total=tcfg.max_steps, initial=step, disable=not progress, desc=run_dir.name, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=step, disable=None if progress else True, desc=run_dir.name, dynamic_ncols=True)
     last_valid: dict[str, float] = {}
     interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
     while not done():
