@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from crt.cli.main import DEFAULT_PRESETS
-from crt.config import load_preset
+from crt.config import config_from_dict, load_preset
 from crt.models import build_model
 from crt.train.checkpoint import load_checkpoint, write_atomic
 from crt.train.evaluate import evaluate
@@ -39,12 +39,12 @@ def main() -> None:
         for name in DEFAULT_PRESETS:
             mcfg, tcfg = load_preset(name)
             tcfg.out_dir = str(Path(tmp) / name)
+            corpus = load_corpus(tcfg)
             start = time.perf_counter()
-            summary = train(mcfg, tcfg, progress=False)
+            summary = train(mcfg, tcfg, corpus=corpus, progress=False)
             seconds = time.perf_counter() - start
             ckpt = load_checkpoint(summary["run_dir"])
-            corpus = load_corpus(tcfg)
-            model = build_model(type(mcfg)(**ckpt.meta["model"]))
+            model = build_model(config_from_dict(type(mcfg), ckpt.meta["model"]))
             ckpt.load_weights(model)
             test = evaluate(model, corpus.test, tcfg.eval_batch_size, answers=corpus.answers["test"])
             rows.append((name, summary, test, seconds))

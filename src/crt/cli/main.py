@@ -10,7 +10,7 @@ import math
 import sys
 from typing import Any
 
-from crt.config import MODEL_FIELDS, field_help, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, load_preset, config_from_dict, preset_names
+from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_preset, preset_names
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")

@@ -116,9 +116,10 @@ class NCGRU(nn.Module):
             # (I - A) D scales column j by d_j; one solve gives (I + A)^{-1}(I - A) D
             return torch.linalg.solve(eye + A, (eye - A) * d.float())  # [H, H] U = (I + A)^{-1}(I - A) D
 
-    def keep_gate_bias(self) -> torch.Tensor:
-        """b_u, the bias of the gate u in h' = u * h + (1 - u) * c (a view: writable under no_grad)."""
-        return self.bias_ru[self.hidden_size :]
+    @torch.no_grad()
+    def set_keep_bias(self, bias: torch.Tensor) -> None:
+        """Set b_u, the bias of the gate u in h' = u * h + (1 - u) * c."""
+        self.bias_ru[self.hidden_size :].copy_(bias)
 
     def recurrent_matrix(self) -> torch.Tensor:
         """U_c = (I + A)^{-1}(I − A) D in fp32, [H, H]."""

@@ -41,12 +41,12 @@ class GRU(nn.Module):
         out, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype))  # [B, T, H], [1, B, H]
         return out, h_last.squeeze(0)
 
-    def keep_gate_bias(self) -> torch.Tensor:
-        """The bias of z in h' = (1 - z) * n + z * h (torch orders the gates r, z, n)."""
+    @torch.no_grad()
+    def set_keep_bias(self, bias: torch.Tensor) -> None:
+        """Set the bias of z in h' = (1 - z) * n + z * h (torch orders the gates r, z, n)."""
         H = self.gru.hidden_size
-        with torch.no_grad():
-            self.gru.bias_ih_l0[H : 2 * H].zero_()  # one bias for the gate, not two that add up
-        return self.gru.bias_hh_l0[H : 2 * H]
+        self.gru.bias_ih_l0[H : 2 * H].zero_()  # torch has two biases per gate; keep one
+        self.gru.bias_hh_l0[H : 2 * H].copy_(bias)
 
 
 class CRT(nn.Module):
@@ -102,9 +102,7 @@ class CRT(nn.Module):
         # At b = 0 the RNN keeps half its state per token, so what it read early in a segment is
         # ~2^-L of the memory by the segment's end and no gradient teaches it to keep anything;
         # sigma(log x) = 1 - 1/(1 + x) gives memory times of 2..L+1 tokens.
-        with torch.no_grad():
-            keep = self.memory_rnn.keep_gate_bias()  # [d_m]
-            keep.copy_(torch.empty_like(keep).uniform_(1, max(2, cfg.segment_len)).log())
+        self.memory_rnn.set_keep_bias(torch.empty(d_m).uniform_(1, max(2, cfg.segment_len)).log())  # [d_m]
         # m_0: a parameter when learned (zero at start: the model begins like the zeros choice)
         m0 = torch.zeros(d_m)
         if cfg.memory_init == "learned":
