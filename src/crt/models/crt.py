@@ -90,8 +90,8 @@ class CRT(nn.Module):
             # positional GRU (torch's init, U(+-1/sqrt(D)) weights and biases) outputs ~1/sqrt(D)
             # per component, while GPT-2's N(0, 0.02) embedding is 4-6x smaller at D = 64..128,
             # so token identity starts as a small part of e + p and of what the memory RNN reads.
-            # N(0, 1/sqrt(D)) puts both on an equal footing (measured: the synthetic recall task
-            # and a segment-copy probe stay at chance for 2000 steps with 0.02, learn with this).
+            # N(0, 1/sqrt(D)) puts both on an equal footing; with 0.02 the synthetic recall task never
+            # learned through the memory (docs/results/synthetic-recall-notes.md).
             # Only for positions=recurrent; every other choice keeps init_weights' embedding.
             nn.init.normal_(self.tokens.embed.weight, 0.0, D**-0.5)
         if cfg.memory_cell == "gru":
