@@ -9,15 +9,13 @@ test split too, and writes the table with the command, machine, versions and dat
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
+from crt.analysis.machine import describe
 from crt.cli.main import DEFAULT_PRESETS
 from crt.config import config_from_dict, load_preset
 from crt.models import build_model
@@ -26,11 +24,6 @@ from crt.train.evaluate import evaluate
 from crt.train.loop import load_corpus, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, {platform.system()} {platform.machine()}"
 
 
 def main() -> None:
@@ -52,7 +45,7 @@ def main() -> None:
         "# Embedded default: CRT vs the segment Transformer on the synthetic recall corpus",
         "",
         f"Command: `python benchmarks/embedded_default.py` (the same training as `crt train` with no arguments). Date: {datetime.date.today()}.",
-        f"Machine: {machine()}.",
+        f"Machine: {describe()}.",
         "",
         "| preset | model | params | train steps | wall time (s) | valid ppl | valid recall | test ppl | test recall |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,8 @@ from crt.models import build_model
 from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
+
+from cli_helpers import one_line_error, run_cli
 
 SMALL_MODEL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, dropout=0.1, emb_dropout=0.1)
 SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10, synth_filler=12)
@@ -178,20 +177,6 @@ def test_model_and_train_fields_are_disjoint():
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "crt", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("crt: error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 TINY = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",

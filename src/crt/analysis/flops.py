@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crt.config import ModelConfig
+from crt.config import ModelConfig, TrainConfig
+from crt.errors import CRTError
 
 PARTS = ("attention projections", "attention scores and sums", "feed-forward", "memory RNN", "positional RNN", "memory projection", "LM head")
 
@@ -78,6 +79,20 @@ def count_flops(cfg: ModelConfig, evaluation: bool = False) -> FlopCount:
 
 
 KNOWN_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "wikitext-103": 267_735}
+
+
+def with_vocab(mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> ModelConfig:
+    """mcfg with vocab_size set from the data its preset names (synthetic or a known corpus), without loading it."""
+    from crt.data.synthetic import synthetic_vocab
+
+    if not mcfg.vocab_size:
+        if tcfg.data == "synthetic":
+            mcfg.vocab_size = len(synthetic_vocab(tcfg.synth_keys, tcfg.synth_values, tcfg.synth_filler_vocab))
+        elif tcfg.data in KNOWN_VOCAB:
+            mcfg.vocab_size = KNOWN_VOCAB[tcfg.data]
+        else:
+            raise CRTError(f"preset {name} reads {tcfg.data} data, whose vocabulary size is unknown: pass --vocab-size")
+    return mcfg
 
 
 def flops_table(rows: list[tuple[str, ModelConfig]], evaluation: bool = False) -> str:

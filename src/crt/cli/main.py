@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_preset, preset_names
@@ -106,26 +108,61 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
-    from crt.analysis.flops import KNOWN_VOCAB, PARTS, flops_table
-    from crt.data.synthetic import synthetic_vocab
+    from crt.analysis.flops import PARTS, flops_table, with_vocab
 
     overrides = _overrides(args, list(MODEL_FIELDS))
     rows = []
     for name in args.preset or list(DEFAULT_PRESETS):
         mcfg, tcfg = load_preset(name)
         mcfg, _ = apply_overrides(mcfg, tcfg, overrides)
-        if not mcfg.vocab_size:
-            if tcfg.data == "synthetic":
-                mcfg.vocab_size = len(synthetic_vocab(tcfg.synth_keys, tcfg.synth_values, tcfg.synth_filler_vocab))
-            elif tcfg.data in KNOWN_VOCAB:
-                mcfg.vocab_size = KNOWN_VOCAB[tcfg.data]
-            else:
-                raise CRTError(f"preset {name} reads {tcfg.data} data, whose vocabulary size is unknown: pass --vocab-size")
-        rows.append((name, mcfg))
+        rows.append((name, with_vocab(mcfg, tcfg, name)))
     print(f"MFLOP per token ({'evaluation' if args.eval else 'training'} lengths; 1 multiply-add = 2 FLOPs; train = 3 x forward)")
     print(flops_table(rows, evaluation=args.eval))
     print("Counted: all matrix products (" + ", ".join(PARTS) + "). Not counted: norms, activations, softmax, "
           "embedding lookups, the NCGRU's per-segment Cayley solve. Causal attention is counted as the full score matrix it computes.")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from crt.analysis import bench
+    from crt.analysis.machine import describe
+    from crt.train.checkpoint import write_atomic
+    from crt.train.loop import load_corpus, resolve_device
+
+    device = resolve_device(args.device)
+    args.precision = args.precision or ["fp32", "bf16"]
+    for p in args.precision:
+        if p not in ("fp32", "bf16"):
+            raise CRTError(f"unknown precision {p!r}: use fp32 or bf16")
+    if args.peers:
+        try:
+            import recurrent_memory_transformer_pytorch  # noqa: F401
+            import x_transformers  # noqa: F401
+        except ImportError as e:
+            raise CRTError(f"--peers needs the optional peer libraries ({e.name} is missing): pip install -e \".[bench]\"") from None
+    stream, source = None, "random tokens"
+    if args.data_dir:
+        corpus = load_corpus(TrainConfig(data="ptb", data_dir=args.data_dir))
+        stream, source = corpus.valid.tolist(), f"the PTB valid split in {args.data_dir}"
+    cases = bench.make_cases(
+        args.preset or list(bench.DEFAULT_PRESETS), args.precision, args.peers, device.type, args.threads,
+        args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides={},
+    )
+    results = []
+    for case in cases:
+        print(f"== {case['name']} {case['precision']}", flush=True)
+        results.append(bench.run_isolated(case))
+        print("   " + (results[-1].get("error") or f"train {results[-1]['train_tokens_per_s']:,.0f} tok/s, infer {results[-1]['infer_tokens_per_s']:,.0f} tok/s, MFU {results[-1]['mfu']:.1%}"), flush=True)
+    notes = (
+        f"Each (model, precision) ran in its own process with {args.threads} threads on {device.type}: {args.repeats} timed groups of "
+        f"{args.steps} training steps after one warm-up step (median reported), each step one window of the preset's batch x K segments "
+        f"of random tokens; inference streams {args.infer_tokens:,} tokens of {source} in {args.infer_batch} stream(s), one segment per call, "
+        "state carried (median of the repeats after a warm-up pass). Peak memory: " + (
+            "torch's peak allocation." if device.type == "cuda" else "peak resident set size of the case's process, the runtime included.")
+    )
+    text = bench.report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
+    if args.out:
+        write_atomic(Path(args.out), text)
+    print(text)
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -170,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="count at the evaluation segment and memory lengths")
     _add_field_flags(p, list(MODEL_FIELDS), "model fields (override every preset)")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("bench", help="training and streaming tokens/s, peak memory and MFU per model and precision")
+    p.add_argument("--preset", action="append", help="preset to measure; repeat for several (default: the PTB grid)")
+    p.add_argument("--precision", action="append", help="fp32 and/or bf16 (default: both)")
+    p.add_argument("--peers", action="store_true", help="also time x-transformers and recurrent-memory-transformer-pytorch (pip install -e \".[bench]\")")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per case (default: all cores)")
+    p.add_argument("--steps", type=int, default=5, help="training steps per timed group")
+    p.add_argument("--repeats", type=int, default=5, help="timed groups per measurement (the median is reported)")
+    p.add_argument("--infer-batch", type=int, default=1, help="parallel streams for inference")
+    p.add_argument("--infer-tokens", type=int, default=4096, help="tokens streamed per inference measurement")
+    p.add_argument("--data-dir", help="PTB folder: stream its valid split for inference (default: random tokens)")
+    p.add_argument("--out", help="also write the Markdown report here (e.g. docs/results/bench.md)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)

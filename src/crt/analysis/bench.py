@@ -1,0 +1,292 @@
+"""`crt bench`: training and streaming tokens/s, peak memory and MFU, per model and precision.
+
+Each (model, precision) case runs in a fresh process, so its peak memory is its own (CPU: peak
+resident set size of that process; CUDA: peak allocated by torch) and no allocator or thread
+state leaks from one case to the next. Within a case:
+
+    train tokens/s   B x K x L tokens per optimiser step (forward, backward, AdamW), the preset's
+                     batch, segment and BPTT depth; median over `repeats` timed groups of `steps`.
+    infer tokens/s   streaming: one segment per call, state carried, no gradients, batch 1 by
+                     default (the edge case), over the valid split or random tokens.
+    MFU              model FLOPs/s (tokens/s x `crt flops` training FLOPs per token) divided by
+                     the peak of a large matmul measured in the same process at the same precision.
+
+Peers (optional extra `pip install -e ".[bench]"`): x-transformers' decoder with XL-style
+memories and lucidrains' recurrent-memory-transformer-pytorch, built at the same width, depth,
+heads, feed-forward, vocabulary, segment and batch, and timed by the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crt.analysis.flops import count_flops, with_vocab
+from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
+from crt.state import detach
+from crt.train.evaluate import autocast
+from crt.train.segments import iter_segments
+
+DEFAULT_PRESETS = ("ptb-transformer-70", "ptb-crt-70", "ptb-crt-35", "ptb-crt-17", "ptb-crt-ncgru-35", "ptb-xl-35")
+PEERS = {
+    "x-transformers XL": "ptb-xl-35",  # peer name -> our preset of the same architecture
+    "x-transformers": "ptb-transformer-70",
+    "recurrent-memory-transformer-pytorch": "ptb-crt-35",  # no RMT of our own yet: CRT-35 is the closest recurrent-memory model
+}
+
+
+def matmul_peak(device: torch.device, precision: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul at `precision`, the best of `repeats` (the achievable peak)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = _now(device)
+        a @ b
+        best = min(best, _now(device) - t0)
+    return 2 * n**3 / best
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class PeerXL(nn.Module):
+    """x-transformers' decoder (XL-style memories when mem_len > 0) behind `logits, state = model(tokens, state)`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from x_transformers import Decoder, TransformerWrapper
+
+        self.cfg, self.mem_len = cfg, cfg.mem_len if cfg.arch == "transformer_xl" else 0
+        self.net = TransformerWrapper(
+            num_tokens=cfg.vocab_size, max_seq_len=cfg.segment_len, max_mem_len=self.mem_len,
+            attn_layers=Decoder(dim=cfg.d_model, depth=cfg.n_layer, heads=cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, rel_pos_bias=self.mem_len > 0),
+            use_abs_pos_emb=self.mem_len == 0, tie_embedding=cfg.tie_weights,
+        )
+
+    def init_state(self, batch_size: int, evaluation: bool = False) -> tuple:
+        return ()
+
+    def forward(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        if not self.mem_len:
+            return self.net(tokens), ()
+        logits, mems = self.net(tokens, mems=list(state) or None, return_mems=True)
+        return logits, tuple(mems)
+
+
+class PeerRMT(nn.Module):
+    """recurrent-memory-transformer-pytorch behind `logits, state = model(tokens, state)`.
+
+    One memory token (CRT's one memory vector), no XL memories, so it is a recurrent-memory
+    transformer of the same size and segment as CRT.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from recurrent_memory_transformer_pytorch import RecurrentMemoryTransformer
+
+        self.cfg = cfg
+        self.net = RecurrentMemoryTransformer(
+            dim=cfg.d_model, num_tokens=cfg.vocab_size, depth=cfg.n_layer, num_memory_tokens=1, seq_len=cfg.segment_len,
+            heads=cfg.n_head, dim_head=cfg.d_model // cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, use_xl_memories=False,
+            num_residual_streams=1,
+        )
+
+    def init_state(self, batch_size: int, evaluation: bool = False) -> tuple:
+        return ()
+
+    def forward(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        logits, memories = self.net(tokens, state[0] if state else None)[:2]
+        return logits, (memories,)
+
+
+def _train_rate(model: nn.Module, B: int, K: int, L: int, V: int, steps: int, repeats: int, precision: str, device: torch.device) -> list[float]:
+    """Training tokens/s of `repeats` groups of `steps` optimiser steps on random tokens."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(V, (B, K * L + 1), generator=g).to(device)  # [B, K*L+1]
+    state = model.init_state(B)
+
+    def step() -> None:
+        nonlocal state
+        with autocast(device, precision):
+            loss = torch.zeros((), device=device)
+            for start, logits, state in iter_segments(model, data[:, :-1], state, L, K):
+                T = logits.shape[1]
+                loss = loss + F.cross_entropy(logits.float().flatten(0, 1), data[:, start + 1 : start + T + 1].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state = detach(state)
+
+    step()  # warm-up: allocations, lazy inits, autotuning
+    rates = []
+    for _ in range(repeats):
+        t0 = _now(device)
+        for _ in range(steps):
+            step()
+        rates.append(steps * B * K * L / (_now(device) - t0))
+    return rates
+
+
+@torch.no_grad()
+def _infer_rate(model: nn.Module, stream: torch.Tensor, L: int, batch: int, repeats: int, precision: str, device: torch.device) -> list[float]:
+    """Streaming tokens/s: segments of L tokens, state carried, `batch` parallel streams."""
+    model.eval()
+    n = stream.numel() // batch
+    x = stream[: n * batch].view(batch, n).to(device)  # [batch, n]
+    rates = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        t0 = _now(device)
+        with autocast(device, precision):
+            for _ in iter_segments(model, x, model.init_state(batch, evaluation=True), L):
+                pass
+        rates.append(x.numel() / (_now(device) - t0))
+    return rates[1:]
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One (model, precision) measurement; meant to run in its own process."""
+    from crt.models import build_model
+
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(0)
+    device = torch.device(case["device"])
+    mcfg = ModelConfig(**case["model"])
+    tcfg = TrainConfig(**case["train"])
+    peer = case.get("peer")
+    model = (PeerXL(mcfg) if peer and peer.startswith("x-transformers") else PeerRMT(mcfg) if peer else build_model(mcfg)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _peak_memory_mib(device)
+    train = _train_rate(model, tcfg.batch_size, tcfg.bptt_segments, mcfg.segment_len, mcfg.vocab_size, case["steps"], case["repeats"], case["precision"], device)
+    train_peak = _peak_memory_mib(device)
+    stream = torch.tensor(case["stream"]) if case["stream"] is not None else torch.randint(mcfg.vocab_size, (case["infer_tokens"],), generator=torch.Generator().manual_seed(1))
+    infer = _infer_rate(model, stream[: case["infer_tokens"]], mcfg.segment_len, case["infer_batch"], case["repeats"], case["precision"], device)
+    peak = matmul_peak(device, case["precision"])
+    flops = count_flops(mcfg).train_per_token
+    return {
+        "name": case["name"], "precision": case["precision"], "params": sum(p.numel() for p in model.parameters()),
+        "train_tokens_per_s": statistics.median(train), "train_runs": train,
+        "infer_tokens_per_s": statistics.median(infer), "infer_runs": infer,
+        "peak_memory_mib": train_peak, "baseline_memory_mib": rss_before,
+        "train_flops_per_token": flops, "matmul_peak_flops": peak,
+        "mfu": statistics.median(train) * flops / peak,
+    }
+
+
+def _worker(case: dict[str, Any], queue: Any) -> None:
+    try:
+        queue.put(run_case(case))
+    except Exception as e:  # reported in the table, the other cases still run
+        queue.put({"name": case["name"], "precision": case["precision"], "error": f"{type(e).__name__}: {e}"})
+
+
+def run_isolated(case: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(case, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def make_cases(
+    presets: list[str], precisions: list[str], peers: bool, device: str, threads: int, steps: int, repeats: int,
+    infer_batch: int, infer_tokens: int, stream: list[int] | None, overrides: dict[str, Any],
+) -> list[dict[str, Any]]:
+    names = list(presets)
+    if peers:
+        missing = [p for p in PEERS.values() if p not in names]
+        names += missing
+    cases = []
+    for name in names:
+        mcfg, tcfg = load_preset(name)
+        mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
+        mcfg = with_vocab(mcfg, tcfg, name)
+        mcfg.mem_len = mcfg.mem_len or mcfg.segment_len
+        mcfg.validate()
+        base = {
+            "model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "device": device, "threads": threads, "steps": steps,
+            "repeats": repeats, "infer_batch": infer_batch, "infer_tokens": infer_tokens, "stream": stream,
+        }
+        for precision in precisions:
+            cases.append({**base, "name": name, "precision": precision})
+            cases += [{**base, "name": peer, "peer": peer, "precision": precision} for peer, ours in PEERS.items() if peers and ours == name]
+    return cases
+
+
+def report(results: list[dict[str, Any]], command: str, machine: str, notes: str) -> str:
+    def get(name: str, precision: str) -> dict[str, Any] | None:
+        return next((r for r in results if r["name"] == name and r["precision"] == precision and "error" not in r), None)
+
+    lines = [
+        "# Speed: tokens/s, peak memory and MFU",
+        "",
+        f"Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine}.",
+        "",
+        notes,
+        "",
+        "| model | precision | params | train tokens/s | infer tokens/s | peak memory (MiB) | train MFLOP/token | MFU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['precision']} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {r['precision']} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | "
+            f"{r['peak_memory_mib']:,.0f} | {r['train_flops_per_token'] / 1e6:.2f} | {r['mfu']:.1%} |"
+        )
+    peaks = {r["precision"]: r["matmul_peak_flops"] for r in results if "error" not in r}
+    lines += ["", "Matmul peak measured in each case (2048^3, best of 5), last case per precision: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items()) + "."]
+
+    targets = []
+    for precision in sorted({r["precision"] for r in results}):
+        def ratio(a: str, b: str, precision: str = precision) -> float | None:
+            x, y = get(a, precision), get(b, precision)
+            return x["train_tokens_per_s"] / y["train_tokens_per_s"] if x and y else None
+
+        for label, a, b, goal in (
+            ("CRT L=70 / Transformer L=70 (memory costs <= 10%)", "ptb-crt-70", "ptb-transformer-70", 0.9),
+            ("CRT L=35 / Transformer-XL L=35 M=35", "ptb-crt-35", "ptb-xl-35", 1.3),
+            ("CRT L=35 / Transformer L=70", "ptb-crt-35", "ptb-transformer-70", 1.5),
+            ("Transformer L=70 / x-transformers", "ptb-transformer-70", "x-transformers", 1.2),
+            ("Transformer-XL / x-transformers XL", "ptb-xl-35", "x-transformers XL", 1.2),
+        ):
+            value = ratio(a, b)
+            if value is not None:
+                targets.append(f"| {label} | {precision} | {value:.2f}x | >= {goal}x | {'met' if value >= goal else 'not met'} |")
+    for r in results:
+        fp32 = get(r["name"], "fp32")
+        if r["precision"] == "bf16" and "error" not in r and fp32:
+            value = r["train_tokens_per_s"] / fp32["train_tokens_per_s"]
+            targets.append(f"| bf16 / fp32 training, {r['name']} | - | {value:.2f}x | >= 1.8x | {'met' if value >= 1.8 else 'not met'} |")
+    for r in results:
+        if r["name"] == "ptb-crt-35" and r["precision"] == "bf16" and "error" not in r:
+            targets.append(f"| training MFU, CRT L=35 | bf16 | {r['mfu']:.1%} | >= 30% | {'met' if r['mfu'] >= 0.3 else 'not met'} |")
+    if targets:
+        lines += ["", "## Targets (training tokens/s ratios measured in this run)", "", "| ratio | precision | measured | target | |", "| --- | --- | ---: | ---: | --- |", *targets]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+"""`crt bench` measures what it says: its cases run, its report derives the target ratios from them."""
+
+import dataclasses
+import importlib.util
+import math
+
+import pytest
+
+from crt.analysis import bench
+from crt.config import load_preset
+from cli_helpers import one_line_error, run_cli
+
+
+def tiny_case(name: str, precision: str = "fp32", **model) -> dict:
+    mcfg, tcfg = load_preset(name)
+    mcfg = dataclasses.replace(mcfg, vocab_size=50, d_model=16, n_layer=1, n_head=2, d_ff=32, **model)
+    mcfg.mem_len = mcfg.mem_len or mcfg.segment_len
+    tcfg = dataclasses.replace(tcfg, batch_size=2)
+    return {
+        "name": name, "precision": precision, "model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "device": "cpu",
+        "threads": 1, "steps": 1, "repeats": 2, "infer_batch": 1, "infer_tokens": 40, "stream": None,
+    }
+
+
+@pytest.mark.parametrize("name", ["ptb-crt-35", "ptb-transformer-70", "ptb-xl-35"])
+def test_run_case_measures_every_quantity(name):
+    r = bench.run_case(tiny_case(name))
+    assert len(r["train_runs"]) == 2 and len(r["infer_runs"]) == 2
+    assert all(x > 0 and math.isfinite(x) for x in r["train_runs"] + r["infer_runs"])
+    assert r["train_tokens_per_s"] == pytest.approx(sorted(r["train_runs"])[0] + (sorted(r["train_runs"])[1] - sorted(r["train_runs"])[0]) / 2)
+    assert r["peak_memory_mib"] >= r["baseline_memory_mib"] > 0
+    assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["train_flops_per_token"] / r["matmul_peak_flops"])
+
+
+def test_report_ratios_come_from_the_results():
+    def row(name, precision, rate):
+        return {"name": name, "precision": precision, "params": 1, "train_tokens_per_s": rate, "infer_tokens_per_s": 1.0,
+                "peak_memory_mib": 1.0, "train_flops_per_token": 1e6, "mfu": 0.5, "matmul_peak_flops": 1e9}
+
+    results = [row("ptb-crt-35", "fp32", 300.0), row("ptb-transformer-70", "fp32", 100.0), row("ptb-crt-35", "bf16", 450.0),
+               {"name": "ptb-xl-35", "precision": "fp32", "error": "RuntimeError: boom"}]
+    text = bench.report(results, "crt bench", "machine", "notes")
+    assert "| CRT L=35 / Transformer L=70 | fp32 | 3.00x | >= 1.5x | met |" in text
+    assert "| bf16 / fp32 training, ptb-crt-35 | - | 1.50x | >= 1.8x | not met |" in text
+    assert "failed: RuntimeError: boom" in text
+    assert "Transformer-XL" not in text.split("## Targets")[1]  # no ratio from a failed case
+
+
+def test_bench_rejects_unknown_precision(tmp_path):
+    one_line_error(run_cli("bench", "--precision", "fp8", cwd=tmp_path), "fp8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("x_transformers") is not None, reason="the peer libraries are installed")
+def test_bench_peers_without_the_extra_is_a_clear_error(tmp_path):
+    one_line_error(run_cli("bench", "--peers", cwd=tmp_path), "pip install")
