@@ -46,6 +46,21 @@ def test_report_ratios_come_from_the_results():
     assert "Transformer-XL" not in text.split("## Targets")[1]  # no ratio from a failed case
 
 
+def test_trap_cases_change_only_what_they_test():
+    cases = bench.make_cases(["ptb-crt-35"], ["fp32"], peers=False, traps=True, device="cpu", threads=1, steps=1, repeats=1,
+                             infer_batch=1, infer_tokens=10, stream=None, overrides={"d_model": 64})
+    base, *traps = cases
+    assert [c["name"] for c in traps] == [f"ptb-crt-35 [{label}]" for label, _, _ in bench.TRAPS]
+    assert base["model"]["d_model"] == 64 and base["model"]["vocab_size"] == 10_000
+    for case, (_, fields, model) in zip(traps, bench.TRAPS, strict=True):
+        assert {k: v for k, v in case.items() if k not in fields} == {**base, "name": case["name"], "model": case["model"]}
+        assert {k: case[k] for k in fields} == fields
+        assert case["model"] == {**base["model"], **model}
+    text = bench.report([{"name": c["name"], "precision": "fp32", "params": 1, "train_tokens_per_s": 100.0 * (i + 1), "infer_tokens_per_s": 1.0,
+                          "peak_memory_mib": 1.0, "train_flops_per_token": 1e6, "mfu": 0.1, "matmul_peak_flops": 1e9} for i, c in enumerate(cases)], "c", "m", "n")
+    assert "| glibc malloc defaults | 200 | 2.00x |" in text
+
+
 def test_bench_rejects_unknown_precision(tmp_path):
     one_line_error(run_cli("bench", "--precision", "fp8", cwd=tmp_path), "fp8")
 
@@ -53,3 +68,12 @@ def test_bench_rejects_unknown_precision(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("x_transformers") is not None, reason="the peer libraries are installed")
 def test_bench_peers_without_the_extra_is_a_clear_error(tmp_path):
     one_line_error(run_cli("bench", "--peers", cwd=tmp_path), "pip install")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("x_transformers") is None or importlib.util.find_spec("recurrent_memory_transformer_pytorch") is None,
+                    reason="peer libraries not installed (pip install -e '.[bench]')")
+@pytest.mark.parametrize("peer", list(bench.PEERS))
+def test_peers_run_on_the_state_interface(peer):
+    case = {**tiny_case(bench.PEERS[peer]), "name": peer, "peer": peer}
+    r = bench.run_case(case)
+    assert r["train_tokens_per_s"] > 0 and r["infer_tokens_per_s"] > 0

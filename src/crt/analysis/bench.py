@@ -24,7 +24,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from crt.analysis.flops import count_flops, with_vocab
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
+from crt.runtime import keep_freed_memory
 from crt.state import detach
 from crt.train.evaluate import autocast
 from crt.train.segments import iter_segments
@@ -63,6 +64,10 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+class PeerState(NamedTuple):
+    memory: torch.Tensor  # [B, ...] the peer's memories, on our state interface (detach works on it)
+
+
 class PeerXL(nn.Module):
     """x-transformers' decoder (XL-style memories when mem_len > 0) behind `logits, state = model(tokens, state)`."""
 
@@ -77,14 +82,16 @@ class PeerXL(nn.Module):
             use_abs_pos_emb=self.mem_len == 0, tie_embedding=cfg.tie_weights,
         )
 
-    def init_state(self, batch_size: int, evaluation: bool = False) -> tuple:
-        return ()
+    def init_state(self, batch_size: int, evaluation: bool = False) -> PeerState:
+        device = self.net.token_emb.emb.weight.device
+        return PeerState(torch.zeros(batch_size, self.cfg.n_layer, 0, self.cfg.d_model, device=device))  # no memories yet
 
-    def forward(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+    def forward(self, tokens: torch.Tensor, state: PeerState) -> tuple[torch.Tensor, PeerState]:
         if not self.mem_len:
-            return self.net(tokens), ()
-        logits, mems = self.net(tokens, mems=list(state) or None, return_mems=True)
-        return logits, tuple(mems)
+            return self.net(tokens), state
+        mems = list(state.memory.unbind(1)) if state.memory.shape[2] else None  # n_layer x [B, M, D]
+        logits, mems = self.net(tokens, mems=mems, return_mems=True)
+        return logits, PeerState(torch.stack(mems, dim=1))  # [B, n_layer, M, D]
 
 
 class PeerRMT(nn.Module):
@@ -105,12 +112,13 @@ class PeerRMT(nn.Module):
             num_residual_streams=1,
         )
 
-    def init_state(self, batch_size: int, evaluation: bool = False) -> tuple:
-        return ()
+    def init_state(self, batch_size: int, evaluation: bool = False) -> PeerState:
+        device = self.net.token_emb.weight.device
+        return PeerState(torch.zeros(batch_size, 0, self.cfg.d_model, device=device))  # no memories yet
 
-    def forward(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
-        logits, memories = self.net(tokens, state[0] if state else None)[:2]
-        return logits, (memories,)
+    def forward(self, tokens: torch.Tensor, state: PeerState) -> tuple[torch.Tensor, PeerState]:
+        logits, memories = self.net(tokens, state.memory if state.memory.shape[1] else None)[:2]  # memories: [B, 1, D]
+        return logits, PeerState(memories)
 
 
 def _train_rate(model: nn.Module, B: int, K: int, L: int, V: int, steps: int, repeats: int, precision: str, device: torch.device) -> list[float]:
@@ -171,6 +179,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
+    if case.get("keep_freed_memory", True) and case["device"] == "cpu":
+        keep_freed_memory()  # what `crt train` does on CPU
+    torch.set_flush_denormal(case.get("flush_denormal", False))
     device = torch.device(case["device"])
     mcfg = ModelConfig(**case["model"])
     tcfg = TrainConfig(**case["train"])
@@ -212,14 +223,23 @@ def run_isolated(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# A/B cases for the known CPU traps, on CRT-35 in fp32: (label, case fields, model overrides)
+TRAPS = (
+    ("glibc malloc defaults", {"keep_freed_memory": False}, {}),
+    ("denormals flushed to zero", {"flush_denormal": True}, {}),
+    ("no dropout", {}, {"dropout": 0.0, "emb_dropout": 0.0, "attn_dropout": 0.0}),
+)
+
+
 def make_cases(
-    presets: list[str], precisions: list[str], peers: bool, device: str, threads: int, steps: int, repeats: int,
+    presets: list[str], precisions: list[str], peers: bool, traps: bool, device: str, threads: int, steps: int, repeats: int,
     infer_batch: int, infer_tokens: int, stream: list[int] | None, overrides: dict[str, Any],
 ) -> list[dict[str, Any]]:
     names = list(presets)
     if peers:
-        missing = [p for p in PEERS.values() if p not in names]
-        names += missing
+        names += [p for p in PEERS.values() if p not in names]
+    if traps and "ptb-crt-35" not in names:
+        names.append("ptb-crt-35")
     cases = []
     for name in names:
         mcfg, tcfg = load_preset(name)
@@ -234,6 +254,9 @@ def make_cases(
         for precision in precisions:
             cases.append({**base, "name": name, "precision": precision})
             cases += [{**base, "name": peer, "peer": peer, "precision": precision} for peer, ours in PEERS.items() if peers and ours == name]
+        if traps and name == "ptb-crt-35":
+            for label, fields, model in TRAPS:
+                cases.append({**base, **fields, "model": {**base["model"], **model}, "name": f"{name} [{label}]", "precision": "fp32"})
     return cases
 
 
@@ -284,9 +307,17 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
         if r["precision"] == "bf16" and "error" not in r and fp32:
             value = r["train_tokens_per_s"] / fp32["train_tokens_per_s"]
             targets.append(f"| bf16 / fp32 training, {r['name']} | - | {value:.2f}x | >= 1.8x | {'met' if value >= 1.8 else 'not met'} |")
+    base = get("ptb-crt-35", "fp32")
+    trap_rows = [r for r in results if r["name"].startswith("ptb-crt-35 [") and "error" not in r]
+    if base and trap_rows:
+        trap_lines = ["", "## CPU traps (A/B on CRT L=35, fp32, same run)", "", "| variant | train tokens/s | vs `crt train`'s setting |", "| --- | ---: | ---: |",
+                      f"| as `crt train` runs it (malloc keeps freed blocks, denormals kept, dropout on) | {base['train_tokens_per_s']:,.0f} | 1.00x |"]
+        trap_lines += [f"| {r['name'][len('ptb-crt-35 ['):-1]} | {r['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / base['train_tokens_per_s']:.2f}x |" for r in trap_rows]
+    else:
+        trap_lines = []
     for r in results:
         if r["name"] == "ptb-crt-35" and r["precision"] == "bf16" and "error" not in r:
             targets.append(f"| training MFU, CRT L=35 | bf16 | {r['mfu']:.1%} | >= 30% | {'met' if r['mfu'] >= 0.3 else 'not met'} |")
     if targets:
         lines += ["", "## Targets (training tokens/s ratios measured in this run)", "", "| ratio | precision | measured | target | |", "| --- | --- | ---: | ---: | --- |", *targets]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + trap_lines) + "\n"

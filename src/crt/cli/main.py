@@ -144,8 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         corpus = load_corpus(TrainConfig(data="ptb", data_dir=args.data_dir))
         stream, source = corpus.valid.tolist(), f"the PTB valid split in {args.data_dir}"
     cases = bench.make_cases(
-        args.preset or list(bench.DEFAULT_PRESETS), args.precision, args.peers, device.type, args.threads,
-        args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides={},
+        args.preset or list(bench.DEFAULT_PRESETS), args.precision, args.peers, args.traps, device.type, args.threads,
+        args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides=_overrides(args, list(MODEL_FIELDS)),
     )
     results = []
     for case in cases:
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", help="preset to measure; repeat for several (default: the PTB grid)")
     p.add_argument("--precision", action="append", help="fp32 and/or bf16 (default: both)")
     p.add_argument("--peers", action="store_true", help="also time x-transformers and recurrent-memory-transformer-pytorch (pip install -e \".[bench]\")")
+    p.add_argument("--traps", action="store_true", help="A/B cases on CRT-35 fp32 for the known CPU traps (allocator, denormals, dropout)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per case (default: all cores)")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed group")
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-tokens", type=int, default=4096, help="tokens streamed per inference measurement")
     p.add_argument("--data-dir", help="PTB folder: stream its valid split for inference (default: random tokens)")
     p.add_argument("--out", help="also write the Markdown report here (e.g. docs/results/bench.md)")
+    _add_field_flags(p, list(MODEL_FIELDS), "model fields (override every preset)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="datasets")

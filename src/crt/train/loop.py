@@ -18,6 +18,7 @@ from crt.config import ModelConfig, TrainConfig, to_dict
 from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
 from crt.errors import CRTError
 from crt.models import build_model
+from crt.runtime import keep_freed_memory
 from crt.state import detach
 from crt.train.checkpoint import Checkpoint, save_checkpoint
 from crt.train.evaluate import autocast, evaluate
@@ -115,6 +116,8 @@ def train(
     progress: a tqdm bar on a terminal (tqdm leaves it out when stderr is not one).
     """
     device = resolve_device(tcfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if tcfg.precision not in ("fp32", "bf16"):
         raise CRTError(f"unknown precision {tcfg.precision!r}: use fp32 or bf16")
     if tcfg.batch_size < 1 or tcfg.bptt_segments < 1:

@@ -1,0 +1,36 @@
+"""Process-level settings that make CPU training fast; each was measured, not guessed.
+
+glibc's malloc serves blocks above its mmap threshold (at most 32 MiB by default) with a fresh
+mmap() and unmaps them again on free. A training step allocates and frees the same large buffers
+every step: the logits [B*T, V] and their gradient (90 MB each at B*T = 2240, V = 10,000) and
+the log-softmax output. Each step therefore page-faults hundreds of MB back in. Keeping freed
+blocks in the heap made CRT-35's PTB training step 26% faster on the development machine (see
+docs/results/bench.md, "CPU traps"); jemalloc or tcmalloc via LD_PRELOAD do the same from outside.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep large freed blocks for reuse (Linux/glibc only; else a no-op).
+
+    The process keeps its peak heap instead of returning it to the OS between steps, which is
+    the point during training. Returns whether the setting is in effect.
+    """
+    global _applied
+    if _applied or not sys.platform.startswith("linux"):
+        return _applied
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _applied
