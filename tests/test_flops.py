@@ -55,8 +55,8 @@ def test_crt_overhead_is_its_rnns_and_one_memory_token():
 def test_cli_flops_table(capsys):
     from crt.cli.main import main
 
-    assert main(["flops", "--preset", "ptb-crt-35", "--preset", "ptb-xl-70", "--d-model", "128"]) == 0
+    assert main(["flops", "--preset", "ptb-crt-35", "--preset", "ptb-xl-70", "--d-model", "64"]) == 0
     out = capsys.readouterr().out
     assert "ptb-crt-35" in out and "ptb-xl-70" in out and "Not counted" in out
-    expected = count_flops(ModelConfig(arch="crt", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=1024, segment_len=35))
+    expected = count_flops(ModelConfig(arch="crt", vocab_size=10_000, d_model=64, n_layer=3, n_head=4, d_ff=512, segment_len=35))
     assert f"{expected.forward_per_token / 1e6:.2f}" in out

@@ -3,6 +3,7 @@
 from crt.layers.attention import CausalSelfAttention
 from crt.layers.block import Block
 from crt.layers.feedforward import FeedForward
+from crt.layers.gru import GRU
 from crt.layers.embedding import TokenEmbedding
 from crt.layers.init import init_weights
 from crt.layers.ncgru import NCGRU
@@ -13,6 +14,7 @@ __all__ = [
     "Block",
     "CausalSelfAttention",
     "FeedForward",
+    "GRU",
     "LearnedPositions",
     "NCGRU",
     "RecurrentPositions",

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from crt.layers.gru import GRU
+
 
 def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Vaswani et al. encoding of arbitrary (float) positions.
@@ -104,7 +106,7 @@ class AbsolutePositions(nn.Module):
         return x, {}
 
 
-class RecurrentPositions(nn.Module):
+class RecurrentPositions(GRU):
     """CRT's recurrent positional encoding: a GRU over the segment's input embeddings.
 
     p_0..p_T = GRU([e_0..e_T], h) are added to e_0..e_T. The GRU's last hidden state is
@@ -112,13 +114,8 @@ class RecurrentPositions(nn.Module):
     segments without any relative-position arithmetic.
 
     dim: model width (the GRU's input and hidden size).
+    forward(x [B, T, D], h [B, D]) -> (p [B, T, D], h_last [B, D]).
     """
 
     def __init__(self, dim: int):
-        super().__init__()
-        self.gru = nn.GRU(dim, dim, batch_first=True)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [B, T, D], h: [B, D]
-        p, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype))  # p: [B, T, D], h_last: [1, B, D]
-        return p, h_last.squeeze(0)  # [B, T, D], [B, D]
+        super().__init__(dim, dim)

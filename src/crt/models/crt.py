@@ -22,31 +22,12 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import NCGRU, AbsolutePositions, Block, RecurrentPositions, TokenEmbedding, init_weights
+from crt.layers import GRU, NCGRU, AbsolutePositions, Block, RecurrentPositions, TokenEmbedding, init_weights
 
 
 class CRTState(NamedTuple):
     memory: torch.Tensor  # [B, d_m]  m_{n-1}, the persistent memory vector
     positions: torch.Tensor  # [B, D]  r_{n-1}, hidden state of the recurrent positional GRU (zeros if unused)
-
-
-class GRU(nn.Module):
-    """torch's GRU with the (x [B, T, I], h [B, H]) -> (out [B, T, H], h_last [B, H]) convention of NCGRU."""
-
-    def __init__(self, input_size: int, hidden_size: int):
-        super().__init__()
-        self.gru = nn.GRU(input_size, hidden_size, batch_first=True)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype))  # [B, T, H], [1, B, H]
-        return out, h_last.squeeze(0)
-
-    @torch.no_grad()
-    def set_keep_bias(self, bias: torch.Tensor) -> None:
-        """Set the bias of z in h' = (1 - z) * n + z * h (torch orders the gates r, z, n)."""
-        H = self.gru.hidden_size
-        self.gru.bias_ih_l0[H : 2 * H].zero_()  # torch has two biases per gate; keep one
-        self.gru.bias_hh_l0[H : 2 * H].copy_(bias)
 
 
 class CRT(nn.Module):
