@@ -13,7 +13,9 @@ state leaks from one case to the next. Within a case:
 
 Peers (optional extra `pip install -e ".[bench]"`): x-transformers' decoder with XL-style
 memories and lucidrains' recurrent-memory-transformer-pytorch, built at the same width, depth,
-heads, feed-forward, vocabulary, segment and batch, and timed by the same code.
+heads, feed-forward, vocabulary, segment, batch and dropout rates, and timed by the same code.
+Their dropout sits in slightly different places (inside the feed-forward rather than on both
+residual branches), so they draw somewhat fewer random numbers per step than our models.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ class PeerXL(nn.Module):
         self.cfg, self.mem_len = cfg, cfg.mem_len if cfg.arch == "transformer_xl" else 0
         self.net = TransformerWrapper(
             num_tokens=cfg.vocab_size, max_seq_len=cfg.segment_len, max_mem_len=self.mem_len,
-            attn_layers=Decoder(dim=cfg.d_model, depth=cfg.n_layer, heads=cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, rel_pos_bias=self.mem_len > 0),
-            use_abs_pos_emb=self.mem_len == 0, tie_embedding=cfg.tie_weights,
+            attn_layers=Decoder(
+                dim=cfg.d_model, depth=cfg.n_layer, heads=cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, rel_pos_bias=self.mem_len > 0,
+                attn_dropout=cfg.attn_dropout, ff_dropout=cfg.dropout,
+            ),
+            use_abs_pos_emb=self.mem_len == 0, tie_embedding=cfg.tie_weights, emb_dropout=cfg.emb_dropout,
         )
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> PeerState:
@@ -109,7 +114,7 @@ class PeerRMT(nn.Module):
         self.net = RecurrentMemoryTransformer(
             dim=cfg.d_model, num_tokens=cfg.vocab_size, depth=cfg.n_layer, num_memory_tokens=1, seq_len=cfg.segment_len,
             heads=cfg.n_head, dim_head=cfg.d_model // cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, use_xl_memories=False,
-            num_residual_streams=1,
+            num_residual_streams=1, attn_dropout=cfg.attn_dropout, ff_dropout=cfg.dropout,
         )
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> PeerState:
@@ -221,6 +226,38 @@ def run_isolated(case: dict[str, Any]) -> dict[str, Any]:
     result = queue.get()
     proc.join()
     return result
+
+
+def run_rounds(cases: list[dict[str, Any]], rounds: int, log=print) -> list[dict[str, Any]]:
+    """Every case once per round, each time in a fresh process; results merged over the rounds.
+
+    Shared machines drift over minutes, so cases measured one after another are not comparable;
+    taking each case once per round spreads the drift over all of them. Rates are the median
+    over every timed group of every round, peak memory the largest seen, and MFU uses the
+    median matmul peak of the case's rounds.
+    """
+    per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
+    for r in range(rounds):
+        for i, case in enumerate(cases):
+            result = run_isolated(case)
+            per_case[i].append(result)
+            log(f"round {r + 1}/{rounds} {case['name']} {case['precision']}: " + (result.get("error") or f"train {result['train_tokens_per_s']:,.0f} tok/s, infer {result['infer_tokens_per_s']:,.0f} tok/s"))
+    merged = []
+    for runs in per_case:
+        failed = next((x for x in runs if "error" in x), None)
+        if failed:
+            merged.append(failed)
+            continue
+        train = [v for x in runs for v in x["train_runs"]]
+        infer = [v for x in runs for v in x["infer_runs"]]
+        peak = statistics.median(x["matmul_peak_flops"] for x in runs)
+        merged.append({
+            **runs[0], "train_runs": train, "infer_runs": infer,
+            "train_tokens_per_s": statistics.median(train), "infer_tokens_per_s": statistics.median(infer),
+            "peak_memory_mib": max(x["peak_memory_mib"] for x in runs), "matmul_peak_flops": peak,
+            "mfu": statistics.median(train) * runs[0]["train_flops_per_token"] / peak,
+        })
+    return merged
 
 
 # A/B cases for the known CPU traps, on CRT-35 in fp32: (label, case fields, model overrides)

@@ -147,14 +147,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.preset or list(bench.DEFAULT_PRESETS), args.precision, args.peers, args.traps, device.type, args.threads,
         args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides=_overrides(args, list(MODEL_FIELDS)),
     )
-    results = []
-    for case in cases:
-        print(f"== {case['name']} {case['precision']}", flush=True)
-        results.append(bench.run_isolated(case))
-        print("   " + (results[-1].get("error") or f"train {results[-1]['train_tokens_per_s']:,.0f} tok/s, infer {results[-1]['infer_tokens_per_s']:,.0f} tok/s, MFU {results[-1]['mfu']:.1%}"), flush=True)
+    results = bench.run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
     notes = (
-        f"Each (model, precision) ran in its own process with {args.threads} threads on {device.type}: {args.repeats} timed groups of "
-        f"{args.steps} training steps after one warm-up step (median reported), each step one window of the preset's batch x K segments "
+        f"Each (model, precision) ran {args.rounds} times, once per round through the whole list, each time in a fresh process with "
+        f"{args.threads} threads on {device.type}: {args.repeats} timed groups of "
+        f"{args.steps} training steps after one warm-up step (median over all groups of all rounds reported), each step one window of the preset's batch x K segments "
         f"of random tokens; inference streams {args.infer_tokens:,} tokens of {source} in {args.infer_batch} stream(s), one segment per call, "
         "state carried (median of the repeats after a warm-up pass). Peak memory: " + (
             "torch's peak allocation." if device.type == "cuda" else "peak resident set size of the case's process, the runtime included.")
@@ -216,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per case (default: all cores)")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed group")
-    p.add_argument("--repeats", type=int, default=5, help="timed groups per measurement (the median is reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed groups per case and round")
+    p.add_argument("--rounds", type=int, default=3, help="passes over all cases, each case in a fresh process (drift is spread over all cases)")
     p.add_argument("--infer-batch", type=int, default=1, help="parallel streams for inference")
     p.add_argument("--infer-tokens", type=int, default=4096, help="tokens streamed per inference measurement")
     p.add_argument("--data-dir", help="PTB folder: stream its valid split for inference (default: random tokens)")

@@ -18,7 +18,7 @@ cannot. The original trains A with a custom update and a truncated Neumann serie
 inverse; here (I + A)^{-1}(I − A) is solved exactly once per forward call and autograd
 differentiates through the solve. Optionally U_r is orthogonal too (its own A and D).
 
-Same calling convention as the GRU wrapper in crt.layers.positional: forward(x, h) with
+Same calling convention as crt.layers.GRU: forward(x, h) with
 x [B, T, input_size] and h [B, hidden_size] returns (out [B, T, hidden_size], h_last).
 No state is kept between calls.
 """
