@@ -46,6 +46,10 @@ GRID: list[tuple[str, str, dict]] = [
     ("CRT L=35, memory reads last token", "ptb-crt-35", {"memory_reads": "last_token"}),
     ("CRT L=35, sinusoidal positions", "ptb-crt-35", {"positions": "sinusoidal"}),
     ("CRT L=35, K=1", "ptb-crt-35", {"bptt_segments": 1}),
+    # what carries the past: without a memory token the memory vector is never read, and the
+    # positional GRU's carried state is the only path across segments; without carry_rpe neither
+    ("CRT L=35, no memory token", "ptb-crt-35", {"memory_position": "none"}),
+    ("CRT L=35, no memory token, positions restart each segment", "ptb-crt-35", {"memory_position": "none", "carry_rpe": False}),
 ]
 
 
@@ -119,15 +123,16 @@ def report(rows: list[dict], args: argparse.Namespace, command: str, machine: st
         f"Every row trained on the same budget of {args.tokens:,.0f} tokens (rounded up to whole steps of batch x segment x K), width {m0['d_model']}, {m0['n_layer']} layers, "
         f"{m0['n_head']} heads, feed-forward {m0['d_ff']}; test perplexity is over the whole test split with the state carried "
         "from segment to segment (Transformer: non-overlapping segments). FLOPs from `crt flops` (training = 3 x forward); "
-        "tokens/s is the median training rate logged during the run, without evaluation.",
+        "tokens/s is the median training rate logged during the run, without evaluation. Equal tokens is not equal updates: "
+        "a row whose step covers more tokens (batch x segment x K) takes fewer optimiser steps (column updates).",
         "",
-        "| model | params | train MFLOP/token | eval MFLOP/token | train tokens/s | valid ppl | test ppl | test ppl vs Transformer-70 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | params | updates | train MFLOP/token | eval MFLOP/token | train tokens/s | valid ppl | test ppl | test ppl vs Transformer-70 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         rel = f"{r['test_ppl'] / ref['test_ppl']:.3f}x" if ref else "-"
         lines.append(
-            f"| {r['name']} | {r['params']:,} | {r['train_flops_per_token'] / 1e6:.2f} | {r['eval_flops_per_token'] / 1e6:.2f} | "
+            f"| {r['name']} | {r['params']:,} | {r['train']['max_steps']} | {r['train_flops_per_token'] / 1e6:.2f} | {r['eval_flops_per_token'] / 1e6:.2f} | "
             f"{r['train_tokens_per_s']:,.0f} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {rel} |"
         )
     t = rows[0]["train"]
@@ -135,7 +140,8 @@ def report(rows: list[dict], args: argparse.Namespace, command: str, machine: st
         "",
         f"Regularisation and optimisation (all rows): dropout {m0['dropout']} (residual and feed-forward), embedding dropout "
         f"{m0['emb_dropout']}, attention dropout {m0['attn_dropout']}, AdamW weight decay {t['weight_decay']} on matrices, lr {t['lr']} "
-        f"with {t['warmup_steps']} warmup steps and cosine decay to {t['min_lr']}, batch {t['batch_size']}, {t['precision']}, seed {t['seed']}.",
+        f"with linear warmup over min(60, updates / 10) steps and cosine decay to {t['min_lr']}, gradient clipping at 1.0, batch {t['batch_size']}, "
+        f"{t['precision']}, seed {t['seed']}.",
         "Per-row settings: `benchmarks/ptb.py` GRID (presets in `src/crt/configs/`, overrides listed in the row name); "
         f"each row's full config is in `{Path(args.runs_dir) / 'results.json'}` after a run.",
         "",
