@@ -4,8 +4,8 @@ glibc's malloc serves blocks above its mmap threshold (at most 32 MiB by default
 mmap() and unmaps them again on free. A training step allocates and frees the same large buffers
 every step: the logits [B*T, V] and their gradient (90 MB each at B*T = 2240, V = 10,000) and
 the log-softmax output. Each step therefore page-faults hundreds of MB back in. Keeping freed
-blocks in the heap made CRT-35's PTB training step 26% faster on the development machine (see
-docs/results/bench.md, "CPU traps"); jemalloc or tcmalloc via LD_PRELOAD do the same from outside.
+blocks in the heap made CRT-35's PTB training 1.34x faster on the development machine
+(docs/results/bench.md, "CPU traps"); jemalloc or tcmalloc via LD_PRELOAD do the same from outside.
 """
 
 from __future__ import annotations
