@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from crt.analysis.flops import with_vocab
@@ -26,6 +25,7 @@ from crt.config import load_preset
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
 from crt.train.checkpoint import write_atomic
+from crt.train.segments import window_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +40,7 @@ def profile_preset(name: str, steps: int, rows: int) -> str:
     x = torch.randint(mcfg.vocab_size, (B, K * L + 1))  # [B, K*L+1]
 
     def step() -> None:
-        state, loss = model.init_state(B), 0.0
-        for i in range(K):
-            logits, state = model(x[:, i * L : (i + 1) * L], state)  # [B, L, V]
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), x[:, i * L + 1 : (i + 1) * L + 1].flatten())
+        loss, _ = window_loss(model, x[:, :-1], x[:, 1:], model.init_state(B), L, K)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

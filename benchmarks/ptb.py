@@ -53,15 +53,6 @@ GRID: list[tuple[str, str, dict]] = [
 ]
 
 
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def run_row(name: str, preset: str, overrides: dict, args: argparse.Namespace, corpus) -> dict:
     mcfg, tcfg = load_preset(preset)
     mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, **args.set, "data_dir": args.data_dir})
@@ -161,7 +152,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="forget finished rows and train every row again")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    args.set = {k.replace("-", "_"): parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
     command = "python benchmarks/ptb.py " + " ".join(sys.argv[1:])
 
     results_path = Path(args.runs_dir) / "results.json"

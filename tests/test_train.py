@@ -91,9 +91,9 @@ def test_new_run_never_overwrites_an_existing_one(tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
     m, t = configs(tmp_path, max_steps=6, checkpoint_every=2)
-    import crt.train.loop as loop
+    import crt.train.segments as segments
 
-    real = loop.F.cross_entropy
+    real = segments.F.cross_entropy
     calls = {"n": 0}
 
     def poisoned(*args, **kw):
@@ -101,7 +101,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeyp
         out = real(*args, **kw)
         return out * float("nan") if calls["n"] > 2 * 3 else out  # 2 segments per step: step 4 is poisoned
 
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(segments.F, "cross_entropy", poisoned)
     with pytest.raises(CRTError, match="at step 4"):
         train(m, t, progress=False)
     monkeypatch.undo()

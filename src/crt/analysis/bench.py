@@ -30,14 +30,13 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from crt.analysis.flops import count_flops, with_vocab
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
 from crt.runtime import keep_freed_memory
 from crt.state import detach
 from crt.train.evaluate import autocast
-from crt.train.segments import iter_segments
+from crt.train.segments import iter_segments, window_loss
 
 DEFAULT_PRESETS = ("ptb-transformer-70", "ptb-crt-70", "ptb-crt-35", "ptb-crt-17", "ptb-crt-ncgru-35", "ptb-xl-35")
 PEERS = {
@@ -136,10 +135,7 @@ def _train_rate(model: nn.Module, B: int, K: int, L: int, V: int, steps: int, re
     def step() -> None:
         nonlocal state
         with autocast(device, precision):
-            loss = torch.zeros((), device=device)
-            for start, logits, state in iter_segments(model, data[:, :-1], state, L, K):
-                T = logits.shape[1]
-                loss = loss + F.cross_entropy(logits.float().flatten(0, 1), data[:, start + 1 : start + T + 1].flatten())
+            loss, state = window_loss(model, data[:, :-1], data[:, 1:], state, L, K)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -2,7 +2,7 @@
 
 CRT's memory RNN and its recurrent positions both use it. torch's own kernel is kept on CPU:
 a hand-written sequence kernel (one autograd node per sequence, backward by hand) trained no
-faster at CRT's sizes and streamed at batch 1 about 40% slower (docs/results/speed-notes.md).
+faster at CRT's sizes and streamed slower at batch 1 (docs/results/speed-notes.md).
 """
 
 from __future__ import annotations

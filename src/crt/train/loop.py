@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from crt.config import ModelConfig, TrainConfig, to_dict
@@ -23,7 +22,7 @@ from crt.state import detach
 from crt.train.checkpoint import Checkpoint, save_checkpoint
 from crt.train.evaluate import autocast, evaluate
 from crt.train.metrics import MetricsLog, plot_curves
-from crt.train.segments import iter_segments
+from crt.train.segments import window_loss
 
 
 def load_corpus(t: TrainConfig) -> Corpus:
@@ -191,12 +190,7 @@ def train(
         y = stream[:, w * window + 1 : (w + 1) * window + 1]  # [B, K*L]
         t0 = time.perf_counter()
         with autocast(device, tcfg.precision):
-            loss_sum = torch.zeros((), device=device)
-            # rebinding `state` keeps the state after the last segment, carried to the next window
-            for start, logits, state in iter_segments(model, x, state, L, K):
-                T = logits.shape[1]
-                loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), y[:, start : start + T].flatten(), reduction="sum")
-        loss = loss_sum / x.numel()
+            loss, state = window_loss(model, x, y, state, L, K)
         if not torch.isfinite(loss):
             bar.close()
             metrics.close()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from crt.state import detach
 
@@ -39,3 +40,17 @@ def iter_segments(
             state = detach(state)
         logits, state = model(tokens[:, start : start + segment_len], state)  # [B, T, V]
         yield start, logits, state
+
+
+def window_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: tuple, segment_len: int, bptt_segments: int) -> tuple[torch.Tensor, tuple]:
+    """Mean next-token cross-entropy over one training window, and the state after it.
+
+    inputs, targets: [B, N] (targets are inputs shifted by one). Logits are scored in fp32 even
+    under autocast. The one training step that `crt train`, `crt bench` and the profiler share.
+    """
+    loss_sum = torch.zeros((), device=inputs.device)
+    # rebinding `state` keeps the state after the last segment, carried to the next window
+    for start, logits, state in iter_segments(model, inputs, state, segment_len, bptt_segments):
+        T = logits.shape[1]
+        loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), targets[:, start : start + T].flatten(), reduction="sum")
+    return loss_sum / inputs.numel(), state
