@@ -34,7 +34,7 @@ from crt.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (row name, preset, overrides). The first six are the issue's comparison; the rest ablate SPEC §3's
+# (row name, preset, overrides). The first eight are the comparison of issues 3 and 4; the rest ablate SPEC §3's
 # open choices on CRT-35: what the memory RNN reads, recurrent vs sinusoidal positions, BPTT depth K.
 GRID: list[tuple[str, str, dict]] = [
     ("Transformer L=70", "ptb-transformer-70", {}),
@@ -43,6 +43,8 @@ GRID: list[tuple[str, str, dict]] = [
     ("CRT L=17", "ptb-crt-17", {}),
     ("CRT-NCGRU L=35", "ptb-crt-ncgru-35", {}),
     ("Transformer-XL L=35 M=35", "ptb-xl-35", {}),
+    ("RMT L=35 k=4", "ptb-rmt-35", {}),
+    ("ARMT L=35 k=4", "ptb-armt-35", {}),
     ("CRT L=35, memory reads last token", "ptb-crt-35", {"memory_reads": "last_token"}),
     ("CRT L=35, sinusoidal positions", "ptb-crt-35", {"positions": "sinusoidal"}),
     ("CRT L=35, K=1", "ptb-crt-35", {"bptt_segments": 1}),

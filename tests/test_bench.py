@@ -22,7 +22,7 @@ def tiny_case(name: str, precision: str = "fp32", **model) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["ptb-crt-35", "ptb-transformer-70", "ptb-xl-35"])
+@pytest.mark.parametrize("name", ["ptb-crt-35", "ptb-transformer-70", "ptb-xl-35", "ptb-rmt-35", "ptb-armt-35"])
 def test_run_case_measures_every_quantity(name):
     r = bench.run_case(tiny_case(name))
     assert len(r["train_runs"]) == 2 and len(r["infer_runs"]) == 2
@@ -59,6 +59,19 @@ def test_trap_cases_change_only_what_they_test():
     text = bench.report([{"name": c["name"], "precision": "fp32", "params": 1, "train_tokens_per_s": 100.0 * (i + 1), "infer_tokens_per_s": 1.0,
                           "peak_memory_mib": 1.0, "train_flops_per_token": 1e6, "mfu": 0.1, "matmul_peak_flops": 1e9} for i, c in enumerate(cases)], "c", "m", "n")
     assert "| glibc malloc defaults | 200 | 2.00x |" in text
+
+
+def test_diagonal_case_times_both_schedules_and_they_agree():
+    cases = bench.make_cases([], ["fp32"], peers=False, traps=False, device="cpu", threads=1, steps=1, repeats=2, infer_batch=1,
+                             infer_tokens=10, stream=None, overrides={"d_model": 16, "n_head": 2, "d_ff": 32, "segment_len": 5}, diagonal=(6, 4))
+    assert len(cases) == 1 and cases[0]["diagonal"] and cases[0]["model"]["n_layer"] == 4 and cases[0]["model"]["arch"] == "armt"
+    r = bench.run_diagonal(cases[0])
+    assert (r["segments"], r["layers"], r["segment_len"]) == (6, 4, 5)
+    assert len(r["seq_runs"]) == len(r["diag_runs"]) == 2 and min(r["seq_runs"] + r["diag_runs"]) > 0
+    assert r["max_logit_diff"] < 1e-4  # the same model: only float summation order differs
+    text = bench.report([r], "crt bench --diagonal", "machine", "notes")
+    d = bench.diagonal_summary(r)
+    assert f"| 6 x 4 | {d['sequential_s']:.3f} | {d['diagonal_s']:.3f} | {d['speedup']:.2f}x |" in text
 
 
 def test_bench_rejects_unknown_precision(tmp_path):

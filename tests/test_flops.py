@@ -18,6 +18,10 @@ CONFIGS = [
     dict(arch="transformer"),
     dict(arch="transformer_xl"),
     dict(arch="transformer_xl", mem_len=20, clamp_len=5),
+    dict(arch="rmt", mem_tokens=3),
+    dict(arch="rmt", mem_tokens=2, rmt_placement="write"),
+    dict(arch="armt", mem_tokens=3),
+    dict(arch="armt", mem_tokens=2, assoc_heads=2, assoc_nu=1, assoc_dim=16),
 ]
 
 

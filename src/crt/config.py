@@ -15,12 +15,12 @@ from typing import Any
 
 from crt.errors import CRTError
 
-ARCHS = ("crt", "transformer", "transformer_xl")
+ARCHS = ("crt", "transformer", "transformer_xl", "rmt", "armt")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "crt"  # crt | transformer | transformer_xl
+    arch: str = "crt"  # crt | transformer | transformer_xl | rmt | armt
     vocab_size: int = 0  # set from the data
     d_model: int = 128  # model width
     n_layer: int = 3  # transformer blocks
@@ -32,7 +32,7 @@ class ModelConfig:
     attn_dropout: float = 0.0  # on the attention weights
     tie_weights: bool = True  # LM head shares the input embedding
     # transformer_xl always uses its relative positions
-    positions: str = "auto"  # crt: recurrent | sinusoidal | learned | rotary | none; transformer: learned | sinusoidal | rotary; auto: recurrent, learned, relative
+    positions: str = "auto"  # crt: recurrent | sinusoidal | learned | rotary | none; transformer, rmt, armt: learned | sinusoidal | rotary; auto: recurrent for crt, relative for transformer_xl, else learned
     # --- CRT (SPEC §3) ---
     memory_position: str = "prepend"  # prepend | append | none: where the memory token goes
     memory_init: str = "learned"  # learned | zeros: m_0
@@ -46,6 +46,13 @@ class ModelConfig:
     mem_len: int = 0  # cached hidden states per layer; 0 means segment_len
     clamp_len: int = -1  # relative distances beyond this use the same encoding; -1: no clamp
     same_length: bool = False  # every query attends to the same number of keys
+    # --- RMT and ARMT (SPEC §4) ---
+    mem_tokens: int = 4  # memory tokens per segment (RMT: the memory; ARMT: what writes each layer's memory)
+    rmt_placement: str = "read_write"  # read_write | read | write: where RMT's memory goes around the segment
+    assoc_dim: int = 32  # ARMT key width before the DPFP feature map
+    assoc_heads: int = 1  # ARMT memories per layer (split key and value widths)
+    assoc_nu: int = 3  # ARMT DPFP order: feature width 2 * nu * assoc_dim
+    assoc_correction: bool = True  # ARMT: count a key in the normaliser only as far as it is new
     # --- evaluation lengths (0: same as training) ---
     eval_segment_len: int = 0  # segment length at evaluation
     eval_mem_len: int = 0  # Transformer-XL memory at evaluation
@@ -55,7 +62,7 @@ class ModelConfig:
     def position_encoding(self) -> str:
         """`positions` with auto resolved for this arch."""
         if self.positions == "auto":
-            return {"crt": "recurrent", "transformer": "learned", "transformer_xl": "relative"}.get(self.arch, "auto")
+            return {"crt": "recurrent", "transformer_xl": "relative"}.get(self.arch, "learned")
         return self.positions
 
     @property
@@ -78,6 +85,8 @@ class ModelConfig:
             "crt": ("recurrent", "sinusoidal", "learned", "rotary", "none"),
             "transformer": ("learned", "sinusoidal", "rotary"),
             "transformer_xl": ("relative",),
+            "rmt": ("learned", "sinusoidal", "rotary"),
+            "armt": ("learned", "sinusoidal", "rotary"),
         }[self.arch]
         need(self.position_encoding in choices, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(choices)}")
         need(self.memory_position in ("prepend", "append", "none"), f"memory_position={self.memory_position!r}: use prepend, append or none")
@@ -88,6 +97,15 @@ class ModelConfig:
             need(
                 self.memory_position == "append",
                 "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask",
+            )
+        if self.arch in ("rmt", "armt"):
+            need(self.mem_tokens >= 1, f"mem_tokens={self.mem_tokens}: {self.arch} needs at least one memory token (--mem-tokens)")
+        need(self.rmt_placement in ("read_write", "read", "write"), f"rmt_placement={self.rmt_placement!r}: use read_write, read or write")
+        if self.arch == "armt":
+            need(self.assoc_dim >= 1 and self.assoc_nu >= 1 and self.assoc_heads >= 1, "assoc_dim, assoc_nu and assoc_heads must be >= 1")
+            need(
+                self.assoc_dim % self.assoc_heads == 0 and self.d_model % self.assoc_heads == 0,
+                f"assoc_heads={self.assoc_heads} must divide assoc_dim={self.assoc_dim} and d_model={self.d_model}",
             )
         if self.arch == "transformer":
             stride = self.eval_stride

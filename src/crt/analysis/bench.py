@@ -38,11 +38,13 @@ from crt.state import detach
 from crt.train.evaluate import autocast
 from crt.train.segments import iter_segments, window_loss
 
+DIAGONAL_PRESET = "ptb-armt-35"  # the ARMT that --diagonal runs (with its layer count set by the flag)
 DEFAULT_PRESETS = ("ptb-transformer-70", "ptb-crt-70", "ptb-crt-35", "ptb-crt-17", "ptb-crt-ncgru-35", "ptb-xl-35")
 PEERS = {
     "x-transformers XL": "ptb-xl-35",  # peer name -> our preset of the same architecture
     "x-transformers": "ptb-transformer-70",
-    "recurrent-memory-transformer-pytorch": "ptb-crt-35",  # no RMT of our own yet: CRT-35 is the closest recurrent-memory model
+    # timed at CRT-35's size with one memory token (CRT's one memory vector); our own RMT is ptb-rmt-35
+    "recurrent-memory-transformer-pytorch": "ptb-crt-35",
 }
 
 
@@ -207,9 +209,59 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_diagonal(case: dict[str, Any]) -> dict[str, Any]:
+    """ARMT inference on one long sequence: the sequential loop against Diagonal Batching.
+
+    Batch 1, `segments` whole segments of the preset's length; each repeat times the sequential
+    model then the diagonal executor on the same tokens (interleaved, so drift hits both).
+    Also records the largest logit difference between the two, in the case's precision.
+    """
+    from crt.models import build_model
+    from crt.models.diagonal import DiagonalARMT
+
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(0)
+    if case["device"] == "cpu":
+        keep_freed_memory()
+    device = torch.device(case["device"])
+    mcfg = ModelConfig(**case["model"])
+    model = build_model(mcfg).to(device).eval()
+    diagonal = DiagonalARMT(model)
+    S, T = case["segments"], mcfg.segment_len
+    x = torch.randint(mcfg.vocab_size, (1, S * T), generator=torch.Generator().manual_seed(1)).to(device)  # [1, S*T]
+
+    @torch.no_grad()
+    def sequential() -> torch.Tensor:
+        state = model.init_state(1)
+        return torch.cat([logits for _, logits, state in iter_segments(model, x, state, T)], dim=1)
+
+    def run(fn) -> tuple[float, torch.Tensor]:
+        t0 = _now(device)
+        with autocast(device, case["precision"]):
+            out = fn()
+        return _now(device) - t0, out
+
+    _, a = run(sequential)  # warm-up both
+    _, (b, _) = run(lambda: diagonal(x, model.init_state(1)))
+    seq_times, diag_times = [], []
+    for _ in range(case["repeats"]):
+        seq_times.append(run(sequential)[0])
+        diag_times.append(run(lambda: diagonal(x, model.init_state(1)))[0])
+    return {
+        "name": case["name"], "precision": case["precision"], "segments": S, "layers": mcfg.n_layer, "segment_len": T,
+        "mem_tokens": mcfg.mem_tokens, "seq_runs": seq_times, "diag_runs": diag_times,
+        "max_logit_diff": (a.float() - b.float()).abs().max().item(),
+    }
+
+
+def diagonal_summary(r: dict[str, Any]) -> dict[str, float]:
+    seq, diag = statistics.median(r["seq_runs"]), statistics.median(r["diag_runs"])
+    return {"sequential_s": seq, "diagonal_s": diag, "speedup": seq / diag}
+
+
 def _worker(case: dict[str, Any], queue: Any) -> None:
     try:
-        queue.put(run_case(case))
+        queue.put(run_diagonal(case) if case.get("diagonal") else run_case(case))
     except Exception as e:  # reported in the table, the other cases still run
         queue.put({"name": case["name"], "precision": case["precision"], "error": f"{type(e).__name__}: {e}"})
 
@@ -237,12 +289,25 @@ def run_rounds(cases: list[dict[str, Any]], rounds: int, log=print) -> list[dict
         for i, case in enumerate(cases):
             result = run_isolated(case)
             per_case[i].append(result)
-            log(f"round {r + 1}/{rounds} {case['name']} {case['precision']}: " + (result.get("error") or f"train {result['train_tokens_per_s']:,.0f} tok/s, infer {result['infer_tokens_per_s']:,.0f} tok/s"))
+            if "error" in result:
+                line = result["error"]
+            elif case.get("diagonal"):
+                d = diagonal_summary(result)
+                line = f"sequential {d['sequential_s']:.3f} s, diagonal {d['diagonal_s']:.3f} s ({d['speedup']:.2f}x)"
+            else:
+                line = f"train {result['train_tokens_per_s']:,.0f} tok/s, infer {result['infer_tokens_per_s']:,.0f} tok/s"
+            log(f"round {r + 1}/{rounds} {case['name']} {case['precision']}: {line}")
     merged = []
     for runs in per_case:
         failed = next((x for x in runs if "error" in x), None)
         if failed:
             merged.append(failed)
+            continue
+        if "seq_runs" in runs[0]:
+            merged.append({
+                **runs[0], "seq_runs": [v for x in runs for v in x["seq_runs"]], "diag_runs": [v for x in runs for v in x["diag_runs"]],
+                "max_logit_diff": max(x["max_logit_diff"] for x in runs),
+            })
             continue
         train = [v for x in runs for v in x["train_runs"]]
         infer = [v for x in runs for v in x["infer_runs"]]
@@ -267,7 +332,10 @@ TRAPS = (
 def make_cases(
     presets: list[str], precisions: list[str], peers: bool, traps: bool, device: str, threads: int, steps: int, repeats: int,
     infer_batch: int, infer_tokens: int, stream: list[int] | None, overrides: dict[str, Any],
+    diagonal: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
+    """One case per (preset, precision), plus peers, CPU-trap A/Bs and, with
+    diagonal=(segments, layers), ARMT's diagonal-vs-sequential inference on DIAGONAL_PRESET."""
     names = list(presets)
     if peers:
         names += [p for p in PEERS.values() if p not in names]
@@ -290,6 +358,16 @@ def make_cases(
         if traps and name == "ptb-crt-35":
             for label, fields, model in TRAPS:
                 cases.append({**base, **fields, "model": {**base["model"], **model}, "name": f"{name} [{label}]", "precision": "fp32"})
+    if diagonal:
+        segments, layers = diagonal
+        mcfg, tcfg = load_preset(DIAGONAL_PRESET)
+        mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, "n_layer": layers})
+        mcfg = with_vocab(mcfg, tcfg, DIAGONAL_PRESET).validate()
+        for precision in precisions:
+            cases.append({
+                "name": f"{DIAGONAL_PRESET} diagonal", "diagonal": True, "model": dataclasses.asdict(mcfg), "device": device, "threads": threads,
+                "repeats": repeats, "segments": segments, "precision": precision,
+            })
     return cases
 
 
@@ -297,6 +375,8 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
     def get(name: str, precision: str) -> dict[str, Any] | None:
         return next((r for r in results if r["name"] == name and r["precision"] == precision and "error" not in r), None)
 
+    diagonal = [r for r in results if "seq_runs" in r]
+    results = [r for r in results if "seq_runs" not in r]
     lines = [
         "# Speed: tokens/s, peak memory and MFU",
         "",
@@ -351,6 +431,19 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
     for r in results:
         if r["name"] == "ptb-crt-35" and r["precision"] == "bf16" and "error" not in r:
             targets.append(f"| training MFU, CRT L=35 | bf16 | {r['mfu']:.1%} | >= 30% | {'met' if r['mfu'] >= 0.3 else 'not met'} |")
+    if diagonal:
+        lines += [
+            "", "## Diagonal Batching: ARMT inference on one sequence", "",
+            "| model | precision | segments x layers | sequential (s) | diagonal (s) | speed-up | max logit difference |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in diagonal:
+            d = diagonal_summary(r)
+            lines.append(
+                f"| {r['name']} (L={r['segment_len']}, k={r['mem_tokens']}) | {r['precision']} | {r['segments']} x {r['layers']} | "
+                f"{d['sequential_s']:.3f} | {d['diagonal_s']:.3f} | {d['speedup']:.2f}x | {r['max_logit_diff']:.1e} |"
+            )
+        lines.append(f"\nMedians of {len(diagonal[0]['seq_runs'])} timed runs each (sequential and diagonal interleaved, batch 1, after a warm-up of each).")
     if targets:
         lines += ["", "## Targets (training tokens/s ratios measured in this run)", "", "| ratio | precision | measured | target | |", "| --- | --- | ---: | ---: | --- |", *targets]
     return "\n".join(lines + trap_lines) + "\n"

@@ -3,7 +3,9 @@
 One multiply-add is 2 FLOPs. Counted: every matrix product (attention projections, attention
 scores Q K^T and the weighted sum A V, feed-forward, the LM head, CRT's memory projection,
 the recurrent cells' input and hidden products, Transformer-XL's W_R R and its positional
-scores). Not counted: norms, activations, softmax, gate nonlinearities, embedding lookups,
+scores, ARMT's associative reads and writes). Memory tokens (CRT's one, RMT's read and write
+copies, ARMT's k) go through every block like segment tokens and are counted there; the
+LM head only sees the segment's tokens. Not counted: norms, activations, softmax, gate nonlinearities, embedding lookups,
 the NCGRU's Cayley solve (once per segment, O(d_m^3), independent of tokens) and Transformer-
 XL's gather of positional scores. Attention is counted as computed: the full T x T score
 matrix of causal attention, not the lower half the mask keeps (this is also what
@@ -19,7 +21,16 @@ from dataclasses import dataclass
 from crt.config import ModelConfig, TrainConfig
 from crt.errors import CRTError
 
-PARTS = ("attention projections", "attention scores and sums", "feed-forward", "memory RNN", "positional RNN", "memory projection", "LM head")
+PARTS = (
+    "attention projections",
+    "attention scores and sums",
+    "feed-forward",
+    "memory RNN",
+    "positional RNN",
+    "memory projection",
+    "associative memory",
+    "LM head",
+)
 
 
 @dataclass
@@ -64,7 +75,12 @@ def count_flops(cfg: ModelConfig, evaluation: bool = False) -> FlopCount:
         parts["attention scores and sums"] = N * 2 * T * D * (2 * K + P)
         parts["feed-forward"] = N * 2 * T * 2 * D * F
         return FlopCount(parts, T)
-    S = T + (1 if cfg.arch == "crt" and cfg.memory_position != "none" else 0)  # + memory token
+    extra = {  # memory positions beside the T tokens
+        "crt": 1 if cfg.memory_position != "none" else 0,
+        "rmt": cfg.mem_tokens * (1 if cfg.rmt_placement == "write" else 2),  # read and write copies
+        "armt": cfg.mem_tokens,
+    }
+    S = T + extra.get(cfg.arch, 0)
     parts["attention projections"] = N * 2 * S * 4 * D * D  # W_qkv (3 D^2) and W_o (D^2)
     parts["attention scores and sums"] = N * 2 * 2 * S * S * D  # Q K^T and A V, S x S each
     parts["feed-forward"] = N * 2 * S * 2 * D * F
@@ -75,6 +91,14 @@ def count_flops(cfg: ModelConfig, evaluation: bool = False) -> FlopCount:
         parts["memory RNN"] = _gru(D, d_m, reads)
         if cfg.position_encoding == "recurrent":
             parts["positional RNN"] = _gru(D, D, S)
+    if cfg.arch == "armt":
+        k, H, d_key = cfg.mem_tokens, cfg.assoc_heads, cfg.assoc_dim
+        d_phi = 2 * cfg.assoc_nu * d_key // H  # feature width per head
+        # per head the memory is A [d_phi, D/H]; a lookup is phi A (d_phi x D/H) and phi . z (d_phi)
+        lookup = 2 * H * d_phi * (D // H + 1)
+        read = S * (2 * D * d_key + lookup)  # W_q, then every position looks up
+        write = k * (2 * D * d_key + 2 * D * D + 2 * D * H + lookup + 2 * H * d_phi * (D // H))  # W_k, W_v, gate, v_old, k (v - v_old)^T
+        parts["associative memory"] = N * (read + write)
     return FlopCount(parts, T)
 
 

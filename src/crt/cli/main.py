@@ -143,9 +143,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.data_dir:
         corpus = load_corpus(TrainConfig(data="ptb", data_dir=args.data_dir))
         stream, source = corpus.valid.tolist(), f"the PTB valid split in {args.data_dir}"
+    if args.diagonal and (args.diagonal_segments < 1 or args.diagonal_layers < 1):
+        raise CRTError(f"--diagonal-segments ({args.diagonal_segments}) and --diagonal-layers ({args.diagonal_layers}) must be >= 1")
+    presets = args.preset or ([] if args.diagonal else list(bench.DEFAULT_PRESETS))
     cases = bench.make_cases(
-        args.preset or list(bench.DEFAULT_PRESETS), args.precision, args.peers, args.traps, device.type, args.threads,
+        presets, args.precision, args.peers, args.traps, device.type, args.threads,
         args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides=_overrides(args, list(MODEL_FIELDS)),
+        diagonal=(args.diagonal_segments, args.diagonal_layers) if args.diagonal else None,
     )
     results = bench.run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
     notes = (
@@ -210,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", action="append", help="fp32 and/or bf16 (default: both)")
     p.add_argument("--peers", action="store_true", help="also time x-transformers and recurrent-memory-transformer-pytorch (pip install -e \".[bench]\")")
     p.add_argument("--traps", action="store_true", help="A/B cases on CRT-35 fp32 for the known CPU traps (allocator, denormals, dropout)")
+    p.add_argument("--diagonal", action="store_true", help="add ARMT inference on one long sequence, Diagonal Batching vs sequential (alone unless --preset is given)")
+    p.add_argument("--diagonal-segments", type=int, default=64, help="segments in the --diagonal sequence (default 64)")
+    p.add_argument("--diagonal-layers", type=int, default=4, help="ARMT layers for --diagonal (default 4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per case (default: all cores)")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed group")

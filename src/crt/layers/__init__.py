@@ -1,5 +1,6 @@
 """Building blocks shared by every model in crt."""
 
+from crt.layers.associative import AssociativeMemory
 from crt.layers.attention import CausalSelfAttention
 from crt.layers.block import Block
 from crt.layers.feedforward import FeedForward
@@ -11,6 +12,7 @@ from crt.layers.positional import AbsolutePositions, LearnedPositions, Recurrent
 
 __all__ = [
     "AbsolutePositions",
+    "AssociativeMemory",
     "Block",
     "CausalSelfAttention",
     "FeedForward",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from crt.config import ModelConfig
+from crt.models.armt import ARMT
 from crt.models.crt import CRT
+from crt.models.rmt import RMT
 from crt.models.transformer import Transformer
 from crt.models.transformer_xl import TransformerXL
 
-MODELS = {"crt": CRT, "transformer": Transformer, "transformer_xl": TransformerXL}
+MODELS = {"crt": CRT, "transformer": Transformer, "transformer_xl": TransformerXL, "rmt": RMT, "armt": ARMT}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -17,4 +19,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return MODELS[cfg.validate().arch](cfg)
 
 
-__all__ = ["CRT", "MODELS", "Transformer", "TransformerXL", "build_model"]
+__all__ = ["ARMT", "CRT", "RMT", "MODELS", "Transformer", "TransformerXL", "build_model"]

@@ -1,0 +1,113 @@
+"""Associative Recurrent Memory Transformer (Rodkin et al. 2024).
+
+Like RMT, k memory tokens follow each segment; unlike RMT, they are the same learned vectors
+in every segment and carry nothing themselves. What carries the past is a layer-local
+associative memory (A_l, z_l) per layer (`crt.layers.associative`):
+
+    segment n, layer l:   h^{l-1} += read(A_l^{n-1}, z_l^{n-1}, h^{l-1})       every position
+                          h^l      = Block_l(h^{l-1})                            [B, T+k, D]
+                          (A_l^n, z_l^n) = write(h^l[T:], A_l^{n-1}, z_l^{n-1})  memory tokens' outputs
+
+    input  h^0 = [E[x_1..x_T] ; P] + positions,  P the k learned memory tokens
+    output y_t = softmax(E LN(h^L_t)),  t = 1..T
+
+Layer l of segment n needs only layer l-1 of segment n and layer l of segment n-1. That is
+what lets `crt.models.diagonal` run all cells with n + l = i at once. `ARMTLayer` is the unit
+both executors run: this file's sequential loop and the diagonal one call the same code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from crt.config import ModelConfig
+from crt.layers import AbsolutePositions, AssociativeMemory, Block, TokenEmbedding, init_weights
+
+
+class ARMTState(NamedTuple):
+    A: torch.Tensor  # [B, n_layer, H, d_phi, d_v]  associative matrix of every layer
+    z: torch.Tensor  # [B, n_layer, H, d_phi]       its normaliser
+
+
+class ARMTLayer(nn.Module):
+    """One cell: read the layer's memory, run the block, write the memory tokens' outputs.
+
+    d_model, n_head, d_ff, dropout, attn_dropout: the block.
+    mem_tokens: how many trailing positions are memory tokens (they write).
+    d_key, assoc_heads, nu, correction: the associative memory (`AssociativeMemory`).
+    """
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float, attn_dropout: float, mem_tokens: int, d_key: int, assoc_heads: int, nu: int, correction: bool):
+        super().__init__()
+        self.mem_tokens = mem_tokens
+        self.memory = AssociativeMemory(d_model, d_key, assoc_heads, nu, correction)
+        self.block = Block(d_model, n_head, d_ff, dropout, attn_dropout)
+
+    def forward(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # h: [B, S, D] (memory tokens last); A: [B, H, d_phi, d_v]; z: [B, H, d_phi]
+        h = h + self.memory.read(h, A, z)  # [B, S, D]
+        h = self.block(h, **attn_kwargs)  # [B, S, D]
+        A, z = self.memory.write(h[:, -self.mem_tokens :], A, z)
+        return h, A, z
+
+
+class ARMT(nn.Module):
+    """ARMT language model. From `cfg`:
+
+    d_model, n_layer, n_head, d_ff, dropout, emb_dropout, attn_dropout: the blocks.
+    mem_tokens: k learned memory tokens after every segment.
+    assoc_dim, assoc_heads, assoc_nu, assoc_correction: each layer's associative memory.
+    positions: learned | sinusoidal | rotary over [segment ; memory tokens].
+    segment_len / eval_segment_len: the longest segment (sizes learned positions).
+    tie_weights: share the LM head with the token embedding.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D, k = cfg.d_model, cfg.mem_tokens
+        self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
+        self.drop = nn.Dropout(cfg.emb_dropout)
+        self.layers = nn.ModuleList(
+            ARMTLayer(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction)
+            for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(D)
+        self.positions = AbsolutePositions(cfg.position_encoding, max(cfg.segment_len, cfg.eval_segment_len) + k, D, cfg.n_head)
+        self.apply(init_weights)
+        self.memory_tokens = nn.Parameter(torch.randn(k, D) * 0.02)  # [k, D] the same in every segment
+        for layer in self.layers:
+            # W_v starts at zero (as the original): the first reads return 0 and the model
+            # starts as a plain segment transformer, then learns what to store.
+            nn.init.zeros_(layer.memory.value.weight)
+
+    def init_state(self, batch_size: int, evaluation: bool = False) -> ARMTState:
+        """The empty memory in every layer (all zeros; see `crt.layers.associative`)."""
+        device, dtype = self.memory_tokens.device, self.memory_tokens.dtype
+        A, z = zip(*(layer.memory.empty(batch_size, device, dtype) for layer in self.layers))
+        return ARMTState(torch.stack(A, dim=1), torch.stack(z, dim=1))  # [B, L, H, d_phi, d_v], [B, L, H, d_phi]
+
+    def embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """h^0 = [E[x] ; P] + positions, and the attention keyword arguments: [B, T+k, D]."""
+        x = self.tokens(tokens)  # [B, T, D]
+        u = torch.cat([x, self.memory_tokens.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # [B, T+k, D]
+        u, attn_kwargs = self.positions(u)  # [B, T+k, D]
+        return self.drop(u), attn_kwargs
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the segment's tokens from the last layer's output h [B, T+k, D]: [B, T, V]."""
+        return self.tokens.unembed(self.ln_f(h[:, : -self.cfg.mem_tokens]))  # [B, T, V]
+
+    def forward(self, tokens: torch.Tensor, state: ARMTState) -> tuple[torch.Tensor, ARMTState]:
+        # tokens: [B, T]; state: ARMTState
+        h, attn_kwargs = self.embed(tokens)  # [B, T+k, D]
+        As, zs = [], []
+        for l, layer in enumerate(self.layers):
+            h, A, z = layer(h, state.A[:, l].to(h.dtype), state.z[:, l].to(h.dtype), **attn_kwargs)  # [B, T+k, D]
+            As.append(A.to(state.A.dtype))
+            zs.append(z.to(state.z.dtype))
+        return self.head(h), ARMTState(torch.stack(As, dim=1), torch.stack(zs, dim=1))
