@@ -34,7 +34,7 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl"])
+@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
 def test_training_reduces_loss_and_writes_outputs(tmp_path, arch):
     m, t = configs(tmp_path, arch, max_steps=30, lr=3e-3)
     summary = train(m, t, progress=False)
@@ -67,9 +67,10 @@ def test_map_unk_is_reported(tmp_path, capsys):
     assert "3 valid tokens unseen in train were mapped to <unk>" in capsys.readouterr().out
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("arch", ["crt", "rmt", "armt"])
+def test_resume_equals_uninterrupted(tmp_path, arch):
     """Interrupt after step 3 (keep only that checkpoint), resume: the loss trajectory is identical."""
-    m, t = configs(tmp_path, checkpoint_every=3, keep_checkpoints=5)
+    m, t = configs(tmp_path, arch, checkpoint_every=3, keep_checkpoints=5)
     full = Path(train(m, t, progress=False)["run_dir"])
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
