@@ -8,32 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import L, V, tiny, tokens
+from test_models import L, V, model_of, tiny, tokens
 
 from crt.errors import CRTError
 from crt.layers import AssociativeMemory
 from crt.models import build_model
 from crt.models.diagonal import DiagonalARMT
 from crt.models.rmt import RMTState
-from crt.state import reset_rows
 from crt.train.evaluate import evaluate
 from crt.train.segments import iter_segments
-
-
-def live(model):
-    """ARMT starts with W_v = 0 (its memory then stores nothing); give it random values so the
-    memory path is exercised from the first step."""
-    if model.cfg.arch == "armt":
-        g = torch.Generator().manual_seed(7)
-        for layer in model.layers:
-            with torch.no_grad():
-                layer.memory.value.weight.copy_(torch.randn(layer.memory.value.weight.shape, generator=g) * 0.3)
-    return model
-
-
-def model_of(cfg, seed=0):
-    torch.manual_seed(seed)
-    return live(build_model(cfg)).eval()
 
 
 def stream(model, x, segment_len=L):
@@ -86,7 +69,7 @@ def test_rmt_write_only_memory_never_reaches_a_prediction():
 def test_armt_with_zero_value_weights_is_a_segment_transformer():
     """At initialisation (W_v = 0) ARMT stores nothing, so segment 1 cannot change segment 3."""
     torch.manual_seed(0)
-    model = build_model(tiny("armt")).eval()
+    model = build_model(tiny("armt")).eval()  # not model_of: that gives W_v random values
     x = tokens()
     x2 = x.clone()
     x2[:, :L] = (x2[:, :L] + 1) % V
@@ -126,19 +109,6 @@ def test_zero_state_semantics():
 
 
 @pytest.mark.parametrize("arch", ["rmt", "armt"])
-def test_reset_rows_starts_a_new_document_in_one_row(arch):
-    model = model_of(tiny(arch))
-    x = tokens(N=2 * L)
-    _, state = model(x[:, :L], model.init_state(2))
-    state = reset_rows(state, model.init_state(2), torch.tensor([False, True]))
-    out, _ = model(x[:, L:], state)
-    carried, _ = model(x[:1, L:], model(x[:1, :L], model.init_state(1))[1])
-    fresh, _ = model(x[1:, L:], model.init_state(1))
-    torch.testing.assert_close(out[:1], carried, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out[1:], fresh, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("arch", ["rmt", "armt"])
 def test_chunked_evaluation_equals_the_stream(arch):
     """`evaluate` (batchified, state carried over every segment) scores exactly the stream's NLL."""
     model = model_of(tiny(arch))
@@ -173,14 +143,14 @@ def test_config_rejects_bad_memory_settings():
 # --- the associative memory on cases small enough to compute by hand ---
 
 
-def hand_memory(correction=True):
+def hand_memory(correction=True, floor=True):
     """d_model = d_key = 2, one head, DPFP-1, W_q = W_k = I, W_v = diag(2, 3), write gate ~ 1.
 
     DPFP-1 of [a, b] is [r(a) r(-b), r(b) r(a), r(-a) r(b), r(-b) r(-a)] (r = relu), so the four
     sign patterns [+1, -1], [+1, +1], [-1, +1], [-1, -1] map to the unit vectors e0..e3: four
     orthogonal keys.
     """
-    mem = AssociativeMemory(d_model=2, d_key=2, n_head=1, nu=1, correction=correction)
+    mem = AssociativeMemory(d_model=2, d_key=2, n_head=1, nu=1, correction=correction, floor=floor)
     with torch.no_grad():
         mem.query.weight.copy_(torch.eye(2))
         mem.key.weight.copy_(torch.eye(2))
@@ -233,6 +203,20 @@ def test_rewriting_a_key_replaces_its_value():
     A, z = plain.write(vec(1.0, 1.0), *plain.empty(1))
     A, z = plain.write(vec(2.0, 2.0), A, z)
     torch.testing.assert_close(plain.read(vec(1.0, 1.0), A, z)[0, 0], torch.tensor([2.0, 3.0]), rtol=0, atol=1e-3)
+
+
+def test_a_weak_match_stays_weak_with_the_floor():
+    """A query whose features overlap the stored key by 0.1: the floored read returns 0.1 of the
+    value; the original normaliser (z.q + eps) rescales it to (almost) the whole value."""
+    phi = F.normalize(torch.tensor([[[[1.0, 0.1, 0.0, 0.0]]]]), dim=-1)  # [1, H, 1, d_phi]: z.phi = 0.1 / |.|
+    overlap = phi[0, 0, 0, 1].item()
+    value = torch.tensor([2.0, 3.0])
+    for floor, expected in ((True, overlap * value), (False, value * overlap / (overlap + 1e-5))):
+        mem = hand_memory(floor=floor)
+        A, z = mem.write(vec(1.0, 1.0), *mem.empty(1))  # e1 -> (2, 3)
+        out, zphi = mem._lookup(A, z, phi)
+        torch.testing.assert_close(zphi[0, 0, 0], torch.tensor(overlap), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[0, 0, 0], expected, rtol=1e-4, atol=1e-5)
 
 
 # --- Diagonal Batching equals the sequential ARMT ---

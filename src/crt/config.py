@@ -53,6 +53,7 @@ class ModelConfig:
     assoc_heads: int = 1  # ARMT memories per layer (split key and value widths)
     assoc_nu: int = 3  # ARMT DPFP order: feature width 2 * nu * assoc_dim
     assoc_correction: bool = True  # ARMT: count a key in the normaliser only as far as it is new
+    assoc_floor: bool = True  # ARMT: divide reads by max(z.q, 1), not the original z.q + 1e-5 (which diverged on PTB)
     # --- evaluation lengths (0: same as training) ---
     eval_segment_len: int = 0  # segment length at evaluation
     eval_mem_len: int = 0  # Transformer-XL memory at evaluation

@@ -37,13 +37,16 @@ class ARMTLayer(nn.Module):
 
     d_model, n_head, d_ff, dropout, attn_dropout: the block.
     mem_tokens: how many trailing positions are memory tokens (they write).
-    d_key, assoc_heads, nu, correction: the associative memory (`AssociativeMemory`).
+    d_key, assoc_heads, nu, correction, floor: the associative memory (`AssociativeMemory`).
     """
 
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float, attn_dropout: float, mem_tokens: int, d_key: int, assoc_heads: int, nu: int, correction: bool):
+    def __init__(
+        self, d_model: int, n_head: int, d_ff: int, dropout: float, attn_dropout: float, mem_tokens: int, d_key: int, assoc_heads: int, nu: int,
+        correction: bool, floor: bool,
+    ):
         super().__init__()
         self.mem_tokens = mem_tokens
-        self.memory = AssociativeMemory(d_model, d_key, assoc_heads, nu, correction)
+        self.memory = AssociativeMemory(d_model, d_key, assoc_heads, nu, correction, floor)
         self.block = Block(d_model, n_head, d_ff, dropout, attn_dropout)
 
     def forward(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +62,7 @@ class ARMT(nn.Module):
 
     d_model, n_layer, n_head, d_ff, dropout, emb_dropout, attn_dropout: the blocks.
     mem_tokens: k learned memory tokens after every segment.
-    assoc_dim, assoc_heads, assoc_nu, assoc_correction: each layer's associative memory.
+    assoc_dim, assoc_heads, assoc_nu, assoc_correction, assoc_floor: each layer's associative memory.
     positions: learned | sinusoidal | rotary over [segment ; memory tokens].
     segment_len / eval_segment_len: the longest segment (sizes learned positions).
     tie_weights: share the LM head with the token embedding.
@@ -73,7 +76,7 @@ class ARMT(nn.Module):
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.layers = nn.ModuleList(
-            ARMTLayer(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction)
+            ARMTLayer(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction, cfg.assoc_floor)
             for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(D)
