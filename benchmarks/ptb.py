@@ -52,6 +52,8 @@ GRID: list[tuple[str, str, dict]] = [
     # positional GRU's carried state is the only path across segments; without carry_rpe neither
     ("CRT L=35, no memory token", "ptb-crt-35", {"memory_position": "none"}),
     ("CRT L=35, no memory token, positions restart each segment", "ptb-crt-35", {"memory_position": "none", "carry_rpe": False}),
+    # ARMT as published divides reads by z.q + 1e-5 (crt.layers.associative explains the floor)
+    ("ARMT L=35 k=4, original normaliser z.q + 1e-5", "ptb-armt-35", {"assoc_floor": False}),
 ]
 
 

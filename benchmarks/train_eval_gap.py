@@ -1,0 +1,74 @@
+"""Does a trained run score its own training text as well as its training log says?
+
+    python benchmarks/train_eval_gap.py runs/ptb-bench/ptb-armt-35-2 --windows 200
+    python benchmarks/train_eval_gap.py runs/ptb-bench/ptb-armt-35-2 --windows 60 --online-lr 2e-4
+
+Re-reads the first `--windows` training windows of the run's corpus exactly as `crt train`
+feeds them (B streams, windows of K segments, state carried from the start of the epoch), with
+the final weights, in evaluation mode and without updates, and prints the mean loss per block
+of 20 windows beside the training loss the run logged over its last 100 steps. A model whose
+evaluation loss on its own training text is far above its logged training loss is not
+overfitting; something in training (the weights changing from window to window, dropout, the
+carried state) helps it that evaluation does not have. With --online-lr the weights are also
+updated after every window (AdamW at that rate, like the end of training; dynamic evaluation),
+and each window is scored before its own update, as the training log scores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from crt.config import ModelConfig, TrainConfig, config_from_dict
+from crt.data import batchify
+from crt.models import build_model
+from crt.train.checkpoint import load_checkpoint
+from crt.train.loop import load_corpus
+from crt.train.metrics import read_metrics
+from crt.state import detach
+from crt.train.segments import window_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run directory (or a checkpoint in it)")
+    parser.add_argument("--windows", type=int, default=200, help="training windows to re-score from the start of the epoch")
+    parser.add_argument("--online-lr", type=float, default=0.0, help="also update the weights after each window at this learning rate (0: no updates)")
+    args = parser.parse_args()
+    ckpt = load_checkpoint(args.run)
+    mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
+    tcfg = config_from_dict(TrainConfig, ckpt.meta["train"])
+    model = build_model(mcfg)
+    ckpt.load_weights(model)
+    model.train(args.online_lr > 0)  # online updates train as the run did (dropout on)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=tcfg.weight_decay) if args.online_lr > 0 else None
+    corpus = load_corpus(tcfg)
+    B, L, K = tcfg.batch_size, mcfg.segment_len, tcfg.bptt_segments
+    window = K * L
+    stream = batchify(corpus.train, B)  # [B, n] as the training loop cuts it
+    state, losses = model.init_state(B), []
+    for w in range(min(args.windows, (stream.shape[1] - 1) // window)):
+        x = stream[:, w * window : (w + 1) * window]  # [B, K*L]
+        y = stream[:, w * window + 1 : (w + 1) * window + 1]  # [B, K*L]
+        with torch.set_grad_enabled(optimizer is not None):
+            loss, state = window_loss(model, x, y, state, L, K)
+        losses.append(loss.item())
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            state = detach(state)
+    logged = [r["loss"] for r in read_metrics(Path(ckpt.path).parents[1] / "metrics.jsonl") if r["split"] == "train"]
+    tail = logged[-max(1, 100 // tcfg.log_every) :]
+    print(f"{args.run}: step {ckpt.meta['step']}, {mcfg.arch}")
+    print(f"logged training loss, last 100 steps: {sum(tail) / len(tail):.3f}")
+    blocks = [sum(losses[i : i + 20]) / len(losses[i : i + 20]) for i in range(0, len(losses), 20)]
+    mode = f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "evaluation-mode"
+    print(f"{mode} loss on the training text, per 20 windows from the epoch start: " + ", ".join(f"{b:.3f}" for b in blocks))
+
+
+if __name__ == "__main__":
+    main()
