@@ -19,11 +19,11 @@ from pathlib import Path
 
 from crt.analysis.machine import describe
 from crt.cli.main import DEFAULT_PRESETS
-from crt.config import config_from_dict, load_preset
+from crt.config import apply_overrides, config_from_dict, load_preset, load_stages
 from crt.models import build_model
 from crt.train.checkpoint import load_checkpoint, write_atomic
 from crt.train.evaluate import evaluate
-from crt.train.loop import load_corpus, train
+from crt.train.loop import load_corpus, train_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +40,14 @@ def main() -> None:
         for name in presets:
             mcfg, tcfg = load_preset(name)
             tcfg.out_dir = str(Path(tmp) / name)
-            corpus = load_corpus(tcfg)
             start = time.perf_counter()
-            summary = train(mcfg, tcfg, corpus=corpus, progress=False)
+            summary = train_stages(mcfg, tcfg, load_stages(name), progress=False)
             seconds = time.perf_counter() - start
             ckpt = load_checkpoint(summary["run_dir"])
             model = build_model(config_from_dict(type(mcfg), ckpt.meta["model"]))
             ckpt.load_weights(model)
+            final = config_from_dict(type(tcfg), ckpt.meta["train"])  # the last stage's training config
+            corpus = load_corpus(final)
             test = evaluate(model, corpus.test, tcfg.eval_batch_size, answers=corpus.answers["test"])
             rows.append((name, summary, test, seconds))
     lines = [
@@ -63,10 +64,16 @@ def main() -> None:
             f"| {name} | {s['arch']} | {s['params']:,} | {s['step']} | {seconds:.0f} | {s['valid_ppl']:.3f} | {s['valid_recall']:.3f} | {test['ppl']:.3f} | {test['recall']:.3f} |"
         )
     mcfg, tcfg = load_preset(presets[0])
+    plan = f"steps 1-{tcfg.max_steps}: filler {tcfg.synth_filler}, K = {tcfg.bptt_segments}"
+    for stage in load_stages(presets[0]):
+        first = tcfg.max_steps + 1
+        _, tcfg = apply_overrides(mcfg, tcfg, stage)
+        plan += f"; steps {first}-{tcfg.max_steps}: filler {tcfg.synth_filler}, K = {tcfg.bptt_segments}"
     lines += [
         "",
         f"Chance recall is 1/{tcfg.synth_values} = {1 / tcfg.synth_values:.3f}. Corpus: {tcfg.synth_pairs} key-value pairs per document, "
-        f"{tcfg.synth_filler} filler tokens, segments of {mcfg.segment_len} tokens; presets in `src/crt/configs/`.",
+        f"{tcfg.synth_filler} filler tokens, segments of {mcfg.segment_len} tokens (ppl and recall on this corpus); presets in `src/crt/configs/`.",
+        f"Training ({presets[0]}'s plan; every preset of this table has the same): {plan}.",
     ]
     out = Path(args.out)
     write_atomic(out, "\n".join(lines) + "\n")

@@ -182,7 +182,7 @@ def test_model_and_train_fields_are_disjoint():
 
 TINY = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",
         "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5", "--synth-filler", "10",
-        "--max-steps", "3", "--eval-every", "0", "--no-progress"]
+        "--max-steps", "3", "--eval-every", "0", "--no-progress", "--no-stages"]
 
 
 def test_cli_train_eval_smoke(tmp_path):
@@ -195,6 +195,42 @@ def test_cli_train_eval_smoke(tmp_path):
     proc = run_cli("train", "--resume", "r", "--max-steps", "4", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(tmp_path / "r").meta["step"] == 4
+
+
+def test_preset_stages_continue_the_run_with_their_fields(tmp_path):
+    """A [[stage]] resumes the run from its last checkpoint with its training fields changed,
+    up to its own max_steps; the logged steps run on without a gap or a repeat."""
+    preset = tmp_path / "staged.toml"
+    preset.write_text(
+        '[model]\narch = "crt"\nd_model = 32\nn_layer = 1\nn_head = 4\nd_ff = 64\nsegment_len = 8\n'
+        '[train]\nsynth_filler = 1\nsynth_train_docs = 60\nsynth_valid_docs = 5\nsynth_test_docs = 5\nbatch_size = 4\n'
+        'max_steps = 3\neval_every = 0\nlog_every = 1\nout_dir = "r"\n'
+        '[[stage]]\nsynth_filler = 9\nbptt_segments = 3\nmax_steps = 5\n'
+    )
+    proc = run_cli("train", "--preset", str(preset), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage 2: synth_filler = 9, bptt_segments = 3, max_steps = 5" in proc.stdout
+    ckpt = load_checkpoint(tmp_path / "r")
+    assert ckpt.meta["step"] == 5 and ckpt.meta["train"]["synth_filler"] == 9 and ckpt.meta["train"]["bptt_segments"] == 3
+    steps = [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+    # --no-stages stops after the first stage
+    proc = run_cli("train", "--preset", str(preset), "--no-progress", "--no-stages", "--out-dir", "s", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "s").meta["step"] == 3
+
+
+def test_stages_must_extend_the_run_and_change_training_fields_only(tmp_path):
+    from crt.config import load_stages
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nmax_steps = 10\n[[stage]]\nmax_steps = 10\n")
+    with pytest.raises(CRTError, match="stage 1 needs max_steps above"):
+        load_stages(str(bad))
+    bad.write_text("[train]\nmax_steps = 10\n[[stage]]\nd_model = 8\nmax_steps = 20\n")
+    with pytest.raises(CRTError, match="training fields only"):
+        load_stages(str(bad))
+    assert [s["synth_filler"] for s in load_stages("synthetic-crt")] == [s["synth_filler"] for s in load_stages("synthetic-transformer")]
 
 
 def test_cli_default_runs_both_models(tmp_path):
@@ -258,9 +294,13 @@ def test_default_demo_answers_are_out_of_segment_reach():
     its value appeared, so a segment-limited model cannot see it whatever the segment alignment."""
     from crt.train.loop import load_corpus
 
-    for name in ("synthetic-crt", "synthetic-transformer"):
+    from crt.config import load_stages
+
+    stages = [(name, stage) for name in ("synthetic-crt", "synthetic-transformer") for stage in [{}] + load_stages(name)]
+    assert len(stages) > 2, "the default trains in stages"
+    for name, stage in stages:
         m, t = load_preset(name)
-        t = dataclasses.replace(t, synth_valid_docs=50)
+        t = dataclasses.replace(apply_overrides(m, t, stage)[1], synth_valid_docs=50)
         corpus = load_corpus(t)
         data, answers = corpus.valid, corpus.answers["valid"]
         doc_starts = (data == corpus.vocab.stoi["<doc>"]).nonzero().flatten().tolist()

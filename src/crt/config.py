@@ -203,11 +203,8 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("crt.configs").iterdir() if p.name.endswith(".toml"))
 
 
-def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
-    """A preset by name (a file in crt/configs/) or by path to a TOML file.
-
-    The TOML has two tables, [model] and [train], whose keys are the dataclass fields.
-    """
+def _read_preset(name_or_path: str) -> dict[str, Any]:
+    """The parsed TOML of a preset (a name in crt/configs/ or a path), its tables checked."""
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
         text = path.read_text()
@@ -220,14 +217,44 @@ def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CRTError(f"preset {name_or_path!r} is not valid TOML: {e}") from None
-    unknown = set(doc) - {"model", "train"}
+    unknown = set(doc) - {"model", "train", "stage"}
     if unknown:
-        raise CRTError(f"preset {name_or_path!r} has unknown tables {sorted(unknown)}: only [model] and [train] are allowed")
-    for table, known in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
-        bad = set(doc.get(table, {})) - set(known)
+        raise CRTError(f"preset {name_or_path!r} has unknown tables {sorted(unknown)}: only [model], [train] and [[stage]] are allowed")
+    tables = [("model", doc.get("model", {}), MODEL_FIELDS), ("train", doc.get("train", {}), TRAIN_FIELDS)]
+    tables += [("stage", stage, TRAIN_FIELDS) for stage in doc.get("stage", [])]
+    for table, values, known in tables:
+        bad = set(values) - set(known)
         if bad:
-            raise CRTError(f"preset {name_or_path!r} has unknown [{table}] keys {sorted(bad)}")
+            hint = " (a stage changes training fields only)" if table == "stage" and set(values) & set(MODEL_FIELDS) else ""
+            raise CRTError(f"preset {name_or_path!r} has unknown [{table}] keys {sorted(bad)}{hint}")
+    return doc
+
+
+def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
+    """A preset by name (a file in crt/configs/) or by path to a TOML file.
+
+    The TOML has two tables, [model] and [train], whose keys are the dataclass fields, and
+    optionally [[stage]] tables (see `load_stages`).
+    """
+    doc = _read_preset(name_or_path)
     return apply_overrides(ModelConfig(), TrainConfig(), {**doc.get("model", {}), **doc.get("train", {})})
+
+
+def load_stages(name_or_path: str) -> list[dict[str, Any]]:
+    """The preset's later training stages, in order: each a [[stage]] table of training fields.
+
+    A stage continues the run from the previous stage's last checkpoint with those fields
+    changed (a curriculum: e.g. longer synthetic filler once short filler is learnt); its
+    max_steps counts from the start of the run, so it must exceed the previous stage's.
+    """
+    stages = _read_preset(name_or_path).get("stage", [])
+    steps = load_preset(name_or_path)[1].max_steps
+    for i, stage in enumerate(stages, 1):
+        new = int(stage.get("max_steps", 0))
+        if new <= steps:
+            raise CRTError(f"preset {name_or_path!r}: stage {i} needs max_steps above the previous stage's {steps} (steps count from the start of the run)")
+        steps = new
+    return stages
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

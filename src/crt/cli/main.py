@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_preset, preset_names
+from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_preset, load_stages, preset_names
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
@@ -51,7 +51,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from crt.train.checkpoint import load_checkpoint
-    from crt.train.loop import train
+    from crt.train.loop import train, train_stages
 
     overrides = _overrides(args, list(MODEL_FIELDS) + list(TRAIN_FIELDS))
     if args.resume:
@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         mcfg, tcfg = load_preset(name)
         mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
         print(f"== training {mcfg.arch} ({name}) -> {tcfg.out_dir}", flush=True)
-        rows.append(train(mcfg, tcfg, progress=not args.no_progress))
+        stages = load_stages(name) if args.stages else []
+        rows.append(train_stages(mcfg, tcfg, stages, progress=not args.no_progress))
     print()
     print_table(rows)
 
@@ -191,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"segment Transformer on the built-in synthetic recall corpus and prints a table. Presets: {', '.join(preset_names())}."
     )
     p.add_argument("--preset", help="preset name or path to a .toml file")
-    p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder)")
+    p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder) in the stage its checkpoint belongs to")
+    p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the preset's training, run its [[stage]] tables in turn, each resuming the run with some training fields changed (default); --no-stages stops after the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_field_flags(p, list(MODEL_FIELDS), "model fields (override the preset; defaults shown are those without one)")
     _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset; defaults shown are those without one)")

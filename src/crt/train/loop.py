@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from crt.config import ModelConfig, TrainConfig, to_dict
+from crt.config import ModelConfig, TrainConfig, apply_overrides, to_dict
 from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
 from crt.errors import CRTError
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
 from crt.state import detach
-from crt.train.checkpoint import Checkpoint, save_checkpoint
+from crt.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crt.train.evaluate import autocast, evaluate
 from crt.train.metrics import MetricsLog, plot_curves
 from crt.train.segments import window_loss
@@ -98,6 +98,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_stages(mcfg: ModelConfig, tcfg: TrainConfig, stages: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
+    """Train, then each stage in turn: resume the run's last checkpoint with the stage's training
+    fields changed (`crt.config.load_stages`). Returns the summary of the last stage."""
+    summary = train(mcfg, tcfg, progress=progress)
+    for i, overrides in enumerate(stages, 1):
+        _, tcfg = apply_overrides(mcfg, tcfg, overrides)
+        print(f"-- stage {i + 1}: " + ", ".join(f"{k} = {v}" for k, v in overrides.items()), flush=True)
+        summary = train(mcfg, tcfg, resume=load_checkpoint(summary["run_dir"]), progress=progress)
+    return summary
 
 
 def train(
