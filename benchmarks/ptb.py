@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -112,7 +113,8 @@ def report(rows: list[dict], args: argparse.Namespace, command: str, machine: st
     lines = [
         "# PTB: quality per FLOP at one equal budget",
         "",
-        f"Command: `{command}`. Date: {datetime.date.today()}.",
+        f"Command: `{command}`. Date: {datetime.date.today()}. Finished rows are kept in `--runs-dir`/results.json and not retrained, "
+        f"so a grid may be filled over several invocations (`--only`); this file was last written by `{args.invocation}`.",
         f"Machine: {machine}.",
         "",
         f"Every row trained on the same budget of {args.tokens:,.0f} tokens (rounded up to whole steps of batch x segment x K), width {m0['d_model']}, {m0['n_layer']} layers, "
@@ -157,7 +159,10 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
-    command = "python benchmarks/ptb.py " + " ".join(sys.argv[1:])
+    args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
+    argv = sys.argv[1:]
+    whole = [a for i, a in enumerate(argv) if a != "--only" and (i == 0 or argv[i - 1] != "--only") and not a.startswith("--only=")]
+    command = shlex.join(["python", "benchmarks/ptb.py", *whole])  # the whole grid: this invocation without --only
 
     results_path = Path(args.runs_dir) / "results.json"
     done = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())

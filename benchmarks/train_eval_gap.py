@@ -28,7 +28,7 @@ from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import load_corpus
 from crt.train.metrics import read_metrics
 from crt.state import detach
-from crt.train.segments import window_loss
+from crt.train.segments import training_window, window_loss
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
     stream = batchify(corpus.train, B)  # [B, n] as the training loop cuts it
     state, losses = model.init_state(B), []
     for w in range(min(args.windows, (stream.shape[1] - 1) // window)):
-        x = stream[:, w * window : (w + 1) * window]  # [B, K*L]
-        y = stream[:, w * window + 1 : (w + 1) * window + 1]  # [B, K*L]
+        x, y = training_window(stream, w, window)  # [B, K*L] each
         with torch.set_grad_enabled(optimizer is not None):
             loss, state = window_loss(model, x, y, state, L, K)
         losses.append(loss.item())

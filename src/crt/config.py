@@ -236,7 +236,10 @@ def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
     The TOML has two tables, [model] and [train], whose keys are the dataclass fields, and
     optionally [[stage]] tables (see `load_stages`).
     """
-    doc = _read_preset(name_or_path)
+    return _configs(_read_preset(name_or_path))
+
+
+def _configs(doc: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     return apply_overrides(ModelConfig(), TrainConfig(), {**doc.get("model", {}), **doc.get("train", {})})
 
 
@@ -247,8 +250,8 @@ def load_stages(name_or_path: str) -> list[dict[str, Any]]:
     changed (a curriculum: e.g. longer synthetic filler once short filler is learnt); its
     max_steps counts from the start of the run, so it must exceed the previous stage's.
     """
-    stages = _read_preset(name_or_path).get("stage", [])
-    steps = load_preset(name_or_path)[1].max_steps
+    doc = _read_preset(name_or_path)
+    stages, steps = doc.get("stage", []), _configs(doc)[1].max_steps
     for i, stage in enumerate(stages, 1):
         new = int(stage.get("max_steps", 0))
         if new <= steps:

@@ -397,7 +397,8 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
             f"{r['peak_memory_mib']:,.0f} | {r['train_flops_per_token'] / 1e6:.2f} | {r['mfu']:.1%} |"
         )
     peaks = {r["precision"]: r["matmul_peak_flops"] for r in results if "error" not in r}
-    lines += ["", "Matmul peak measured in each case (2048^3, best of 5), last case per precision: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items()) + "."]
+    if peaks:
+        lines += ["", "Matmul peak measured in each case (2048^3, best of 5), last case per precision: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items()) + "."]
 
     targets = []
     for precision in sorted({r["precision"] for r in results}):

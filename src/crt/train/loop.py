@@ -22,7 +22,7 @@ from crt.state import detach
 from crt.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crt.train.evaluate import autocast, evaluate
 from crt.train.metrics import MetricsLog, plot_curves
-from crt.train.segments import window_loss
+from crt.train.segments import training_window, window_loss
 
 
 def load_corpus(t: TrainConfig) -> Corpus:
@@ -197,8 +197,7 @@ def train(
         w = step % n_windows
         if w == 0 and step > 0:
             state = model.init_state(B)  # a new epoch starts the streams over
-        x = stream[:, w * window : (w + 1) * window]  # [B, K*L]
-        y = stream[:, w * window + 1 : (w + 1) * window + 1]  # [B, K*L]
+        x, y = training_window(stream, w, window)  # [B, K*L] each
         t0 = time.perf_counter()
         with autocast(device, tcfg.precision):
             loss, state = window_loss(model, x, y, state, L, K)

@@ -42,6 +42,13 @@ def iter_segments(
         yield start, logits, state
 
 
+def training_window(stream: torch.Tensor, w: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of training window w of a batchified stream [B, n]: each [B, window],
+    targets shifted by one token. Window w + 1 starts where window w ends, so the carried state
+    of each row always continues its own text."""
+    return stream[:, w * window : (w + 1) * window], stream[:, w * window + 1 : (w + 1) * window + 1]
+
+
 def window_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: tuple, segment_len: int, bptt_segments: int) -> tuple[torch.Tensor, tuple]:
     """Mean next-token cross-entropy over one training window, and the state after it.
 
