@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn as nn
 
 from crt.layers.positional import apply_rotary
 
@@ -15,9 +15,10 @@ class CausalSelfAttention(nn.Module):
     d_model: model width, split across heads.
     n_head: number of heads (must divide d_model).
     dropout: dropout on the attention weights (training only).
+    causal: mask future positions; False lets every position see all (a ViT's patches of one frame).
     """
 
-    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, causal: bool = True):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
@@ -25,6 +26,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
+        self.causal = causal
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # x: [B, T, D]; rotary: (cos, sin) each [T, d_head], or None
@@ -33,6 +35,6 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )  # [B, H, T, hd]
         return self.out(y.transpose(1, 2).reshape(B, T, D))  # [B, T, D]

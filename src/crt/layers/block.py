@@ -29,10 +29,11 @@ class Block(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         attention: nn.Module | None = None,
+        causal: bool = True,
     ):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = attention if attention is not None else CausalSelfAttention(d_model, n_head, attn_dropout)
+        self.attn = attention if attention is not None else CausalSelfAttention(d_model, n_head, attn_dropout, causal)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)

@@ -53,7 +53,9 @@ class CRT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         D, d_m = cfg.d_model, cfg.memory_dim
-        self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
+        # vocab_size 0: a core without token embedding or LM head, fed vectors through `encode`
+        # (CR-ViT's frames, crt/models/crvit.py)
+        self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights) if cfg.vocab_size else None
         self.memory_in = nn.Linear(d_m, D)  # m_{n-1} -> memory token
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(
@@ -67,6 +69,7 @@ class CRT(nn.Module):
         # The RNNs keep torch's / NCGRU's own initialisation, so they are built after init_weights.
         if cfg.position_encoding == "recurrent":
             self.recurrent_positions = RecurrentPositions(D)
+        if cfg.position_encoding == "recurrent" and self.tokens is not None:
             # Token embeddings on the scale of the recurrent positions they are added to. The
             # positional GRU (torch's init, U(+-1/sqrt(D)) weights and biases) outputs ~1/sqrt(D)
             # per component, while GPT-2's N(0, 0.02) embedding is 4-6x smaller at D = 64..128,
@@ -104,9 +107,24 @@ class CRT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: CRTState) -> tuple[torch.Tensor, CRTState]:
         # tokens: [B, T] with T <= segment length; state: CRTState
+        h, state = self.encode(self.tokens(tokens), state)  # [B, T, D]
+        return self.tokens.unembed(h), state  # [B, T, V]
+
+    def encode(self, x: torch.Tensor, state: CRTState, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, CRTState]:
+        """One segment of input vectors -> final-layer outputs and the next state.
+
+        x: [B, T, D] embedded inputs. valid: optional bool [B, T], True on a prefix of each row
+        (a clip that ends inside this segment, then padding). Under the causal mask padding
+        after the last valid input changes no valid output, and the memory and positional
+        states are taken at each row's last valid input, so padding changes nothing; a row
+        with no valid input keeps its state. Needs memory_position prepend or none (an
+        appended memory token would come after the padding).
+        """
         cfg = self.cfg
-        B, T = tokens.shape
-        x = self.tokens(tokens)  # [B, T, D]
+        B, T = x.shape[:2]
+        n_valid = None if valid is None else valid.sum(dim=1)  # [B] inputs before the padding
+        if n_valid is not None and cfg.memory_position == "append":
+            raise ValueError("padded segments (valid=...) need memory_position prepend or none")
         memory_token = self.memory_in(state.memory.to(x.dtype)).unsqueeze(1)  # [B, 1, D]
         if cfg.memory_position == "prepend":
             u, first = torch.cat([memory_token, x], dim=1), 1  # [B, T+1, D]; tokens start at 1
@@ -119,6 +137,8 @@ class CRT(nn.Module):
         if cfg.position_encoding == "recurrent":
             r0 = state.positions if cfg.carry_rpe else torch.zeros_like(state.positions)
             p, r_last = self.recurrent_positions(u, r0)  # p: [B, S, D], r_last: [B, D]
+            if n_valid is not None:  # the GRU's hidden state after the last valid input
+                r_last = _at_last_valid(p, torch.where(n_valid > 0, first + n_valid, 0), r0)  # [B, D]
             u, attn_kwargs = u + p, {}  # u_t += GRU_pos(u)_t
             if cfg.carry_rpe:
                 positions_state = r_last.to(state.positions.dtype)
@@ -130,15 +150,29 @@ class CRT(nn.Module):
             h = block(h, **attn_kwargs)  # [B, S, D]
         h = self.ln_f(h)  # [B, S, D]
         h_tokens = h[:, first : first + T]  # [B, T, D]
-        logits = self.tokens.unembed(h_tokens)  # [B, T, V]
 
         # m_n = RNN(reads; m_{n-1}): the memory is updated from this segment's final-layer outputs
         if cfg.memory_reads == "tokens":
             reads = h_tokens  # [B, T, D]
         elif cfg.memory_reads == "memory_token":
             reads = h[:, T:]  # [B, 1, D] (append: the memory token is last)
-        else:
+        elif n_valid is None:
             reads = h_tokens[:, -1:]  # [B, 1, D]
-        _, memory = self.memory_rnn(reads, state.memory.to(reads.dtype))  # [B, d_m]
+        else:
+            reads = _at_last_valid(h_tokens, n_valid, h_tokens[:, 0]).unsqueeze(1)  # [B, 1, D]
+        m_prev = state.memory.to(reads.dtype)  # [B, d_m]
+        out, memory = self.memory_rnn(reads, m_prev)  # [B, R, d_m], [B, d_m]
+        if n_valid is not None:  # the memory after the last valid read; rows with none keep m_{n-1}
+            memory = _at_last_valid(out, n_valid if cfg.memory_reads == "tokens" else n_valid.clamp(max=1), m_prev)  # [B, d_m]
         # The state stays in the dtype init_state gave it, whatever autocast computed in.
-        return logits, CRTState(memory.to(state.memory.dtype), positions_state)
+        return h_tokens, CRTState(memory.to(state.memory.dtype), positions_state)
+
+
+def _at_last_valid(seq: torch.Tensor, n: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """seq[b, n_b - 1] for every row, `empty[b]` where n_b = 0.
+
+    seq: [B, S, H]; n: [B] counts in 0..S; empty: [B, H]  ->  [B, H]
+    """
+    idx = (n - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, seq.shape[2])  # [B, 1, H]
+    last = seq.gather(1, idx).squeeze(1)  # [B, H]
+    return torch.where((n > 0).unsqueeze(1), last, empty.to(last.dtype))
