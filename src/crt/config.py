@@ -15,12 +15,13 @@ from typing import Any
 
 from crt.errors import CRTError
 
-ARCHS = ("crt", "transformer", "transformer_xl", "rmt", "armt")
+ARCHS = ("crt", "transformer", "transformer_xl", "rmt", "armt", "crvit", "video_transformer")
+VIDEO_ARCHS = ("crvit", "video_transformer")  # frame-sequence classifiers (task = video)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "crt"  # crt | transformer | transformer_xl | rmt | armt
+    arch: str = "crt"  # crt | transformer | transformer_xl | rmt | armt; video: crvit | video_transformer
     vocab_size: int = 0  # set from the data
     d_model: int = 128  # model width
     n_layer: int = 3  # transformer blocks
@@ -54,6 +55,12 @@ class ModelConfig:
     assoc_nu: int = 3  # ARMT DPFP order: feature width 2 * nu * assoc_dim
     assoc_correction: bool = True  # ARMT: count a key in the normaliser only as far as it is new
     assoc_floor: bool = True  # ARMT: divide reads by max(z.q, 1), not the original z.q + 1e-5 (which diverged on PTB)
+    # --- CR-ViT and the video transformer (SPEC §5; segment_len counts frames) ---
+    num_classes: int = 0  # set from the data
+    frame_shape: str = ""  # set from the data: JxC for skeleton joints (e.g. 20x3), CxHxW for RGB frames (e.g. 3x64x64)
+    patch_size: int = 8  # RGB frames: ViT patch side in pixels (must divide the frame size)
+    frame_layers: int = 1  # RGB frames: bidirectional transformer blocks over a frame's patches
+    readout: str = "memory"  # crvit: memory | mean | both: what the classifier reads (final memory, mean of all frame outputs, or both)
     # --- evaluation lengths (0: same as training) ---
     eval_segment_len: int = 0  # segment length at evaluation
     eval_mem_len: int = 0  # Transformer-XL memory at evaluation
@@ -63,14 +70,14 @@ class ModelConfig:
     def position_encoding(self) -> str:
         """`positions` with auto resolved for this arch."""
         if self.positions == "auto":
-            return {"crt": "recurrent", "transformer_xl": "relative"}.get(self.arch, "learned")
+            return {"crt": "recurrent", "crvit": "recurrent", "transformer_xl": "relative"}.get(self.arch, "learned")
         return self.positions
 
     @property
     def memory_dim(self) -> int:
         return self.d_memory or self.d_model
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise CRTError(msg)
@@ -88,6 +95,8 @@ class ModelConfig:
             "transformer_xl": ("relative",),
             "rmt": ("learned", "sinusoidal", "rotary"),
             "armt": ("learned", "sinusoidal", "rotary"),
+            "crvit": ("recurrent", "sinusoidal", "learned", "rotary", "none"),
+            "video_transformer": ("learned", "sinusoidal", "rotary"),
         }[self.arch]
         need(self.position_encoding in choices, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(choices)}")
         need(self.memory_position in ("prepend", "append", "none"), f"memory_position={self.memory_position!r}: use prepend, append or none")
@@ -108,6 +117,12 @@ class ModelConfig:
                 self.assoc_dim % self.assoc_heads == 0 and self.d_model % self.assoc_heads == 0,
                 f"assoc_heads={self.assoc_heads} must divide assoc_dim={self.assoc_dim} and d_model={self.d_model}",
             )
+        if self.arch in VIDEO_ARCHS:
+            need(self.readout in ("memory", "mean", "both"), f"readout={self.readout!r}: use memory, mean or both")
+            need(self.patch_size >= 1 and self.frame_layers >= 1, "patch_size and frame_layers must be >= 1")
+        if self.arch == "crvit":
+            need(self.memory_position != "append", "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding")
+            need(self.memory_reads != "memory_token", "crvit: memory_reads=memory_token needs an appended memory token; use tokens or last_token")
         if self.arch == "transformer":
             stride = self.eval_stride
             need(stride <= (self.eval_segment_len or self.segment_len), "eval_stride must not exceed the evaluation segment length")
@@ -117,8 +132,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     # --- data ---
-    data: str = "synthetic"  # synthetic | ptb | wikitext-2 | wikitext-103 | words | chars
-    data_dir: str = ""  # directory of the corpus files (a text file for chars)
+    task: str = "lm"  # lm (language modelling) | video (frame-sequence classification)
+    data: str = "synthetic"  # lm: synthetic | ptb | wikitext-2 | wikitext-103 | words | chars; video: msr-action3d | smarthome | synthetic-video
+    data_dir: str = ""  # directory of the corpus files (a text file for chars; for msr-action3d the folder holding the archive, the archive, or its unpacked folder)
     map_unk: bool = False  # map valid/test words unseen in train to <unk> instead of failing
     # --- synthetic recall corpus (data=synthetic) ---
     synth_pairs: int = 2  # key->value pairs that open each document
@@ -130,6 +146,16 @@ class TrainConfig:
     synth_train_docs: int = 4000
     synth_valid_docs: int = 200
     synth_test_docs: int = 200
+    # --- video (task = video) ---
+    video_max_frames: int = 64  # frames per clip at most (evenly spaced); 0: all
+    video_normalise: bool = True  # skeletons: centre on the clip's centroid, unit RMS joint distance
+    video_rotate: float = 0.0  # training augmentation: skeleton rotation about the vertical axis, up to +- degrees
+    video_scale: float = 0.0  # training augmentation: skeleton scale in [1 - s, 1 + s]
+    video_crop: float = 1.0  # training augmentation: temporal crop keeping a random share in [crop, 1] of the frames; 1: none
+    video_size: int = 64  # RGB frames are resized to this square size
+    video_protocol: str = "cross_subject"  # smarthome: cross_subject | cross_view1 | cross_view2
+    video_classes: int = 4  # synthetic-video: classes, one segment each
+    video_noise: float = 0.5  # synthetic-video: noise on every frame
     # --- optimisation ---
     batch_size: int = 32  # parallel streams
     bptt_segments: int = 2  # K: back-propagate through the last K segments

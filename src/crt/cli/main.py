@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, app
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
-EVAL_FIELDS = ("data_dir", "map_unk", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
+EVAL_FIELDS = ("data_dir", "video_max_frames", "map_unk", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
 _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -42,11 +43,13 @@ def _fmt(x: float, spec: str) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'model':<14}{'params':>10}{'valid ppl':>12}{'recall acc':>12}  run"
+    video = "valid_acc" in rows[0]
+    columns = [("valid acc", "valid_acc"), ("mean class acc", "valid_mean_class_acc")] if video else [("valid ppl", "valid_ppl"), ("recall acc", "valid_recall")]
+    header = f"{'model':<18}{'params':>10}" + "".join(f"{name:>16}" for name, _ in columns) + "  run"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['arch']:<14}{r['params']:>10,}{_fmt(r['valid_ppl'], '.3f'):>12}{_fmt(r['valid_recall'], '.3f'):>12}  {r['run_dir']}")
+        print(f"{r['arch']:<18}{r['params']:>10,}" + "".join(f"{_fmt(r[key], '.3f'):>16}" for _, key in columns) + f"  {r['run_dir']}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -85,6 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
     mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
+    if tcfg.task == "video":
+        return _eval_video(ckpt, mcfg, tcfg, args)
     corpus = load_corpus(tcfg)
     vocab = Vocab.from_list(ckpt.meta["vocab"])
     if vocab.itos != corpus.vocab.itos:
@@ -106,6 +111,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     unk = corpus.unk_mapped.get(args.split)
     if unk:
         print(f"{unk:,} {args.split} tokens unseen in train were mapped to <unk>")
+
+
+def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Namespace) -> None:
+    from crt.models import build_model
+    from crt.train.loop import resolve_device
+    from crt.train.video import evaluate_clips, load_video_data, plot_confusion
+
+    data = load_video_data(tcfg, mcfg.segment_len)
+    if data.classes != ckpt.meta.get("classes"):
+        raise CRTError(f"checkpoint classes differ from those of {tcfg.data} {tcfg.data_dir}: evaluate on the data the model was trained on")
+    device = resolve_device(tcfg.device)
+    model = build_model(mcfg.validate()).to(device)
+    ckpt.load_weights(model)
+    r = evaluate_clips(model, getattr(data, args.split), len(data.classes), tcfg.eval_batch_size, tcfg.video_max_frames, tcfg.precision)
+    out = Path(args.confusion) if args.confusion else ckpt.path.parent.parent / f"confusion-{args.split}.png"
+    plot_confusion(r["confusion"], data.classes, out, title=f"{mcfg.arch} on {data.name} {args.split}")
+    print(f"{mcfg.arch} {ckpt.path} on {data.name} {args.split} ({r['clips']} clips, segments of {mcfg.eval_segment_len or mcfg.segment_len} frames, state carried)")
+    print(f"loss {r['loss']:.4f}  top-1 acc {r['acc']:.4f}  mean per-class acc {r['mean_class_acc']:.4f}")
+    print(f"confusion matrix: {out}")
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -201,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset; defaults shown are those without one)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity of a checkpoint over a whole split")
+    p = sub.add_parser("eval", help="perplexity of a language model over a whole split; accuracy and a confusion matrix of a video classifier")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--confusion", metavar="PNG", help="video: where to write the confusion matrix (default RUN/confusion-SPLIT.png)")
     _add_field_flags(p, list(EVAL_FIELDS), "evaluation options (default: as trained)")
     p.set_defaults(func=cmd_eval)
 
@@ -244,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"crt: warning: {message}\n"  # one line, no source excerpt
     try:
         args.func(args)
     except CRTError as e:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from crt.config import ModelConfig, TrainConfig, apply_overrides, to_dict
+from crt.config import VIDEO_ARCHS, ModelConfig, TrainConfig, apply_overrides, to_dict
 from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
 from crt.errors import CRTError
 from crt.models import build_model
@@ -111,18 +111,98 @@ def train_stages(mcfg: ModelConfig, tcfg: TrainConfig, stages: list[dict[str, An
     return summary
 
 
+class LMTask:
+    """What the training loop needs to train a language model: one step's loss on the next
+    window of K segments of the batchified training stream (the state carried from window to
+    window, restarted each epoch), validation perplexity and recall, what a checkpoint records."""
+
+    unit = "tokens"
+    valid_key, valid_label = "ppl", "perplexity"
+
+    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, corpus: Corpus | None = None):
+        if mcfg.arch in VIDEO_ARCHS:
+            raise CRTError(f"{mcfg.arch} classifies frame sequences: train it with --task video")
+        self.tcfg = tcfg
+        self.corpus = corpus = corpus or load_corpus(tcfg)
+        for split, n in corpus.unk_mapped.items():
+            print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
+        self.mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
+        self.meta = {"vocab": corpus.vocab.to_list(), "data": corpus.name}
+        B, K, L = tcfg.batch_size, tcfg.bptt_segments, self.mcfg.segment_len
+        self.stream = batchify(corpus.train, B).to(device)  # [B, n]
+        self.window = K * L
+        self.n_windows = (self.stream.shape[1] - 1) // self.window
+        if self.n_windows < 1:
+            raise CRTError(
+                f"the training split ({len(corpus.train)} tokens) is too short for batch_size * bptt_segments * segment_len = {B * self.window}: lower one of them"
+            )
+        self.device = device
+
+    def check_resume(self, meta: dict[str, Any], path: Path) -> None:
+        if Vocab.from_list(meta["vocab"]).itos != self.corpus.vocab.itos:
+            raise CRTError(f"checkpoint {path} was trained with another vocabulary than {self.tcfg.data} {self.tcfg.data_dir}: resume on the same data")
+
+    def start(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = model.init_state(self.tcfg.batch_size)
+
+    def load(self, trainer: dict[str, Any]) -> None:
+        self.state = type(self.state)(*(t.to(self.device) for t in trainer["state"]))
+
+    def dump(self) -> dict[str, Any]:
+        return {"state": [t.detach().cpu() for t in self.state]}
+
+    def loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, int]:
+        w = step % self.n_windows
+        if w == 0 and step > 0:
+            self.state = model.init_state(self.tcfg.batch_size)  # a new epoch starts the streams over
+        x, y = training_window(self.stream, w, self.window)  # [B, K*L] each
+        loss, self.state = window_loss(model, x, y, self.state, self.mcfg.segment_len, self.tcfg.bptt_segments)
+        return loss, x.numel()
+
+    def after_step(self) -> None:
+        self.state = detach(self.state)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        t = self.tcfg
+        return evaluate(model, self.corpus.valid, t.eval_batch_size, answers=self.corpus.answers.get("valid"), precision=t.precision, max_tokens=t.eval_max_tokens)
+
+    @staticmethod
+    def describe(r: dict[str, float]) -> str:
+        return f"valid loss {r['loss']:.4f}  ppl {r['ppl']:.2f}" + (f"  recall {r['recall']:.3f}" if not math.isnan(r["recall"]) else "")
+
+    @staticmethod
+    def train_record(avg_loss: float) -> dict[str, float]:
+        return {"ppl": math.exp(min(avg_loss, 700.0))}
+
+    @staticmethod
+    def summary(r: dict[str, float]) -> dict[str, Any]:
+        return {"valid_loss": r["loss"], "valid_ppl": r["ppl"], "valid_recall": r["recall"]}
+
+
+def make_task(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, data=None):
+    """The task object `tcfg.task` names: LMTask (language modelling) or VideoTask."""
+    if tcfg.task == "lm":
+        return LMTask(mcfg, tcfg, device, data)
+    if tcfg.task == "video":
+        from crt.train.video import VideoTask
+
+        return VideoTask(mcfg, tcfg, device, data)
+    raise CRTError(f"unknown task {tcfg.task!r}: use lm or video")
+
+
 def train(
     mcfg: ModelConfig,
     tcfg: TrainConfig,
     resume: Checkpoint | None = None,
-    corpus: Corpus | None = None,
+    corpus: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one model; return a summary (run_dir, params, valid loss/ppl/recall, steps, ...).
+    """Train one model; return a summary (run_dir, params, steps, the task's validation scores).
 
     resume: continue a checkpoint's run so that the loss trajectory equals that of an
         uninterrupted run (same configs required; only the stopping budget may grow).
-    corpus: the data, if already loaded (else from tcfg).
+    corpus: the data, if already loaded (a Corpus for task lm, VideoData for task video; else from tcfg).
     progress: a tqdm bar on a terminal (tqdm leaves it out when stderr is not one).
     """
     device = resolve_device(tcfg.device)
@@ -134,27 +214,16 @@ def train(
         raise CRTError("batch_size and bptt_segments must be >= 1")
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
-    corpus = corpus or load_corpus(tcfg)
-    for split, n in corpus.unk_mapped.items():
-        print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
-    if resume is not None and Vocab.from_list(resume.meta["vocab"]).itos != corpus.vocab.itos:
-        raise CRTError(f"checkpoint {resume.path} was trained with another vocabulary than {tcfg.data} {tcfg.data_dir}: resume on the same data")
-    mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
+    task = make_task(mcfg, tcfg, device, corpus)
+    if resume is not None:
+        task.check_resume(resume.meta, resume.path)
+    mcfg = task.mcfg
     model = build_model(mcfg).to(device)
     optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tcfg) / tcfg.lr)
 
-    B, K, L = tcfg.batch_size, tcfg.bptt_segments, mcfg.segment_len
-    stream = batchify(corpus.train, B).to(device)  # [B, n]
-    window = K * L
-    n_windows = (stream.shape[1] - 1) // window
-    if n_windows < 1:
-        raise CRTError(
-            f"the training split ({len(corpus.train)} tokens) is too short for batch_size * bptt_segments * segment_len = {B * window}: lower one of them"
-        )
-
     step, tokens_seen = 0, 0
-    state = model.init_state(B)
+    task.start(model)
     if resume is not None:
         run_dir = resume.path.parent.parent
         resume.load_weights(model)
@@ -162,27 +231,24 @@ def train(
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
-        state = type(state)(*(t.to(device) for t in trainer["state"]))
+        task.load(trainer)
         _set_rng_state(trainer["rng"])
     else:
         run_dir = free_run_dir(tcfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir, resume_step=step if resume is not None else None)
-    meta = {"model": to_dict(mcfg), "train": to_dict(tcfg), "vocab": corpus.vocab.to_list(), "data": corpus.name}
+    meta = {"model": to_dict(mcfg), "train": to_dict(tcfg), **task.meta}
     n_params = count_parameters(model)
 
     def save() -> Path:
         trainer = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "state": [t.detach().cpu() for t in state], "rng": _rng_state(),
+            "tokens_seen": tokens_seen, "rng": _rng_state(), **task.dump(),
         }
         return save_checkpoint(run_dir, step, model, meta, trainer, keep=tcfg.keep_checkpoints)
 
     def validate() -> dict[str, float]:
-        result = evaluate(
-            model, corpus.valid, tcfg.eval_batch_size, answers=corpus.answers.get("valid"),
-            precision=tcfg.precision, max_tokens=tcfg.eval_max_tokens,
-        )
+        result = task.validate(model)
         metrics.log({"step": step, "split": "valid", **result})
         return result
 
@@ -194,13 +260,9 @@ def train(
     last_valid: dict[str, float] = {}
     interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
     while not done():
-        w = step % n_windows
-        if w == 0 and step > 0:
-            state = model.init_state(B)  # a new epoch starts the streams over
-        x, y = training_window(stream, w, window)  # [B, K*L] each
         t0 = time.perf_counter()
         with autocast(device, tcfg.precision):
-            loss, state = window_loss(model, x, y, state, L, K)
+            loss, n_items = task.loss(model, step)
         if not torch.isfinite(loss):
             bar.close()
             metrics.close()
@@ -213,32 +275,30 @@ def train(
             nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        state = detach(state)
+        task.after_step()
         step += 1
-        tokens_seen += x.numel()
+        tokens_seen += n_items
         interval_loss += loss.item()
-        interval_tokens += x.numel()
+        interval_tokens += n_items
         interval_time += time.perf_counter() - t0
         bar.update(1)
         if step % tcfg.log_every == 0 or done():
             n = (step - 1) % tcfg.log_every + 1
             avg = interval_loss / n
-            tok_s = interval_tokens / max(interval_time, 1e-9)
-            metrics.log({"step": step, "split": "train", "loss": avg, "ppl": math.exp(min(avg, 700.0)), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "tokens_seen": tokens_seen})
-            bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 700.0)):.1f}", tok_s=f"{tok_s:,.0f}")
+            rate = interval_tokens / max(interval_time, 1e-9)
+            extra = task.train_record(avg)
+            metrics.log({"step": step, "split": "train", "loss": avg, **extra, "lr": scheduler.get_last_lr()[0], f"{task.unit}_per_s": rate, f"{task.unit}_seen": tokens_seen})
+            bar.set_postfix(loss=f"{avg:.3f}", **{k: f"{v:.1f}" for k, v in extra.items()}, **{f"{task.unit[:3]}_s": f"{rate:,.0f}"})
             interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
         at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
         if at_eval or done():
             last_valid = validate()
-            bar.write(f"step {step}: valid loss {last_valid['loss']:.4f}  ppl {last_valid['ppl']:.2f}" + (f"  recall {last_valid['recall']:.3f}" if not math.isnan(last_valid["recall"]) else ""))
+            bar.write(f"step {step}: {task.describe(last_valid)}")
         if at_eval or done() or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0):
             save()
     bar.close()
     metrics.close()
     if not last_valid:  # resumed a run that had already reached its budget
         last_valid = validate()
-    plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {corpus.name}")
-    return {
-        "run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen,
-        "valid_loss": last_valid["loss"], "valid_ppl": last_valid["ppl"], "valid_recall": last_valid["recall"],
-    }
+    plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
+    return {"run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen, **task.summary(last_valid)}

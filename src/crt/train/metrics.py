@@ -48,8 +48,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def plot_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
-    """Training loss and validation perplexity against step, written to out_png."""
+def plot_curves(metrics_path: Path, out_png: Path, title: str = "", valid_key: str = "ppl", valid_label: str = "perplexity") -> None:
+    """Training loss and a validation score (perplexity, log scale; or an accuracy) against step, written to out_png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,9 +60,9 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
     valid = [r for r in records if r["split"] == "valid"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot([r["step"] for r in train], [r["loss"] for r in train])
-    a.set(xlabel="step", ylabel="training loss (nats/token)", title="train")
-    b.plot([r["step"] for r in valid], [r["ppl"] for r in valid], marker="o")
-    b.set(xlabel="step", ylabel="perplexity", title="validation", yscale="log")
+    a.set(xlabel="step", ylabel="training loss (nats)", title="train")
+    b.plot([r["step"] for r in valid], [r[valid_key] for r in valid], marker="o")
+    b.set(xlabel="step", ylabel=valid_label, title="validation", yscale="log" if valid_key == "ppl" else "linear")
     fig.suptitle(title)
     fig.tight_layout()
     tmp = out_png.with_name(out_png.name + ".tmp.png")
