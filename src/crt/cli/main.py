@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model (no arguments: CRT and the Transformer on the built-in recall task)",
         description="Train from a preset plus overrides of any field. With no --preset it trains CRT and the "
-        f"segment Transformer on the built-in synthetic recall corpus (one filler token, then a whole segment of "
+        f"segment Transformer on the built-in synthetic recall corpus (one filler token, then two whole segments of "
         f"filler: the presets' [[stage]]s) and prints a table. Presets: {', '.join(preset_names())}."
     )
     p.add_argument("--preset", help="preset name or path to a .toml file")
