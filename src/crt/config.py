@@ -149,6 +149,7 @@ class TrainConfig:
     # --- video (task = video) ---
     video_max_frames: int = 64  # frames per clip at most (evenly spaced); 0: all
     video_normalise: bool = True  # skeletons: centre on the clip's centroid, unit RMS joint distance
+    video_motion: bool = False  # skeletons: append each joint's velocity (x_t - x_(t-1)) to its position (frames J x 6)
     video_rotate: float = 0.0  # training augmentation: skeleton rotation about the vertical axis, up to +- degrees
     video_scale: float = 0.0  # training augmentation: skeleton scale in [1 - s, 1 + s]
     video_crop: float = 1.0  # training augmentation: temporal crop keeping a random share in [crop, 1] of the frames; 1: none

@@ -107,8 +107,11 @@ KNOWN_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "wikitext-103": 267_735}
 
 def with_vocab(mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> ModelConfig:
     """mcfg with vocab_size set from the data its preset names (synthetic or a known corpus), without loading it."""
+    from crt.config import VIDEO_ARCHS
     from crt.data.synthetic import synthetic_vocab
 
+    if mcfg.arch in VIDEO_ARCHS:
+        raise CRTError(f"preset {name} is a frame-sequence classifier ({mcfg.arch}): FLOP counts and speed benchmarks cover the language models only; pick an LM preset")
     if not mcfg.vocab_size:
         if tcfg.data == "synthetic":
             mcfg.vocab_size = len(synthetic_vocab(tcfg.synth_keys, tcfg.synth_values, tcfg.synth_filler_vocab))

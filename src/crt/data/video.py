@@ -97,15 +97,24 @@ def sample_frames(clip: torch.Tensor, max_frames: int, crop: float = 1.0, genera
 
 def augment_skeleton(clip: torch.Tensor, rotate: float, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random rotation about the vertical (y) axis by up to +-rotate degrees and a random
-    isotropic scale in [1 - scale, 1 + scale]: one draw per clip.
+    isotropic scale in [1 - scale, 1 + scale]: one draw per clip, applied to every (x, y, z)
+    triple of a joint (its position, and its velocity when `add_motion` appended one).
 
-    clip: [T, J, 3]  ->  [T, J, 3]
+    clip: [T, J, 3k]  ->  [T, J, 3k]
     """
     theta = math.radians(rotate) * (2 * float(torch.rand((), generator=generator)) - 1)
     s = 1 + scale * (2 * float(torch.rand((), generator=generator)) - 1)
     c, si = math.cos(theta), math.sin(theta)
     R = torch.tensor([[c, 0.0, si], [0.0, 1.0, 0.0], [-si, 0.0, c]], dtype=clip.dtype)  # [3, 3] rotation about y
-    return s * clip @ R.T  # [T, J, 3]
+    T, J, C = clip.shape
+    return (s * clip.view(T, J, C // 3, 3) @ R.T).view(T, J, C)  # [T, J, 3k]
+
+
+def add_motion(clip: torch.Tensor) -> torch.Tensor:
+    """Append each joint's velocity, v_t = x_t - x_{t-1} (v_0 = 0), to its position:
+    [T, J, 3] -> [T, J, 6]. A frame then says where the joints are and where they move."""
+    velocity = torch.cat([torch.zeros_like(clip[:1]), clip[1:] - clip[:-1]])  # [T, J, 3]
+    return torch.cat([clip, velocity], dim=-1)  # [T, J, 6]
 
 
 def normalise_skeleton(clip: torch.Tensor) -> torch.Tensor:
@@ -143,12 +152,14 @@ def _msr_files(path: Path) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files]
 
 
-def load_msr_action3d(path: str | Path, normalise: bool = True) -> VideoData:
+def load_msr_action3d(path: str | Path, normalise: bool = True, motion: bool = False) -> VideoData:
     """MSR Action3D skeletons (Li, Zhang, Liu 2010) with the standard cross-subject split:
     odd subjects (1, 3, 5, 7, 9) train, even subjects test. The dataset has no validation
     split; `valid` is the test split, scored during training for the curves only (nothing is
     selected on it). Clips whose joints are all zero (a13_s09_e02, a known defect) are skipped
-    with a warning. Frames: [20, 3] joint positions in metres (x, y up, z depth).
+    with a warning. Frames: [20, 3] joint positions in metres (x, y up, z depth), normalised
+    by `normalise_skeleton` unless normalise=False; [20, 6] with their velocities (`add_motion`)
+    when motion=True.
     """
     path = Path(path)
     files = _msr_files(path)
@@ -169,7 +180,8 @@ def load_msr_action3d(path: str | Path, normalise: bool = True) -> VideoData:
             warnings.warn(f"skipping {name}: every joint is zero (a known defect of MSR Action3D)", stacklevel=2)
             continue
         clips, labels, names = splits["train" if subject % 2 else "test"]
-        clips.append(normalise_skeleton(clip) if normalise else clip)
+        clip = normalise_skeleton(clip) if normalise else clip
+        clips.append(add_motion(clip) if motion else clip)
         labels.append(action - 1)
         names.append(name)
     sets = {s: ClipSet(c, torch.tensor(lab, dtype=torch.long), n) for s, (c, lab, n) in splits.items()}
@@ -177,7 +189,7 @@ def load_msr_action3d(path: str | Path, normalise: bool = True) -> VideoData:
         if not len(cs):
             raise CRTError(f"MSR Action3D in {path} has no {s} clips ({'odd' if s == 'train' else 'even'} subjects): the folder is incomplete")
     note = "cross-subject split: odd subjects train, even subjects test; valid = test (MSR Action3D has no validation split)"
-    return VideoData("msr-action3d", list(MSR_ACTIONS), (MSR_JOINTS, 3), sets["train"], sets["test"], sets["test"], note)
+    return VideoData("msr-action3d", list(MSR_ACTIONS), (MSR_JOINTS, 6 if motion else 3), sets["train"], sets["test"], sets["test"], note)
 
 
 # ----------------------------------------------------------------------------- RGB: Toyota Smarthome layout and frame folders

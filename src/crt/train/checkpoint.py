@@ -94,7 +94,7 @@ def resolve(path: str | Path) -> Path:
 @dataclass
 class Checkpoint:
     path: Path
-    meta: dict[str, Any]  # config.json: model, train, vocab, step, ...
+    meta: dict[str, Any]  # config.json: model, train, vocab (or classes), step, ...
 
     def load_weights(self, model: nn.Module) -> None:
         self._verify(WEIGHTS)
@@ -128,6 +128,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta = json.loads((folder / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CRTError(f"{folder / CONFIG} is not valid JSON ({e}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict) or not {"model", "train", "vocab", "sha256"} <= set(meta):
-        raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/vocab/sha256)")
+    # a language model records its vocabulary, a classifier its class names
+    if not isinstance(meta, dict) or not {"model", "train", "sha256"} <= set(meta) or not {"vocab", "classes"} & set(meta):
+        raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/sha256/vocab or classes)")
     return Checkpoint(folder, meta)

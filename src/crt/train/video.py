@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch.nn as nn
+import torch.nn.functional as F
 
 from crt.config import VIDEO_ARCHS, ModelConfig, TrainConfig
 from crt.data.video import (
@@ -43,7 +43,7 @@ def load_video_data(t: TrainConfig, segment_len: int) -> VideoData:
     if not t.data_dir:
         raise CRTError(f"data={t.data} needs --data-dir: the folder holding the clips")
     if t.data == "msr-action3d":
-        return load_msr_action3d(t.data_dir, normalise=t.video_normalise)
+        return load_msr_action3d(t.data_dir, normalise=t.video_normalise, motion=t.video_motion)
     return load_smarthome(t.data_dir, protocol=t.video_protocol, size=t.video_size, max_frames=t.video_max_frames)
 
 
@@ -167,7 +167,7 @@ class VideoTask:
         clips = []
         for j in chosen.tolist():
             clip = sample_frames(self.data.train.clips[j], t.video_max_frames, t.video_crop)
-            if clip.dim() == 3 and clip.shape[-1] == 3 and (t.video_rotate or t.video_scale):  # skeleton joints [T, J, 3]
+            if clip.dim() == 3 and (t.video_rotate or t.video_scale):  # skeleton joints [T, J, 3 or 6]
                 clip = augment_skeleton(clip, t.video_rotate, t.video_scale)
             clips.append(clip)
         frames, lengths = pad_clips(clips)
