@@ -108,6 +108,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
     print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}")
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + (f"  recall {result['recall']:.3f}" if not math.isnan(result["recall"]) else ""))
+    if args.int8:
+        from crt.infer.quantize import quantize_int8
+
+        q = evaluate(
+            quantize_int8(model), data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
+            max_tokens=tcfg.eval_max_tokens,
+        )
+        print(f"int8 (dynamic, CPU): loss {q['loss']:.4f}  ppl {q['ppl']:.3f}  ({100 * (q['ppl'] / result['ppl'] - 1):+.2f}% vs fp32)")
     unk = corpus.unk_mapped.get(args.split)
     if unk:
         print(f"{unk:,} {args.split} tokens unseen in train were mapped to <unk>")
@@ -130,6 +138,77 @@ def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Names
     print(f"{mcfg.arch} {ckpt.path} on {data.name} {args.split} ({r['clips']} clips, segments of {mcfg.eval_segment_len or mcfg.segment_len} frames, state carried)")
     print(f"loss {r['loss']:.4f}  top-1 acc {r['acc']:.4f}  mean per-class acc {r['mean_class_acc']:.4f}")
     print(f"confusion matrix: {out}")
+
+
+def _load_lm(path: str, device_name: str = "cpu"):
+    """(model in eval mode, vocab, model config, train config) of a language-model checkpoint."""
+    from crt.data import Vocab
+    from crt.models import build_model
+    from crt.train.checkpoint import load_checkpoint
+    from crt.train.loop import resolve_device
+
+    ckpt = load_checkpoint(path)
+    mcfg, tcfg = config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"])
+    if tcfg.task != "lm":
+        raise CRTError(f"{ckpt.path} is a {mcfg.arch} frame-sequence classifier: this command needs a language model checkpoint")
+    model = build_model(mcfg).to(resolve_device(device_name))
+    ckpt.load_weights(model)
+    return model.eval(), Vocab.from_list(ckpt.meta["vocab"]), mcfg, tcfg
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from crt.infer import generate
+    from crt.infer.text import detokenize, prompt_ids
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise CRTError("need --max-new-tokens >= 0, --temperature >= 0 (0: greedy), --top-k >= 0 (0: all) and 0 < --top-p <= 1")
+    model, vocab, mcfg, tcfg = _load_lm(args.checkpoint, args.device)
+    chars = tcfg.data == "chars"
+    prompt = prompt_ids(args.prompt, vocab, chars)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    text = detokenize(out, vocab, chars)
+    if args.prompt:
+        text = detokenize(prompt, vocab, chars) + ("" if chars else " ") + text
+    print(text)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import resource
+
+    from crt.infer import score_stream
+    from crt.infer.text import text_ids
+
+    model, vocab, mcfg, tcfg = _load_lm(args.checkpoint, args.device)
+    if args.file == "-":
+        lines, source = sys.stdin, "stdin"
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            raise CRTError(f"{path} is not a file: give a text file to score, or - for stdin")
+        lines, source = path.open(encoding="utf-8", errors="strict", newline="\n"), str(path)
+    ids = text_ids(lines, vocab, tcfg.data == "chars", args.map_unk, source)
+    try:
+        for r in score_stream(model, ids, args.report_every):
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+            print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  peak RSS {rss:.0f} MiB", flush=True)
+    except UnicodeDecodeError as e:
+        raise CRTError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start} of a line): re-encode it as UTF-8") from None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from crt.infer.export import export
+
+    if args.batch_size < 1 or args.check_segments < 1:
+        raise CRTError("--batch-size and --check-segments must be >= 1")
+    model, _, mcfg, _ = _load_lm(args.checkpoint)
+    r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)
+    size = r["path"].stat().st_size / 2**20
+    print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment_len or mcfg.segment_len}], *state) -> (logits, *state)")
+    print(f"checked over {args.check_segments} segments: max |difference| from PyTorch {r['max_difference']:.2e}")
+    if r["int8_path"]:
+        print(f"int8 -> {r['int8_path']} ({r['int8_path'].stat().st_size / 2**20:.2f} MiB): max |logit difference| from fp32 {r['int8_max_difference']:.3f}, "
+              f"same argmax at {100 * r['int8_agreement']:.1f}% of positions")
+    print(f"initial state -> {r['state_path']}")
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -229,8 +308,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--confusion", metavar="PNG", help="video: where to write the confusion matrix (default RUN/confusion-SPLIT.png)")
+    p.add_argument("--int8", action="store_true", help="language models: also score an int8 copy (dynamic quantization of linear and GRU layers, CPU) beside fp32")
     _add_field_flags(p, list(EVAL_FIELDS), "evaluation options (default: as trained)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a language model, one token at a time with its state carried")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
+    p.add_argument("--prompt", default="", help="text to start from (default: the start of a line)")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0: greedy argmax (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set of tokens whose probability reaches p (default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="running perplexity of a text stream of any length (a file or stdin), in constant memory")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
+    p.add_argument("file", help="UTF-8 text file, or - for stdin")
+    p.add_argument("--report-every", type=int, default=10_000, help="print the running perplexity every N scored tokens (default 10000; 0: at the end only)")
+    p.add_argument("--map-unk", action="store_true", help="score words the vocabulary lacks as <unk> (else they are an error)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="one segment step with explicit state, as ONNX or a torch.export program, checked against PyTorch")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
+    p.add_argument("--format", choices=("onnx", "pt2"), required=True, help="onnx (checked with onnxruntime) or pt2 (torch.export: ExecuTorch, AOTInductor)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the program (the initial state goes beside it)")
+    p.add_argument("--batch-size", type=int, default=1, help="parallel streams B fixed in the program (default 1)")
+    p.add_argument("--check-segments", type=int, default=4, help="consecutive segments the runtime must reproduce (default 4)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="onnx: also write FILE.int8.onnx, dynamically quantized (default on)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="analytic FLOPs per token and segment of presets, side by side")
     p.add_argument("--preset", action="append", help="preset name or .toml path; repeat for several (default: the built-in pair)")

@@ -1,7 +1,7 @@
 """Building blocks shared by every model in crt."""
 
 from crt.layers.associative import AssociativeMemory
-from crt.layers.attention import CausalSelfAttention
+from crt.layers.attention import CausalSelfAttention, KVCache
 from crt.layers.block import Block
 from crt.layers.feedforward import FeedForward
 from crt.layers.gru import GRU
@@ -17,6 +17,7 @@ __all__ = [
     "CausalSelfAttention",
     "FeedForward",
     "GRU",
+    "KVCache",
     "LearnedPositions",
     "NCGRU",
     "RecurrentPositions",

@@ -35,10 +35,10 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.table = nn.Embedding(max_len, dim)
 
-    def forward(self, length: int, device: torch.device) -> torch.Tensor:
-        if length > self.table.num_embeddings:
-            raise ValueError(f"sequence of {length} tokens exceeds the {self.table.num_embeddings} learned positions")
-        return self.table(torch.arange(length, device=device))  # [T, D]
+    def forward(self, length: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+        if offset + length > self.table.num_embeddings:
+            raise ValueError(f"sequence of {offset + length} tokens exceeds the {self.table.num_embeddings} learned positions")
+        return self.table(torch.arange(offset, offset + length, device=device))  # [T, D] positions offset..offset+T-1
 
 
 class Rotary(nn.Module):
@@ -54,8 +54,8 @@ class Rotary(nn.Module):
             raise ValueError(f"rotary positions need an even head width, got {head_dim}")
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
-    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(length, device=device, dtype=torch.float32)
+    def forward(self, length: int, device: torch.device, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(offset, offset + length, device=device, dtype=torch.float32)  # positions offset..offset+T-1
         angles = t[:, None] * self.inv_freq.to(device)[None, :]  # [T, hd/2]
         angles = torch.cat([angles, angles], dim=-1)  # [T, hd]
         return angles.cos(), angles.sin()
@@ -81,7 +81,8 @@ class AbsolutePositions(nn.Module):
         it: unscaled their per-dimension RMS (1/sqrt 2) is 35 times that of 0.02-std token
         embeddings and drowns the tokens (and CRT's memory token) out.
 
-    forward(x) returns x with positions added and the keyword arguments attention needs.
+    forward(x, offset) returns x with positions offset..offset+T-1 added and the keyword
+    arguments attention needs (offset > 0: tokens fed one at a time after earlier ones).
     """
 
     def __init__(self, kind: str, max_len: int, d_model: int, n_head: int, std: float = 0.02):
@@ -94,15 +95,15 @@ class AbsolutePositions(nn.Module):
         elif kind not in ("sinusoidal", "none"):
             raise ValueError(f"unknown absolute positions {kind!r}")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, dict]:
         # x: [B, T, D]
         T, D = x.shape[1], x.shape[2]
         if self.kind == "sinusoidal":
-            return x + self.scale * sinusoidal_table(torch.arange(T, device=x.device), D).to(x.dtype), {}  # [B, T, D]
+            return x + self.scale * sinusoidal_table(torch.arange(offset, offset + T, device=x.device), D).to(x.dtype), {}  # [B, T, D]
         if self.kind == "learned":
-            return x + self.learned(T, x.device), {}  # [B, T, D]
+            return x + self.learned(T, x.device, offset), {}  # [B, T, D]
         if self.kind == "rotary":
-            return x, {"rotary": self.rotary(T, x.device)}  # (cos, sin) [T, d_head]
+            return x, {"rotary": self.rotary(T, x.device, offset)}  # (cos, sin) [T, d_head]
         return x, {}
 
 

@@ -100,8 +100,8 @@ class CRT(nn.Module):
         Gradients reach a learned m_0 through this state until the first detach.
         `evaluation` is accepted for the shared interface; CRT's state is the same in both.
         """
-        device = self.memory_in.weight.device
-        memory = self.memory_init.to(device).expand(batch_size, -1)  # [B, d_m]
+        device = self.memory_init.device  # a parameter or buffer: still fp32 after int8 quantization
+        memory = self.memory_init.expand(batch_size, -1)  # [B, d_m]
         positions = torch.zeros(batch_size, self.cfg.d_model, device=device)  # [B, D]
         return CRTState(memory, positions)
 

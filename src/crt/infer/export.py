@@ -1,0 +1,211 @@
+"""Export one segment step for other runtimes: ONNX (onnxruntime, ...) or a torch.export program
+(.pt2: the input of ExecuTorch and AOTInductor).
+
+The exported function is pure, with a fixed structure and no optional inputs:
+
+    (tokens [B, L], *state) -> (logits [B, L, V], *next_state)
+
+where `state` is the model's state flattened to tensors (CRT: memory [B, d_m], positions
+[B, D]; Transformer-XL: its per-layer cache and mask; ...), so a runtime loops it over segments
+feeding each call's state outputs back in. The initial state is written beside the program
+(FILE.state.safetensors). Every export is checked before it is kept: the runtime must reproduce
+PyTorch's logits and state over `check_segments` consecutive segments within `tolerance`, else
+nothing is written and the command fails.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from crt.errors import CRTError
+from crt.layers import NCGRU
+
+TOLERANCE = 1e-4  # max |difference| of fp32 logits and state, runtime vs PyTorch
+
+
+class SegmentStep(nn.Module):
+    """`model` as (tokens, *state tensors) -> (logits, *next state tensors), one segment per call."""
+
+    def __init__(self, model: nn.Module, batch_size: int = 1):
+        super().__init__()
+        self.model = model.eval()
+        leaves, self.spec = tree_flatten(model.init_state(batch_size, evaluation=True))
+        self.initial = [s.detach().clone() for s in leaves]  # the state before the first segment
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, next_state = self.model(tokens, tree_unflatten(list(state), self.spec))
+        leaves, spec = tree_flatten(next_state)
+        if spec != self.spec:
+            raise CRTError(f"{self.model.cfg.arch}'s state changes structure between segments: it cannot be exported as a fixed step")
+        return (logits, *leaves)
+
+
+def _freeze_cayley(model: nn.Module) -> None:
+    """NCGRU's recurrent matrices are Cayley transforms (a linear solve) of its parameters; ONNX
+    has no solver, and at inference they are constants: compute them once, in place."""
+    for module in model.modules():
+        if isinstance(module, NCGRU):
+            U_c, U_r = module.recurrent_matrix().detach(), module.reset_matrix().detach()
+            module.recurrent_matrix = lambda U=U_c: U  # instance attributes shadow the methods
+            module.reset_matrix = lambda U=U_r: U
+
+
+def _segments(step: SegmentStep, n: int, vocab_size: int, segment_len: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batch = step.initial[0].shape[0] if step.initial else 1
+    return [torch.randint(vocab_size, (batch, segment_len), generator=g) for _ in range(n)]
+
+
+def _max_difference(ours: list[torch.Tensor], theirs: list[np.ndarray]) -> float:
+    worst = 0.0
+    for a, b in zip(ours, theirs):
+        b = torch.from_numpy(np.asarray(b))
+        worst = max(worst, float((a.float() - b.float()).abs().max()) if a.numel() else 0.0)
+    return worst
+
+
+@torch.no_grad()
+def _reference(step: SegmentStep, segments: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """PyTorch's outputs for each consecutive segment, the state fed back in."""
+    state, outs = list(step.initial), []
+    for tokens in segments:
+        out = list(step(tokens, *state))
+        outs.append(out)
+        state = out[1:]
+    return outs
+
+
+def _run_loop(run, step: SegmentStep, segments: list[torch.Tensor]) -> list[list]:
+    """A runtime's outputs for each segment, its own state outputs fed back in."""
+    state, outs = [s.numpy() for s in step.initial], []
+    for tokens in segments:
+        out = run(tokens.numpy(), state)
+        outs.append(out)
+        state = out[1:]
+    return outs
+
+
+def _check(name: str, reference: list[list[torch.Tensor]], runtime: list[list], tolerance: float) -> float:
+    worst = max(_max_difference(r, o) for r, o in zip(reference, runtime))
+    if not worst <= tolerance:  # also catches NaN
+        raise CRTError(f"{name} does not reproduce PyTorch over {len(reference)} segments: max |difference| {worst:.2e} > {tolerance:.0e}; nothing was written")
+    return worst
+
+
+def _onnx_session(path: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CRTError('checking an ONNX export needs onnxruntime (the edge extra): pip install -e ".[edge]"') from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(tokens: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+        return session.run(None, dict(zip(names, [tokens, *state])))
+
+    return run
+
+
+def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise CRTError('ONNX export needs onnx and onnxscript (the edge extra): pip install -e ".[edge]"') from None
+    n_state = len(example) - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                step, example, str(path), dynamo=True, verbose=False, external_data=False,  # one self-contained file
+                input_names=["tokens"] + [f"state_in_{i}" for i in range(n_state)],
+                output_names=["logits"] + [f"state_out_{i}" for i in range(n_state)],
+            )
+        except Exception as e:  # the exporter raises many types; the user needs the reason in one line
+            reason = next((line.strip() for line in str(e).splitlines() if "Error" in line or "Cannot" in line), type(e).__name__)
+            raise CRTError(f"torch.onnx could not export {step.model.cfg.arch} ({reason[:200]}): try --batch-size 1 or --format pt2; nothing was written") from None
+
+
+def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, check_segments: int = 4, tolerance: float = TOLERANCE, int8: bool = True) -> dict[str, object]:
+    """Write the segment step of `model` to `out` as onnx or pt2, checked against PyTorch.
+
+    Also writes OUT.state.safetensors (the initial state, in input order) and, for onnx with
+    int8=True, OUT with suffix .int8.onnx (onnxruntime's dynamic int8 quantization of the
+    checked fp32 graph; its difference from fp32 is reported, not bounded).
+    Returns {path, int8_path, max_difference, int8_max_difference, int8_agreement, state_path}.
+    """
+    from safetensors.torch import save_file
+
+    if fmt not in ("onnx", "pt2"):
+        raise CRTError(f"unknown export format {fmt!r}: use onnx or pt2")
+    out = Path(out)
+    if out.is_dir():
+        raise CRTError(f"{out} is a folder: give --out a file name (e.g. model.{fmt})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    _freeze_cayley(model)
+    step = SegmentStep(model, batch_size)
+    cfg = model.cfg
+    segment_len = cfg.eval_segment_len or cfg.segment_len
+    segments = _segments(step, check_segments, cfg.vocab_size, segment_len)
+    reference = _reference(step, segments)
+    example = (segments[0], *step.initial)
+    result: dict[str, object] = {"path": out, "int8_path": None}
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        if fmt == "onnx":
+            _write_onnx(step, example, tmp_out)
+            result["max_difference"] = _check("the ONNX export (onnxruntime)", reference, _run_loop(_onnx_session(tmp_out), step, segments), tolerance)
+            if int8:
+                import logging
+
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
+
+                import onnx
+
+                # the exporter's intermediate shape annotations trip onnxruntime's own shape
+                # inference; without them it infers every shape afresh
+                graph = onnx.load(str(tmp_out))
+                del graph.graph.value_info[:]
+                stripped, tmp_int8 = Path(tmp) / "stripped.onnx", Path(tmp) / (out.stem + ".int8.onnx")
+                onnx.save(graph, str(stripped))
+                quantize_dynamic(str(stripped), str(tmp_int8), weight_type=QuantType.QInt8)
+                stripped.unlink()
+                runtime = _run_loop(_onnx_session(tmp_int8), step, segments)
+                result["int8_max_difference"] = max(_max_difference(r, o) for r, o in zip(reference, runtime))
+                agree = [float((torch.from_numpy(o[0]).argmax(-1) == r[0].argmax(-1)).float().mean()) for r, o in zip(reference, runtime)]
+                result["int8_agreement"] = sum(agree) / len(agree)  # share of positions whose argmax matches fp32
+                if not np.isfinite(result["int8_max_difference"]):
+                    raise CRTError("the int8 ONNX model produced non-finite logits; nothing was written")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(step, example)
+                torch.export.save(program, str(tmp_out))
+                loaded = torch.export.load(str(tmp_out)).module()
+
+            def run(tokens: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+                return [o.numpy() for o in loaded(torch.from_numpy(tokens), *[torch.from_numpy(np.asarray(s)) for s in state])]
+
+            with torch.no_grad():
+                result["max_difference"] = _check("the torch.export program", reference, _run_loop(run, step, segments), tolerance)
+        state_path = Path(tmp) / (out.name + ".state.safetensors")
+        save_file({f"state_in_{i}": s.contiguous() for i, s in enumerate(step.initial)}, str(state_path))
+        # every file checked: move them into place (rename is atomic on one filesystem)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out.parent / f.name)
+    if fmt == "onnx" and int8:
+        result["int8_path"] = out.parent / (out.stem + ".int8.onnx")
+    result["state_path"] = out.parent / (out.name + ".state.safetensors")
+    return result

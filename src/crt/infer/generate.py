@@ -1,0 +1,113 @@
+"""Sampling text from a language model one token at a time, and scoring an unbounded stream."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crt.infer.stream import open_stream
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens from logits [B, V] -> [B].
+
+    temperature 0: argmax (greedy). Else softmax(logits / temperature) restricted to the top_k
+    most likely tokens (0: all) and to the smallest set whose probability reaches top_p
+    (nucleus sampling; 1: all), renormalised.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # [B, V]
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)  # [B, V]
+        beyond = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p (never the top one)
+        drop = torch.zeros_like(beyond).scatter(-1, order, beyond)  # back to vocabulary order
+        logits = logits.masked_fill(drop, -math.inf)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # [B]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    latencies: list[float] | None = None,
+) -> list[int]:
+    """Feed `prompt` (>= 1 token ids), then sample `max_new_tokens` tokens, each fed back in.
+
+    Seeded: the same seed gives the same tokens. latencies: if given, receives the seconds each
+    generated token took (sampling plus feeding it back in).
+    """
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    device = next(model.parameters()).device
+    stream = open_stream(model, batch_size=1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for token in prompt:
+        logits = stream.feed(torch.tensor([token], device=device))  # [1, V]
+    out = []
+    for _ in range(max_new_tokens):
+        start = time.perf_counter()
+        token = sample(logits, temperature, top_k, top_p, generator)  # [1]
+        logits = stream.feed(token)
+        if latencies is not None:
+            latencies.append(time.perf_counter() - start)
+        out.append(int(token))
+    return out
+
+
+@torch.no_grad()
+def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0) -> Iterator[dict[str, float]]:
+    """Running perplexity of a token stream of any length, one segment in memory at a time.
+
+    Every token after the first is scored from everything before it (the state carried over
+    segment boundaries, as `crt eval` does). Yields {tokens, loss, ppl} after every
+    `report_every` scored tokens (0: only at the end), and always once at the end.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    L = model.cfg.eval_segment_len or model.cfg.segment_len
+    state = model.init_state(1, evaluation=True)
+    previous = None  # [V] logits after the last token of the previous segment
+    nll, count, next_report = 0.0, 0, report_every
+    segment: list[int] = []
+
+    def run(segment: list[int]) -> None:
+        nonlocal state, previous, nll, count
+        x = torch.tensor([segment], device=device)  # [1, T]
+        logits, state = model(x, state)  # [1, T, V]
+        logits = logits[0].float()  # [T, V]
+        scored = logits[:-1] if previous is None else torch.cat([previous.unsqueeze(0), logits[:-1]])  # predictions of x[1:] (and x[0])
+        targets = x[0, 1:] if previous is None else x[0]
+        nll += F.cross_entropy(scored, targets, reduction="sum").item()
+        count += len(targets)
+        previous = logits[-1]
+
+    def report() -> dict[str, float]:
+        loss = nll / max(count, 1)
+        return {"tokens": count, "loss": loss, "ppl": math.exp(loss)}
+
+    for token in tokens:
+        segment.append(token)
+        if len(segment) == L:
+            run(segment)
+            segment = []
+            if report_every and count >= next_report:
+                next_report += report_every
+                yield report()
+    if segment:
+        run(segment)
+    yield report()

@@ -1,0 +1,125 @@
+"""Token-by-token inference over an unbounded stream: the state a model carries, one token at a time.
+
+`open_stream(model)` returns an object with `feed(tokens [B]) -> logits [B, V]`: the logits
+after each token, equal to those of running `model(tokens, state)` over whole segments with the
+state carried (tests/test_stream.py), whatever the number of tokens fed so far.
+
+CRT (`CRTStream`) keeps, besides its state (memory m and positional state r), the keys and
+values of the current segment's earlier tokens in every layer (`KVCache`), so one token costs
+one position through the blocks, one step of the positional GRU and one step of the memory RNN:
+
+    segment opens:   u_0 = W_m m_{n-1} + b_m          the memory token, fed like a token
+    each token:      u_t = e_t (+ GRU_pos step)        attends to u_0..u_t via the cache
+                     m  <- RNN step(h_t, m)            the memory reads h_t as it comes
+    after L tokens:  m_n = m, r_n = r; the caches empty and the next segment opens
+
+Memory use is one segment's keys and values plus the state: independent of the stream's length.
+The other models (`SegmentStream`) re-run the current segment's tokens from the state at its
+start for every token: exact, but O(L) positions per token instead of one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from crt.layers import KVCache
+from crt.models.crt import CRT, CRTState
+
+
+class CRTStream:
+    """CRT one token at a time with the segment's keys and values reused.
+
+    model: a CRT (put in eval mode: dropout would make the stream differ from the segment path).
+    batch_size: parallel streams B.
+    Segments are cfg.eval_segment_len (or segment_len) tokens long, as in `crt eval`.
+    """
+
+    def __init__(self, model: CRT, batch_size: int = 1):
+        self.model, self.cfg = model.eval(), model.cfg
+        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
+        self.state = model.init_state(batch_size, evaluation=True)
+        self._open()
+
+    def _open(self) -> None:
+        """Start a segment from self.state: empty caches, the memory token first (prepend)."""
+        cfg, state = self.cfg, self.state
+        self.caches = [KVCache() for _ in self.model.blocks]
+        self.fed, self.offset = 0, 0  # tokens of this segment; positions used (memory token included)
+        self.read = state.memory  # [B, d_m] the memory RNN's hidden state as it reads the segment
+        self.r = state.positions if cfg.carry_rpe else torch.zeros_like(state.positions)  # [B, D]
+        self.last_h = None
+        if cfg.memory_position == "prepend":
+            self._advance(self._memory_token())
+
+    def _memory_token(self) -> torch.Tensor:
+        return self.model.memory_in(self.state.memory).unsqueeze(1)  # [B, 1, D]
+
+    def _advance(self, u: torch.Tensor) -> torch.Tensor:
+        """One input vector u [B, 1, D] through positions and blocks -> final-layer output [B, 1, D]."""
+        m = self.model
+        if self.cfg.position_encoding == "recurrent":
+            p, self.r = m.recurrent_positions(u, self.r)  # p: [B, 1, D]; r: [B, D]
+            u, attn_kwargs = u + p, {}
+        else:
+            u, attn_kwargs = m.absolute_positions(u, offset=self.offset)
+        self.offset += 1
+        h = m.drop(u)  # [B, 1, D]
+        for block, cache in zip(m.blocks, self.caches):
+            h = block(h, cache=cache, **attn_kwargs)  # [B, 1, D]
+        return m.ln_f(h)  # [B, 1, D]
+
+    def _close(self) -> None:
+        """The segment is full: m_n from what the memory RNN read, r_n, then the next segment."""
+        cfg, m, state = self.cfg, self.model, self.state
+        h_memory = self._advance(self._memory_token()) if cfg.memory_position == "append" else None  # [B, 1, D]
+        if cfg.memory_reads == "tokens":
+            memory = self.read  # [B, d_m] already stepped over h_1..h_L
+        else:
+            reads = h_memory if cfg.memory_reads == "memory_token" else self.last_h  # [B, 1, D]
+            memory = m.memory_rnn(reads, state.memory)[1]  # [B, d_m]
+        carry = cfg.position_encoding == "recurrent" and cfg.carry_rpe
+        self.state = CRTState(memory.to(state.memory.dtype), self.r.to(state.positions.dtype) if carry else state.positions)
+        self._open()
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] for the next token."""
+        m = self.model
+        h = self._advance(m.tokens(tokens.view(-1, 1)))  # [B, 1, D]
+        if self.cfg.memory_reads == "tokens":
+            self.read = m.memory_rnn(h, self.read.to(h.dtype))[1]  # [B, d_m]  m <- RNN step(h_t, m)
+        self.last_h = h
+        self.fed += 1
+        if self.fed == self.segment_len:
+            self._close()
+        return m.tokens.unembed(h)[:, 0]  # [B, V]
+
+
+class SegmentStream:
+    """Any model with `logits, state = model(tokens, state)`: the current segment's tokens so
+    far are re-run from the state at its start, and the state moves on after every full segment.
+
+    model: any crt language model (Transformer, Transformer-XL, RMT, ARMT; CRT too).
+    batch_size: parallel streams B.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 1):
+        self.model, self.cfg = model.eval(), model.cfg
+        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
+        self.state = model.init_state(batch_size, evaluation=True)
+        self.segment: list[torch.Tensor] = []  # the current segment's tokens, each [B]
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] for the next token."""
+        self.segment.append(tokens.view(-1))
+        logits, state = self.model(torch.stack(self.segment, dim=1), self.state)  # [B, t, V]
+        if len(self.segment) == self.segment_len:
+            self.state, self.segment = state, []
+        return logits[:, -1]  # [B, V]
+
+
+def open_stream(model: nn.Module, batch_size: int = 1) -> CRTStream | SegmentStream:
+    """The incremental stream for CRT, the re-running one for every other model."""
+    return CRTStream(model, batch_size) if isinstance(model, CRT) else SegmentStream(model, batch_size)

@@ -1,0 +1,49 @@
+"""Text <-> token ids for inference, with the tokenisation the model was trained with.
+
+Word corpora (PTB, WikiText, the synthetic corpus): whitespace-split words, `<eos>` at the end
+of every line. Character corpora: every character is a token, newline included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from crt.data.corpus import EOS, UNK, Vocab
+from crt.errors import CRTError
+
+
+def text_ids(lines: Iterable[str], vocab: Vocab, chars: bool, map_unk: bool = False, source: str = "input") -> Iterator[int]:
+    """Token ids of text given line by line (each line with its newline), lazily: any length.
+
+    A token the vocabulary lacks is an error naming it and its line, unless map_unk and the
+    vocabulary has <unk> (characters: no <unk>, always an error).
+    """
+    unk = vocab.stoi.get(UNK) if map_unk else None
+    for n, line in enumerate(lines, 1):
+        tokens = line if chars else line.split() + [EOS]
+        for token in tokens:
+            i = vocab.stoi.get(token)
+            if i is None:
+                if unk is not None:
+                    i = unk
+                else:
+                    fix = "pass --map-unk to score it as <unk>" if UNK in vocab.stoi and not chars else "the model cannot score it; remove it"
+                    raise CRTError(f"{source} line {n}: {token!r} is not in the model's vocabulary ({len(vocab)} tokens): {fix}")
+            yield i
+
+
+def prompt_ids(prompt: str, vocab: Vocab, chars: bool) -> list[int]:
+    """A generation prompt -> ids (no <eos> appended); an empty prompt starts after an <eos>."""
+    if not prompt:
+        if EOS not in vocab.stoi:
+            raise CRTError("an empty prompt starts after <eos>, which this model's vocabulary lacks: give --prompt some text")
+        return [vocab.stoi[EOS]]
+    return vocab.encode(list(prompt) if chars else prompt.split())
+
+
+def detokenize(ids: list[int], vocab: Vocab, chars: bool) -> str:
+    """Ids -> text: characters joined; words joined by spaces, <eos> as a line break."""
+    tokens = vocab.decode(ids)
+    if chars:
+        return "".join(tokens)
+    return " ".join(tokens).replace(f" {EOS} ", "\n").replace(EOS, "\n")

@@ -1,0 +1,160 @@
+"""Edge inference: segment-step export (ONNX, torch.export) checked against PyTorch, int8, and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crt.config import ModelConfig
+from crt.infer.export import export
+from crt.infer.quantize import quantize_int8
+from crt.errors import CRTError
+from crt.models import build_model
+
+from cli_helpers import one_line_error, run_cli
+
+V, L = 41, 6
+BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L)
+
+
+def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch=arch, **{**BASE, **kw})).eval()
+
+
+def torch_segments(model, segments: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    from torch.utils._pytree import tree_flatten
+
+    state, out = model.init_state(segments[0].shape[0], evaluation=True), []
+    with torch.no_grad():
+        for tokens in segments:
+            logits, state = model(tokens, state)
+            out.append((logits, tree_flatten(state)[0]))
+    return out
+
+
+def initial_state(path) -> list[np.ndarray]:
+    from safetensors.numpy import load_file
+
+    saved = load_file(str(path))
+    return [saved[f"state_in_{i}"] for i in range(len(saved))]
+
+
+ONNX_MODELS = [("crt", {}), ("crt", {"memory_cell": "ncgru"}), ("rmt", {}), ("armt", {})]
+
+
+@pytest.mark.parametrize("arch,kw", ONNX_MODELS, ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()))
+def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw):
+    """onnxruntime, looping the exported step over 7 segments with its own state outputs fed back
+    (more than the export's own check), reproduces the PyTorch segment path."""
+    ort = pytest.importorskip("onnxruntime", reason="the edge extra: pip install -e '.[edge]'")
+    pytest.importorskip("onnxscript", reason="the edge extra: pip install -e '.[edge]'")
+    model = model_of(arch, **kw)
+    r = export(model, "onnx", tmp_path / "step.onnx", batch_size=2, int8=arch == "crt" and not kw)
+    assert r["max_difference"] <= 1e-4
+    segments = [torch.randint(V, (2, L), generator=torch.Generator().manual_seed(10 + i)) for i in range(7)]
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    state = initial_state(r["state_path"])
+    for tokens, (logits, next_state) in zip(segments, torch_segments(model, segments)):
+        out = session.run(None, dict(zip(names, [tokens.numpy(), *state])))
+        np.testing.assert_allclose(out[0], logits.numpy(), atol=1e-4, rtol=1e-4)
+        for a, b in zip(out[1:], next_state):
+            np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)
+        state = out[1:]
+    if r["int8_path"]:
+        assert r["int8_path"].is_file() and np.isfinite(r["int8_max_difference"]) and 0.0 <= r["int8_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("arch", ["crt", "transformer_xl"])
+def test_pt2_step_loops_like_pytorch(tmp_path, arch):
+    model = model_of(arch)
+    r = export(model, "pt2", tmp_path / "step.pt2")
+    assert r["int8_path"] is None and r["max_difference"] <= 1e-4
+    program = torch.export.load(str(tmp_path / "step.pt2")).module()
+    segments = [torch.randint(V, (1, L), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    state = [torch.from_numpy(s) for s in initial_state(r["state_path"])]
+    with torch.no_grad():
+        for tokens, (logits, next_state) in zip(segments, torch_segments(model, segments)):
+            out = program(tokens, *state)
+            torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=1e-5)
+            for a, b in zip(out[1:], next_state):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            state = list(out[1:])
+
+
+def test_transformer_xl_onnx_failure_is_one_clear_error(tmp_path):
+    """torch.onnx cannot convert Transformer-XL's relative attention (a view it mis-decomposes):
+    the export says so and suggests pt2, and leaves nothing behind."""
+    pytest.importorskip("onnxscript", reason="the edge extra: pip install -e '.[edge]'")
+    with pytest.raises(CRTError, match="torch.onnx could not export transformer_xl.*--format pt2; nothing was written"):
+        export(model_of("transformer_xl"), "onnx", tmp_path / "x" / "step.onnx")
+    assert list((tmp_path / "x").iterdir()) == []
+
+
+def test_export_that_does_not_reproduce_fails_and_writes_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the edge extra: pip install -e '.[edge]'")
+    pytest.importorskip("onnxscript", reason="the edge extra: pip install -e '.[edge]'")
+    import crt.infer.export as ex
+
+    real = ex._onnx_session
+
+    def drifting(path):
+        run = real(path)
+        return lambda tokens, state: [o + 1e-3 for o in run(tokens, state)]  # a runtime that is slightly off
+
+    monkeypatch.setattr(ex, "_onnx_session", drifting)
+    out = tmp_path / "out"
+    with pytest.raises(CRTError, match="does not reproduce PyTorch over 4 segments.*nothing was written"):
+        export(model_of(), "onnx", out / "step.onnx")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
+def test_int8_quantizes_linear_and_gru_layers(arch):
+    model = model_of(arch)
+    from torch.ao.nn.quantized import dynamic
+
+    q = quantize_int8(model)
+    assert any(isinstance(m, dynamic.Linear) for m in q.modules())
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())  # every float linear layer was replaced
+    assert not any(type(m) is torch.nn.GRU for m in q.modules())
+    if arch == "crt":
+        assert sum(isinstance(m, dynamic.GRU) for m in q.modules()) == 2  # memory RNN and recurrent positions
+    tokens = torch.randint(V, (2, L), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, _ = model(tokens, model.init_state(2, evaluation=True))
+        out, _ = q(tokens, q.init_state(2, evaluation=True))
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.05  # 8-bit weights: about 1% relative error expected
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is left fp32
+
+
+def test_cli_generate_score_eval_int8_and_export(tmp_path):
+    tiny = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--max-steps", "3", "--eval-every", "0", "--no-progress", "--no-stages",
+            "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5"]
+    assert run_cli("train", "--preset", "synthetic-crt", *tiny, "--out-dir", "r", cwd=tmp_path).returncode == 0
+    greedy = run_cli("generate", "--checkpoint", "r", "--prompt", "<doc> k3 v7", "--max-new-tokens", "9", "--temperature", "0", cwd=tmp_path)
+    assert greedy.returncode == 0, greedy.stderr
+    words = greedy.stdout.split()
+    assert words[:3] == ["<doc>", "k3", "v7"] and len(greedy.stdout[:-1].replace("\n", " <eos> ").split()) == 12
+    sampled = [run_cli("generate", "--checkpoint", "r", "--max-new-tokens", "20", "--seed", str(s), cwd=tmp_path).stdout for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    (tmp_path / "text.txt").write_text("<doc> k1 v2 <sep> f3 <q> k1 v2\n" * 40)
+    score = run_cli("score", "--checkpoint", "r", "text.txt", "--report-every", "100", cwd=tmp_path)
+    assert score.returncode == 0, score.stderr
+    lines = score.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("tokens 359 ") and "ppl" in lines[-1] and "peak RSS" in lines[-1]
+    ev = run_cli("eval", "--checkpoint", "r", "--int8", cwd=tmp_path)
+    assert ev.returncode == 0 and "int8 (dynamic, CPU)" in ev.stdout and "% vs fp32" in ev.stdout, ev.stderr
+    exp = run_cli("export", "--checkpoint", "r", "--format", "pt2", "--out", "e/step.pt2", cwd=tmp_path)
+    assert exp.returncode == 0, exp.stderr
+    assert (tmp_path / "e" / "step.pt2").is_file() and (tmp_path / "e" / "step.pt2.state.safetensors").is_file()
+    # bad input: one line, exit 2
+    (tmp_path / "odd.txt").write_text("<doc> zebra\n")
+    one_line_error(run_cli("score", "--checkpoint", "r", "odd.txt", cwd=tmp_path), "odd.txt line 1", "zebra")
+    one_line_error(run_cli("score", "--checkpoint", "r", "missing.txt", cwd=tmp_path), "missing.txt")
+    one_line_error(run_cli("generate", "--checkpoint", "r", "--prompt", "zebra", cwd=tmp_path), "zebra")
+    one_line_error(run_cli("generate", "--checkpoint", "r", "--top-p", "0", cwd=tmp_path), "--top-p")
+    one_line_error(run_cli("export", "--checkpoint", "r", "--format", "pt2", "--out", "e", cwd=tmp_path), "is a folder")
