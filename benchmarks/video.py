@@ -21,11 +21,10 @@ from pathlib import Path
 
 from crt.analysis.machine import describe
 from crt.config import apply_overrides, config_from_dict, load_preset
-from crt.data.video import load_msr_action3d
 from crt.models import build_model
 from crt.train.checkpoint import load_checkpoint, write_atomic
 from crt.train.loop import train
-from crt.train.video import evaluate_clips, plot_confusion
+from crt.train.video import evaluate_clips, load_video_data, plot_confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("msr-crvit", "msr-transformer-segment", "msr-transformer-all")
@@ -41,11 +40,7 @@ def main() -> None:
     presets = args.preset or list(PRESETS)
     command = "python benchmarks/video.py" + "".join(f" {a}" for a in sys.argv[1:])
     out = Path(args.out)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = load_msr_action3d(args.data_dir)
-    skipped = "; ".join(str(w.message) for w in caught)
-    rows = []
+    rows, skipped, ckpt_frame = [], set(), {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
             mcfg, tcfg = load_preset(name)
@@ -53,10 +48,15 @@ def main() -> None:
             if args.max_steps:
                 overrides["max_steps"] = args.max_steps
             mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                data = load_video_data(tcfg, mcfg.segment_len)  # with the preset's options, as crt train loads it
+            skipped |= {str(w.message) for w in caught}
             start = time.perf_counter()
             summary = train(mcfg, tcfg, corpus=data, progress=False)
             seconds = time.perf_counter() - start
             ckpt = load_checkpoint(summary["run_dir"])
+            ckpt_frame[name] = ckpt.meta["model"]["frame_shape"]  # joints x (3 positions, or 6 with velocities)
             model = build_model(config_from_dict(type(mcfg), ckpt.meta["model"]))
             ckpt.load_weights(model)
             test = evaluate_clips(model, data.test, len(data.classes), tcfg.eval_batch_size, tcfg.video_max_frames)
@@ -69,14 +69,14 @@ def main() -> None:
         "",
         f"Command: `{command}` (each preset trained as `crt train --preset NAME --data-dir DIR` trains it). Date: {datetime.date.today()}.",
         f"Machine: {describe()}.",
-        f"Data: {len(data.train)} training clips (odd subjects), {len(data.test)} test clips (even subjects), 20 classes. {skipped}.",
+        f"Data: {len(data.train)} training clips (odd subjects), {len(data.test)} test clips (even subjects), 20 classes. {'; '.join(sorted(skipped))}.",
         "",
-        "| preset | model | segment (frames) | params | steps | wall time (s) | test top-1 | test mean per-class | confusion |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| preset | model | frame | segment (frames) | params | steps | wall time (s) | test top-1 | test mean per-class | confusion |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, mcfg, tcfg, s, test, seconds, png in rows:
         lines.append(
-            f"| {name} | {mcfg.arch} | {mcfg.segment_len} | {s['params']:,} | {s['step']} | {seconds:.0f} | {test['acc']:.3f} | {test['mean_class_acc']:.3f} | [{png.name}]({png.name}) |"
+            f"| {name} | {mcfg.arch} | {ckpt_frame[name]} | {mcfg.segment_len} | {s['params']:,} | {s['step']} | {seconds:.0f} | {test['acc']:.3f} | {test['mean_class_acc']:.3f} | [{png.name}]({png.name}) |"
         )
     lines += [
         "",

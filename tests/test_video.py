@@ -43,6 +43,10 @@ MODELS = [
     ("crvit", "6x3", {"readout": "memory"}),
     ("crvit", "6x3", {"readout": "mean"}),
     ("crvit", "6x3", {"readout": "both", "memory_cell": "ncgru"}),
+    ("crvit", "6x3", {"readout": "memory", "memory_reads": "last_token"}),
+    ("crvit", "6x3", {"readout": "memory", "carry_rpe": False}),
+    ("crvit", "6x3", {"readout": "both", "positions": "sinusoidal"}),
+    ("crvit", "6x3", {"readout": "memory", "memory_position": "none"}),
     ("crvit", "3x16x16", {"readout": "both", "patch_size": 8}),
     ("video_transformer", "6x3", {}),
     ("video_transformer", "3x16x16", {"patch_size": 8}),
@@ -118,14 +122,20 @@ def test_segment_transformer_has_no_memory():
     torch.testing.assert_close(deltas[0], deltas[1])
 
 
+def test_frame_shape_and_patch_size_are_validated():
+    with pytest.raises(CRTError, match="patch_size=7 does not divide the 3x16x16 frames"):
+        ModelConfig(arch="crvit", frame_shape="3x16x16", patch_size=7, num_classes=2).validate()
+    with pytest.raises(CRTError, match="frame_shape='16x'"):
+        ModelConfig(arch="video_transformer", frame_shape="16x", num_classes=2).validate()
+
+
 def test_crvit_shares_the_crt_core():
     """CR-ViT's sequence model is the CRT module itself, without a token embedding or LM head."""
     from crt.models.crt import CRT
 
     model = video_model("crvit")
     assert isinstance(model.core, CRT)
-    names = {n for n, _ in model.core.named_parameters()}
-    assert not any("embed" in n or "lm_head" in n for n in names)
+    assert model.core.tokens is None  # no token embedding or LM head: the frames are its inputs
 
 
 # ---------------------------------------------------------------- data
@@ -374,6 +384,7 @@ def test_cli_video_train_eval_and_errors(tmp_path):
     one_line_error(run_cli("train", "--preset", "synthetic-video-crvit", "--readout", "last", *VIDEO_TINY, cwd=tmp_path), "readout")
     one_line_error(run_cli("train", "--preset", "synthetic-crt", "--arch", "crvit", *VIDEO_TINY, cwd=tmp_path), "--task video")
     one_line_error(run_cli("flops", "--preset", "msr-crvit", cwd=tmp_path), "frame-sequence classifier")
+    one_line_error(run_cli("eval", "--checkpoint", "v", "--int8", cwd=tmp_path), "--int8")
 
 
 def test_video_presets_share_the_width_of_their_baselines():
@@ -381,7 +392,8 @@ def test_video_presets_share_the_width_of_their_baselines():
     for name, seg in (("msr-transformer-segment", crvit.segment_len), ("msr-transformer-all", 64)):
         m, t = load_preset(name)
         assert (m.arch, m.d_model, m.n_layer, m.d_ff, m.segment_len) == ("video_transformer", crvit.d_model, crvit.n_layer, crvit.d_ff, seg)
-        assert t.video_max_frames <= m.segment_len or m.segment_len == crvit.segment_len
+    _, t = load_preset("msr-transformer-all")
+    assert t.video_max_frames <= 64  # the all-frames transformer's one segment holds a whole (subsampled) clip
 
 
 def test_msr_presets_train_a_step_on_the_real_archive(tmp_path):
@@ -389,9 +401,16 @@ def test_msr_presets_train_a_step_on_the_real_archive(tmp_path):
         pytest.skip(f"{MSR_DIR / MSR_ARCHIVE} not found: the project machines hold MSR Action3D there")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = load_msr_action3d(MSR_DIR)
+        data = load_msr_action3d(MSR_DIR, motion=True)
     for name in ("msr-crvit", "msr-transformer-segment", "msr-transformer-all"):
         m, t = load_preset(name)
         m, t = apply_overrides(m, t, {"max_steps": 1, "eval_every": 0, "out_dir": str(tmp_path / name)})
         summary = train(m, t, corpus=data, progress=False)
-        assert summary["step"] == 1 and 0.0 <= summary["valid_mean_class_acc"] <= 1.0
+        assert summary["step"] == 1 and load_checkpoint(summary["run_dir"]).meta["model"]["frame_shape"] == "20x6"  # positions and velocities
+    # clips loaded without the preset's velocities are refused, not silently trained on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = load_msr_action3d(MSR_DIR)
+    m, t = apply_overrides(*load_preset("msr-crvit"), {"max_steps": 1, "out_dir": str(tmp_path / "plain")})
+    with pytest.raises(CRTError, match="video_motion=True"):
+        train(m, t, corpus=plain, progress=False)

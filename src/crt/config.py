@@ -120,6 +120,15 @@ class ModelConfig:
         if self.arch in VIDEO_ARCHS:
             need(self.readout in ("memory", "mean", "both"), f"readout={self.readout!r}: use memory, mean or both")
             need(self.patch_size >= 1 and self.frame_layers >= 1, "patch_size and frame_layers must be >= 1")
+            if self.frame_shape:
+                from crt.layers.frames import parse_frame_shape
+
+                try:
+                    shape = parse_frame_shape(self.frame_shape)
+                except ValueError as e:
+                    raise CRTError(str(e)) from None
+                need(len(shape) == 2 or (shape[1] % self.patch_size == 0 and shape[2] % self.patch_size == 0),
+                     f"patch_size={self.patch_size} does not divide the {self.frame_shape} frames: pick a divisor (or another --video-size)")
         if self.arch == "crvit":
             need(self.memory_position != "append", "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding")
             need(self.memory_reads != "memory_token", "crvit: memory_reads=memory_token needs an appended memory token; use tokens or last_token")

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import resource
 import statistics
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -32,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from crt.analysis.flops import count_flops, with_vocab
+from crt.analysis.machine import peak_rss_mib
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
 from crt.runtime import keep_freed_memory
 from crt.state import detach
@@ -172,8 +171,7 @@ def _infer_rate(model: nn.Module, stream: torch.Tensor, L: int, batch: int, repe
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    return peak_rss_mib()
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""One line that says where a benchmark ran: CPU, cores, torch and its threads, Python, OS, GPU."""
+"""Where a benchmark ran (CPU, cores, torch and its threads, Python, OS, GPU) and its peak memory."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -26,3 +28,19 @@ def describe(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
         text += f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return text
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec. getrusage's ru_maxrss does
+    not: a child process started from a large parent reports the parent's peak at fork time
+    until it exceeds it, which hides how much the child itself needs.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20

@@ -89,6 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     overrides = _overrides(args, EVAL_FIELDS)
     mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
     if tcfg.task == "video":
+        if args.int8:
+            raise CRTError("--int8 scores language models only; drop it for a video checkpoint")
         return _eval_video(ckpt, mcfg, tcfg, args)
     corpus = load_corpus(tcfg)
     vocab = Vocab.from_list(ckpt.meta["vocab"])
@@ -140,29 +142,13 @@ def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Names
     print(f"confusion matrix: {out}")
 
 
-def _load_lm(path: str, device_name: str = "cpu"):
-    """(model in eval mode, vocab, model config, train config) of a language-model checkpoint."""
-    from crt.data import Vocab
-    from crt.models import build_model
-    from crt.train.checkpoint import load_checkpoint
-    from crt.train.loop import resolve_device
-
-    ckpt = load_checkpoint(path)
-    mcfg, tcfg = config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"])
-    if tcfg.task != "lm":
-        raise CRTError(f"{ckpt.path} is a {mcfg.arch} frame-sequence classifier: this command needs a language model checkpoint")
-    model = build_model(mcfg).to(resolve_device(device_name))
-    ckpt.load_weights(model)
-    return model.eval(), Vocab.from_list(ckpt.meta["vocab"]), mcfg, tcfg
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    from crt.infer import generate
+    from crt.infer import generate, load_language_model
     from crt.infer.text import detokenize, prompt_ids
 
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise CRTError("need --max-new-tokens >= 0, --temperature >= 0 (0: greedy), --top-k >= 0 (0: all) and 0 < --top-p <= 1")
-    model, vocab, mcfg, tcfg = _load_lm(args.checkpoint, args.device)
+    model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
     chars = tcfg.data == "chars"
     prompt = prompt_ids(args.prompt, vocab, chars)
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -173,12 +159,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    import resource
-
-    from crt.infer import score_stream
+    from crt.analysis.machine import peak_rss_mib
+    from crt.infer import load_language_model, score_stream
     from crt.infer.text import text_ids
 
-    model, vocab, mcfg, tcfg = _load_lm(args.checkpoint, args.device)
+    if args.report_every < 0:
+        raise CRTError(f"--report-every {args.report_every}: give a number of tokens >= 0 (0: at the end only)")
+    model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
     if args.file == "-":
         lines, source = sys.stdin, "stdin"
     else:
@@ -189,18 +176,20 @@ def cmd_score(args: argparse.Namespace) -> None:
     ids = text_ids(lines, vocab, tcfg.data == "chars", args.map_unk, source)
     try:
         for r in score_stream(model, ids, args.report_every):
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
-            print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  peak RSS {rss:.0f} MiB", flush=True)
+            if not r["tokens"]:
+                raise CRTError(f"{source} has fewer than two tokens: nothing to score")
+            print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
     except UnicodeDecodeError as e:
         raise CRTError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start} of a line): re-encode it as UTF-8") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from crt.infer import load_language_model
     from crt.infer.export import export
 
     if args.batch_size < 1 or args.check_segments < 1:
         raise CRTError("--batch-size and --check-segments must be >= 1")
-    model, _, mcfg, _ = _load_lm(args.checkpoint)
+    model, _, mcfg, _ = load_language_model(args.checkpoint)
     r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)
     size = r["path"].stat().st_size / 2**20
     print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment_len or mcfg.segment_len}], *state) -> (logits, *state)")

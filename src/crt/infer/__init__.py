@@ -1,6 +1,7 @@
 """Inference on streams: token-by-token state, sampling, streaming perplexity, export, int8."""
 
 from crt.infer.generate import generate, sample, score_stream
+from crt.infer.load import load_language_model
 from crt.infer.stream import CRTStream, SegmentStream, open_stream
 
-__all__ = ["CRTStream", "SegmentStream", "generate", "open_stream", "sample", "score_stream"]
+__all__ = ["CRTStream", "SegmentStream", "generate", "load_language_model", "open_stream", "sample", "score_stream"]

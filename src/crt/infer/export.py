@@ -15,6 +15,8 @@ nothing is written and the command fails.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import tempfile
 import warnings
@@ -36,7 +38,7 @@ class SegmentStep(nn.Module):
 
     def __init__(self, model: nn.Module, batch_size: int = 1):
         super().__init__()
-        self.model = model.eval()
+        self.model, self.batch_size = model.eval(), batch_size
         leaves, self.spec = tree_flatten(model.init_state(batch_size, evaluation=True))
         self.initial = [s.detach().clone() for s in leaves]  # the state before the first segment
 
@@ -60,8 +62,7 @@ def _freeze_cayley(model: nn.Module) -> None:
 
 def _segments(step: SegmentStep, n: int, vocab_size: int, segment_len: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    batch = step.initial[0].shape[0] if step.initial else 1
-    return [torch.randint(vocab_size, (batch, segment_len), generator=g) for _ in range(n)]
+    return [torch.randint(vocab_size, (step.batch_size, segment_len), generator=g) for _ in range(n)]
 
 
 def _max_difference(ours: list[torch.Tensor], theirs: list[np.ndarray]) -> float:
@@ -132,7 +133,7 @@ def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path
             )
         except Exception as e:  # the exporter raises many types; the user needs the reason in one line
             reason = next((line.strip() for line in str(e).splitlines() if "Error" in line or "Cannot" in line), type(e).__name__)
-            raise CRTError(f"torch.onnx could not export {step.model.cfg.arch} ({reason[:200]}): try --batch-size 1 or --format pt2; nothing was written") from None
+            raise CRTError(f"torch.onnx could not export {step.model.cfg.arch} ({reason[:200]}): try --format pt2; nothing was written") from None
 
 
 def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, check_segments: int = 4, tolerance: float = TOLERANCE, int8: bool = True) -> dict[str, object]:
@@ -151,7 +152,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
     if out.is_dir():
         raise CRTError(f"{out} is a folder: give --out a file name (e.g. model.{fmt})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays as it was
     _freeze_cayley(model)
     step = SegmentStep(model, batch_size)
     cfg = model.cfg
@@ -166,11 +167,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
             _write_onnx(step, example, tmp_out)
             result["max_difference"] = _check("the ONNX export (onnxruntime)", reference, _run_loop(_onnx_session(tmp_out), step, segments), tolerance)
             if int8:
-                import logging
-
                 from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
 
                 import onnx
 
@@ -180,7 +177,15 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
                 del graph.graph.value_info[:]
                 stripped, tmp_int8 = Path(tmp) / "stripped.onnx", Path(tmp) / (out.stem + ".int8.onnx")
                 onnx.save(graph, str(stripped))
-                quantize_dynamic(str(stripped), str(tmp_int8), weight_type=QuantType.QInt8)
+                root = logging.getLogger()
+                level = root.level
+                root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
+                try:
+                    quantize_dynamic(str(stripped), str(tmp_int8), weight_type=QuantType.QInt8)
+                except Exception as e:  # one line for the user, whatever onnxruntime raised
+                    raise CRTError(f"onnxruntime could not quantize the ONNX step to int8 ({str(e).splitlines()[0][:200]}): try --no-int8; nothing was written") from None
+                finally:
+                    root.setLevel(level)
                 stripped.unlink()
                 runtime = _run_loop(_onnx_session(tmp_int8), step, segments)
                 result["int8_max_difference"] = max(_max_difference(r, o) for r, o in zip(reference, runtime))
@@ -191,7 +196,10 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(step, example)
+                try:
+                    program = torch.export.export(step, example)
+                except Exception as e:  # one line for the user, whatever torch.export raised
+                    raise CRTError(f"torch.export could not export {cfg.arch} ({str(e).splitlines()[0][:200]}); nothing was written") from None
                 torch.export.save(program, str(tmp_out))
                 loaded = torch.export.load(str(tmp_out)).module()
 

@@ -74,7 +74,8 @@ def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0)
     """Running perplexity of a token stream of any length, one segment in memory at a time.
 
     Every token after the first is scored from everything before it (the state carried over
-    segment boundaries, as `crt eval` does). Yields {tokens, loss, ppl} after every
+    segment boundaries): `crt eval` with --eval-batch-size 1 scores the same tokens the same way
+    (its default of several parallel streams restarts the state at each stream's start). Yields {tokens, loss, ppl} after every
     `report_every` scored tokens (0: only at the end), and always once at the end.
     """
     device = next(model.parameters()).device
@@ -98,7 +99,7 @@ def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0)
 
     def report() -> dict[str, float]:
         loss = nll / max(count, 1)
-        return {"tokens": count, "loss": loss, "ppl": math.exp(loss)}
+        return {"tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0))}  # exp overflows beyond ~709
 
     for token in tokens:
         segment.append(token)

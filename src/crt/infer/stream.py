@@ -41,6 +41,7 @@ class CRTStream:
         self.state = model.init_state(batch_size, evaluation=True)
         self._open()
 
+    @torch.no_grad()
     def _open(self) -> None:
         """Start a segment from self.state: empty caches, the memory token first (prepend)."""
         cfg, state = self.cfg, self.state

@@ -34,7 +34,7 @@ def text_ids(lines: Iterable[str], vocab: Vocab, chars: bool, map_unk: bool = Fa
 
 def prompt_ids(prompt: str, vocab: Vocab, chars: bool) -> list[int]:
     """A generation prompt -> ids (no <eos> appended); an empty prompt starts after an <eos>."""
-    if not prompt:
+    if not prompt.strip():
         if EOS not in vocab.stoi:
             raise CRTError("an empty prompt starts after <eos>, which this model's vocabulary lacks: give --prompt some text")
         return [vocab.stoi[EOS]]

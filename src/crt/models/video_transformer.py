@@ -36,13 +36,14 @@ class VideoTransformer(nn.Module):
             raise ValueError("video_transformer needs num_classes and frame_shape (set from the data by crt train)")
         self.cfg = cfg
         D = cfg.d_model
-        self.frames = FrameEncoder(parse_frame_shape(cfg.frame_shape), D, cfg.n_head, cfg.d_ff, cfg.patch_size, cfg.frame_layers, cfg.dropout)
         self.positions = AbsolutePositions(cfg.position_encoding, max(cfg.segment_len, cfg.eval_segment_len), D, cfg.n_head)
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
+        self.apply(init_weights)  # the sequence model as the language-model Transformer's
+        # frame encoder and classifier built after, with torch's initialisation, exactly as in CR-ViT
+        self.frames = FrameEncoder(parse_frame_shape(cfg.frame_shape), D, cfg.n_head, cfg.d_ff, cfg.patch_size, cfg.frame_layers, cfg.dropout)
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.num_classes))
-        self.apply(init_weights)
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> PooledState:
         device = self.ln_f.weight.device

@@ -40,6 +40,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Write text to path via a temporary file in the same directory and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is meant to be read
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

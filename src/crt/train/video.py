@@ -137,6 +137,8 @@ class VideoTask:
             raise CRTError(f"--task video needs --arch crvit or video_transformer, not {mcfg.arch}")
         self.tcfg, self.device = tcfg, device
         self.data = data or load_video_data(tcfg, mcfg.segment_len)
+        if self.data.name == "msr-action3d" and self.data.frame_shape[-1] != (6 if tcfg.video_motion else 3):
+            raise CRTError(f"the MSR Action3D clips given have {self.data.frame_shape[-1]} values per joint but video_motion={tcfg.video_motion}: load them with motion={tcfg.video_motion}")
         if self.data.note:
             print(f"{self.data.name}: {len(self.data.train)} train / {len(self.data.valid)} valid / {len(self.data.test)} test clips; {self.data.note}", flush=True)
         shape = "x".join(str(s) for s in self.data.frame_shape)

@@ -1,0 +1,192 @@
+"""Edge inference on this machine: generation latency, streaming speed, memory over long streams, int8.
+
+    python benchmarks/edge.py --data-dir ../shared/data/ptb       # writes docs/results/edge.md
+
+Checkpoints (default runs/ptb-bench/ptb-crt-35 and runs/ptb-bench/ptb-xl-35) come from
+`python benchmarks/ptb.py`, or `crt train --preset NAME --data-dir DIR --out-dir runs/ptb-bench/NAME`.
+For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
+- per-token latency of greedy generation (median, p95), one token at a time with the state carried;
+- streaming tokens/s of `crt score`'s path (whole segments, state carried);
+- PTB test perplexity;
+- size on disk: safetensors (fp32), the int8 state dict, and the ONNX step files (CRT);
+- peak RSS of a fresh process that streams 1k and 100k tokens (also a full-context Transformer,
+  whose key/value cache grows with the stream: the reference CRT is meant to beat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINTS = ("runs/ptb-bench/ptb-crt-35", "runs/ptb-bench/ptb-xl-35")
+
+
+def load(path: str):
+    from crt.infer import load_language_model
+
+    return load_language_model(path)
+
+
+def ptb_tokens(data_dir: str, split: str) -> torch.Tensor:
+    from crt.data.corpus import load_words
+
+    return getattr(load_words(data_dir, "ptb"), split)
+
+
+# ----------------------------------------------------------------------------- child process: peak RSS
+
+
+def full_context_rss(n_tokens: int, chunk: int = 35) -> None:
+    """A 3-layer width-128 decoder with rotary positions whose key/value cache keeps every token
+    (what a full-context Transformer needs to stream): fed in chunks of `chunk` tokens."""
+    from crt.config import ModelConfig
+    from crt.layers import KVCache
+    from crt.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="transformer", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=512, segment_len=chunk, positions="rotary")).eval()
+    caches = [KVCache() for _ in model.blocks]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for start in range(0, n_tokens, chunk):
+            tokens = torch.randint(10_000, (1, min(chunk, n_tokens - start)), generator=g)
+            h = model.drop(model.tokens(tokens))
+            rotary = model.positions.rotary(tokens.shape[1], h.device, offset=start)
+            for block, cache in zip(model.blocks, caches):
+                h = block(h, rotary=rotary, cache=cache)
+            model.tokens.unembed(model.ln_f(h))
+
+
+def child(args: argparse.Namespace) -> None:
+    from crt.analysis.machine import peak_rss_mib
+    from crt.infer import score_stream
+
+    torch.set_num_threads(args.threads)
+    if args.rss_child == "full-context":
+        full_context_rss(args.tokens)
+    else:
+        model, *_ = load(args.rss_child)
+        data = ptb_tokens(args.data_dir, "train")[: args.tokens + 1]
+        for _ in score_stream(model, (int(t) for t in data)):  # one token at a time, as from a file
+            pass
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_rss(target: str, tokens: int, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--rss-child", target, "--tokens", str(tokens), "--data-dir", args.data_dir, "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+# ----------------------------------------------------------------------------- measurements in this process
+
+
+def latency(model, prompt: list[int], n: int) -> tuple[float, float]:
+    from crt.infer import generate
+
+    times: list[float] = []
+    generate(model, prompt, n, temperature=0.0, latencies=times)
+    times = sorted(times[5:])  # the first tokens warm the allocator up
+    return statistics.median(times) * 1e3, times[int(0.95 * (len(times) - 1))] * 1e3
+
+
+def stream_speed(model, data: list[int]) -> float:
+    from crt.infer import score_stream
+
+    start = time.perf_counter()
+    for _ in score_stream(model, iter(data)):
+        pass
+    return len(data) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", help="language-model checkpoint; repeat for several (default: PTB CRT-35 and XL-35)")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "ptb"), help="PTB folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: an edge CPU core)")
+    parser.add_argument("--gen-tokens", type=int, default=300, help="tokens generated for the latency figures")
+    parser.add_argument("--stream-tokens", type=int, default=20_000, help="tokens streamed for tokens/s")
+    parser.add_argument("--rss-tokens", type=int, nargs=2, default=[1_000, 100_000], help="stream lengths for peak RSS")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "edge.md"))
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        return child(args)
+
+    from crt.analysis.machine import describe
+    from crt.infer.export import export
+    from crt.infer.quantize import quantize_int8
+    from crt.train.checkpoint import load_checkpoint, write_atomic
+    from crt.train.evaluate import evaluate
+
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/edge.py" + "".join(f" {a}" for a in sys.argv[1:])
+    test = ptb_tokens(args.data_dir, "test")
+    stream_data = test[: args.stream_tokens].tolist()
+    prompt = test[:20].tolist()
+    rows, sizes, rss = [], [], []
+    for path in args.checkpoint or [str(ROOT / c) for c in DEFAULT_CHECKPOINTS]:
+        model, vocab, mcfg, tcfg = load(path)
+        name = Path(path).name
+        int8 = quantize_int8(model)
+        ppl = {}
+        for label, m in (("fp32", model), ("int8", int8)):
+            ppl[label] = evaluate(m, test, tcfg.eval_batch_size)["ppl"]
+            med, p95 = latency(m, prompt, args.gen_tokens)
+            rows.append((name, mcfg.arch, label, med, p95, stream_speed(m, stream_data), ppl[label], 100 * (ppl[label] / ppl["fp32"] - 1)))
+            print(rows[-1], file=sys.stderr, flush=True)
+        ckpt = load_checkpoint(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(int8.state_dict(), Path(tmp) / "int8.pt")
+            size = {"fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size, "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size}
+            if mcfg.arch == "crt":
+                r = export(model, "onnx", Path(tmp) / "step.onnx")
+                size["fp32 ONNX step"] = r["path"].stat().st_size
+                size["int8 ONNX step"] = r["int8_path"].stat().st_size
+        sizes.append((name, size))
+        rss.append((name, [peak_rss(path, n, args) for n in args.rss_tokens]))
+    rss.append(("full-context Transformer (3 x 128, KV cache of every token)", [peak_rss("full-context", n, args) for n in args.rss_tokens]))
+
+    a, b = args.rss_tokens
+    lines = [
+        "# Edge inference: latency, streaming, memory, int8",
+        "",
+        f"Command: `{command}`. Date: {datetime.date.today()}. Machine: {describe()}; {args.threads} torch thread(s).",
+        "",
+        f"Generation: greedy, {args.gen_tokens} tokens after a 20-token PTB prompt, batch 1, per-token latency = sampling + feeding the token back "
+        "(CRT: incremental, one position per token; Transformer-XL: re-runs the current segment's tokens per token). "
+        f"Streaming: `crt score`'s path over {len(stream_data):,} PTB test tokens (whole segments, state carried). Perplexity: PTB test, `crt eval`'s path.",
+        "",
+        "| checkpoint | arch | weights | latency median (ms) | latency p95 (ms) | streaming tokens/s | test ppl | ppl change vs fp32 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, arch, label, med, p95, tps, p, change in rows:
+        lines.append(f"| {name} | {arch} | {label} | {med:.2f} | {p95:.2f} | {tps:,.0f} | {p:.2f} | {change:+.2f}% |")
+    fp32 = {r[0]: r for r in rows if r[2] == "fp32"}
+    lines += ["", "int8 latency as a share of fp32 (median): " + ", ".join(f"{r[0]} {r[3] / fp32[r[0]][3]:.2f}x" for r in rows if r[2] == "int8") + ".", ""]
+    lines += [f"Peak RSS of a fresh process streaming {a:,} and {b:,} tokens (MiB; checkpoints through `crt score`'s path on PTB train):", "",
+              f"| model | {a:,} tokens | {b:,} tokens | change |", "| --- | ---: | ---: | ---: |"]
+    for name, (x, y) in rss:
+        lines.append(f"| {name} | {x:.0f} | {y:.0f} | {100 * (y / x - 1):+.1f}% |")
+    lines += ["", "Size on disk (MiB):", "", "| checkpoint | file | MiB |", "| --- | --- | ---: |"]
+    for name, size in sizes:
+        for k, v in size.items():
+            lines.append(f"| {name} | {k} | {v / 2**20:.2f} |")
+    out = Path(args.out)
+    write_atomic(out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
