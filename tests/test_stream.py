@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crt.config import ModelConfig
-from crt.infer import CRTStream, SegmentStream, generate, open_stream, sample, score_stream
+from crt.infer import CRTStream, RMTStream, SegmentStream, generate, open_stream, sample, score_stream
 from crt.models import build_model
 from crt.train.evaluate import evaluate
 
@@ -68,7 +68,19 @@ def test_crt_stream_keeps_one_segment_of_keys_and_values():
         assert all(len(c) == (t + 1) % L + 1 for c in stream.caches)  # memory token + this segment's tokens
 
 
-@pytest.mark.parametrize("arch", ["transformer", "transformer_xl", "rmt", "armt"])
+@pytest.mark.parametrize("choice", [{}, {"rmt_placement": "read"}, {"rmt_placement": "write"}, {"positions": "rotary"}, {"positions": "sinusoidal", "mem_tokens": 1}],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_rmt_incremental_stream_equals_segment_path(choice):
+    """RMT one token at a time (read memory opens the segment, the write tokens close it) gives
+    the segment path's logits across boundaries."""
+    model = model_of("rmt", **choice)
+    tokens = torch.randint(V, (2, 17), generator=torch.Generator().manual_seed(5))
+    stream = open_stream(model, batch_size=2)
+    assert isinstance(stream, RMTStream)
+    torch.testing.assert_close(stream_path(stream, tokens), segment_path(model, tokens), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "transformer_xl", "armt"])
 def test_baseline_streams_equal_the_segment_path(arch):
     model = model_of(arch)
     tokens = torch.randint(V, (2, 13), generator=torch.Generator().manual_seed(2))
@@ -77,7 +89,7 @@ def test_baseline_streams_equal_the_segment_path(arch):
     torch.testing.assert_close(stream_path(stream, tokens), segment_path(model, tokens), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["crt", "transformer_xl", "armt"])
+@pytest.mark.parametrize("arch", ["crt", "rmt", "transformer_xl", "armt"])
 def test_greedy_generation_is_the_argmax_of_teacher_forced_logits(arch):
     """Generate 19 tokens greedily after a 3-token prompt (crossing four segment boundaries);
     re-reading prompt + output through the segment path, each generated token is the argmax

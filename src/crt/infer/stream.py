@@ -14,7 +14,9 @@ one position through the blocks, one step of the positional GRU and one step of 
     after L tokens:  m_n = m, r_n = r; the caches empty and the next segment opens
 
 Memory use is one segment's keys and values plus the state: independent of the stream's length.
-The other models (`SegmentStream`) re-run the current segment's tokens from the state at its
+RMT (`RMTStream`) streams the same way: its k read-memory tokens open the segment, its k write
+tokens close it and their outputs are the next memory. The other models (`SegmentStream`:
+Transformer, Transformer-XL, ARMT) re-run the current segment's tokens from the state at its
 start for every token: exact, but O(L) positions per token instead of one.
 """
 
@@ -25,15 +27,45 @@ import torch.nn as nn
 
 from crt.layers import KVCache
 from crt.models.crt import CRT, CRTState
+from crt.models.rmt import RMT, RMTState
 
 
-class CRTStream:
+class _CachedStream:
+    """Inputs through a model's positions and blocks, the segment's keys and values cached.
+
+    Subclasses set self.model and call _start_segment(); `absolute_positions` names the model's
+    AbsolutePositions module (positions offset by what the segment has seen).
+    """
+
+    absolute_positions = "positions"
+
+    def _start_segment(self) -> None:
+        self.caches = [KVCache() for _ in self.model.blocks]
+        self.fed, self.offset = 0, 0  # tokens of this segment; positions used (memory tokens included)
+
+    def _positions(self, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return getattr(self.model, self.absolute_positions)(u, offset=self.offset)
+
+    def _advance(self, u: torch.Tensor) -> torch.Tensor:
+        """Inputs u [B, T, D] (after the segment's earlier ones) -> final-layer outputs [B, T, D]."""
+        m = self.model
+        u, attn_kwargs = self._positions(u)
+        self.offset += u.shape[1]
+        h = m.drop(u)  # [B, T, D]
+        for block, cache in zip(m.blocks, self.caches):
+            h = block(h, cache=cache, **attn_kwargs)  # [B, T, D]
+        return m.ln_f(h)  # [B, T, D]
+
+
+class CRTStream(_CachedStream):
     """CRT one token at a time with the segment's keys and values reused.
 
     model: a CRT (put in eval mode: dropout would make the stream differ from the segment path).
     batch_size: parallel streams B.
     Segments are cfg.eval_segment_len (or segment_len) tokens long, as in `crt eval`.
     """
+
+    absolute_positions = "absolute_positions"
 
     def __init__(self, model: CRT, batch_size: int = 1):
         self.model, self.cfg = model.eval(), model.cfg
@@ -45,8 +77,7 @@ class CRTStream:
     def _open(self) -> None:
         """Start a segment from self.state: empty caches, the memory token first (prepend)."""
         cfg, state = self.cfg, self.state
-        self.caches = [KVCache() for _ in self.model.blocks]
-        self.fed, self.offset = 0, 0  # tokens of this segment; positions used (memory token included)
+        self._start_segment()
         self.read = state.memory  # [B, d_m] the memory RNN's hidden state as it reads the segment
         self.r = state.positions if cfg.carry_rpe else torch.zeros_like(state.positions)  # [B, D]
         self.last_h = None
@@ -56,19 +87,11 @@ class CRTStream:
     def _memory_token(self) -> torch.Tensor:
         return self.model.memory_in(self.state.memory).unsqueeze(1)  # [B, 1, D]
 
-    def _advance(self, u: torch.Tensor) -> torch.Tensor:
-        """One input vector u [B, 1, D] through positions and blocks -> final-layer output [B, 1, D]."""
-        m = self.model
+    def _positions(self, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
         if self.cfg.position_encoding == "recurrent":
-            p, self.r = m.recurrent_positions(u, self.r)  # p: [B, 1, D]; r: [B, D]
-            u, attn_kwargs = u + p, {}
-        else:
-            u, attn_kwargs = m.absolute_positions(u, offset=self.offset)
-        self.offset += 1
-        h = m.drop(u)  # [B, 1, D]
-        for block, cache in zip(m.blocks, self.caches):
-            h = block(h, cache=cache, **attn_kwargs)  # [B, 1, D]
-        return m.ln_f(h)  # [B, 1, D]
+            p, self.r = self.model.recurrent_positions(u, self.r)  # p: [B, T, D]; r: [B, D]
+            return u + p, {}
+        return super()._positions(u)
 
     def _close(self) -> None:
         """The segment is full: m_n from what the memory RNN read, r_n, then the next segment."""
@@ -91,6 +114,45 @@ class CRTStream:
         if self.cfg.memory_reads == "tokens":
             self.read = m.memory_rnn(h, self.read.to(h.dtype))[1]  # [B, d_m]  m <- RNN step(h_t, m)
         self.last_h = h
+        self.fed += 1
+        if self.fed == self.segment_len:
+            self._close()
+        return m.tokens.unembed(h)[:, 0]  # [B, V]
+
+
+class RMTStream(_CachedStream):
+    """RMT one token at a time: the k read-memory tokens open a segment (placements read_write,
+    read), tokens follow one by one with their keys and values cached, and after L tokens the k
+    write tokens (the memory again, or the learned write slots) are fed; their outputs are the
+    next memory.
+
+    model: an RMT (put in eval mode). batch_size: parallel streams B.
+    """
+
+    def __init__(self, model: RMT, batch_size: int = 1):
+        self.model, self.cfg = model.eval(), model.cfg
+        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
+        self.state = model.init_state(batch_size, evaluation=True)
+        self._open()
+
+    @torch.no_grad()
+    def _open(self) -> None:
+        self._start_segment()
+        if self.cfg.rmt_placement != "write":
+            self._advance(self.state.memory)  # [B, k, D] the read copy
+
+    def _close(self) -> None:
+        memory = self.state.memory  # [B, k, D]
+        write = self.model.write_slots.expand(memory.shape[0], -1, -1) if self.cfg.rmt_placement == "read" else memory
+        h = self._advance(write.to(memory.dtype))  # [B, k, D]
+        self.state = RMTState(h.to(memory.dtype))
+        self._open()
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] for the next token."""
+        m = self.model
+        h = self._advance(m.tokens(tokens.view(-1, 1)))  # [B, 1, D]
         self.fed += 1
         if self.fed == self.segment_len:
             self._close()
@@ -121,6 +183,10 @@ class SegmentStream:
         return logits[:, -1]  # [B, V]
 
 
-def open_stream(model: nn.Module, batch_size: int = 1) -> CRTStream | SegmentStream:
-    """The incremental stream for CRT, the re-running one for every other model."""
-    return CRTStream(model, batch_size) if isinstance(model, CRT) else SegmentStream(model, batch_size)
+def open_stream(model: nn.Module, batch_size: int = 1) -> CRTStream | RMTStream | SegmentStream:
+    """The incremental stream for CRT and RMT, the re-running one for every other model."""
+    if isinstance(model, CRT):
+        return CRTStream(model, batch_size)
+    if isinstance(model, RMT):
+        return RMTStream(model, batch_size)
+    return SegmentStream(model, batch_size)
