@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crt.config import ModelConfig
-from crt.infer import CRTStream, RMTStream, SegmentStream, generate, open_stream, sample, score_stream
+from crt.infer import CRTStream, RMTStream, SegmentStream, XLStream, generate, open_stream, sample, score_stream
 from crt.models import build_model
 from crt.train.evaluate import evaluate
 
@@ -80,7 +80,19 @@ def test_rmt_incremental_stream_equals_segment_path(choice):
     torch.testing.assert_close(stream_path(stream, tokens), segment_path(model, tokens), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["transformer", "transformer_xl", "armt"])
+@pytest.mark.parametrize("choice", [{}, {"same_length": True}, {"clamp_len": 3}, {"mem_len": 3}, {"mem_len": 9, "eval_mem_len": 4}],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_transformer_xl_incremental_stream_equals_segment_path(choice):
+    """Transformer-XL one token at a time (the segment's layer inputs extend the memory) gives the
+    segment path's logits across boundaries, with a memory shorter or longer than a segment."""
+    model = model_of("transformer_xl", **choice)
+    tokens = torch.randint(V, (2, 17), generator=torch.Generator().manual_seed(6))
+    stream = open_stream(model, batch_size=2)
+    assert isinstance(stream, XLStream)
+    torch.testing.assert_close(stream_path(stream, tokens), segment_path(model, tokens), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "armt"])
 def test_baseline_streams_equal_the_segment_path(arch):
     model = model_of(arch)
     tokens = torch.randint(V, (2, 13), generator=torch.Generator().manual_seed(2))

@@ -15,9 +15,12 @@ one position through the blocks, one step of the positional GRU and one step of 
 
 Memory use is one segment's keys and values plus the state: independent of the stream's length.
 RMT (`RMTStream`) streams the same way: its k read-memory tokens open the segment, its k write
-tokens close it and their outputs are the next memory. The other models (`SegmentStream`:
-Transformer, Transformer-XL, ARMT) re-run the current segment's tokens from the state at its
-start for every token: exact, but O(L) positions per token instead of one.
+tokens close it and their outputs are the next memory. Transformer-XL (`XLStream`) caches what
+its memory caches, every layer's input, for the segment's tokens so far: a new token attends to
+[memory ; those] and only its own layer inputs are computed (the keys and values of the cached
+inputs are re-projected, as XL does for its memory). The others (`SegmentStream`: Transformer,
+ARMT) re-run the current segment's tokens from the state at its start for every token: exact,
+but O(L) positions per token instead of one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn as nn
 from crt.layers import KVCache
 from crt.models.crt import CRT, CRTState
 from crt.models.rmt import RMT, RMTState
+from crt.models.transformer_xl import TransformerXL, XLState
 
 
 class _CachedStream:
@@ -159,6 +163,37 @@ class RMTStream(_CachedStream):
         return m.tokens.unembed(h)[:, 0]  # [B, V]
 
 
+class XLStream:
+    """Transformer-XL one token at a time: the segment's layer inputs so far extend the memory.
+
+    model: a TransformerXL (put in eval mode). batch_size: parallel streams B.
+    """
+
+    def __init__(self, model: TransformerXL, batch_size: int = 1):
+        self.model, self.cfg = model.eval(), model.cfg
+        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
+        self.state = model.init_state(batch_size, evaluation=True)
+        self.hids: list[torch.Tensor] = []  # each [B, L, 1, D]: one token's layer inputs
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] for the next token."""
+        state, M, t = self.state, self.state.mems.shape[2], len(self.hids)
+        mems = torch.cat([state.mems, *self.hids], dim=2)  # [B, L, M + t, D]
+        valid = torch.cat([state.valid, state.valid.new_ones(state.valid.shape[0], t + 1)], dim=1)  # [B, M + t + 1]
+        allowed = valid[:, None, :]  # [B, 1, M + t + 1]  the new token is last: every earlier key is causal
+        if self.cfg.same_length:  # as in the segment: only the last M keys
+            allowed = allowed & (torch.arange(M + t + 1, device=valid.device) > t)
+        logits, hids = self.model._run(tokens.view(-1, 1), mems, allowed)  # [B, 1, V], [B, L, 1, D]
+        self.hids.append(hids.to(state.mems.dtype))
+        if len(self.hids) == self.segment_len:  # as TransformerXL.forward: keep the last M
+            T = self.segment_len
+            mems = torch.cat([state.mems, *self.hids], dim=2)[:, :, T:]  # [B, L, M, D]
+            valid = torch.cat([state.valid, state.valid.new_ones(state.valid.shape[0], T)], dim=1)[:, T:]  # [B, M]
+            self.state, self.hids = XLState(mems, valid), []
+        return logits[:, 0]  # [B, V]
+
+
 class SegmentStream:
     """Any model with `logits, state = model(tokens, state)`: the current segment's tokens so
     far are re-run from the state at its start, and the state moves on after every full segment.
@@ -183,10 +218,9 @@ class SegmentStream:
         return logits[:, -1]  # [B, V]
 
 
-def open_stream(model: nn.Module, batch_size: int = 1) -> CRTStream | RMTStream | SegmentStream:
-    """The incremental stream for CRT and RMT, the re-running one for every other model."""
-    if isinstance(model, CRT):
-        return CRTStream(model, batch_size)
-    if isinstance(model, RMT):
-        return RMTStream(model, batch_size)
+def open_stream(model: nn.Module, batch_size: int = 1) -> CRTStream | RMTStream | XLStream | SegmentStream:
+    """The incremental stream for CRT, RMT and Transformer-XL, the re-running one for the others."""
+    for kind, stream in ((CRT, CRTStream), (RMT, RMTStream), (TransformerXL, XLStream)):
+        if isinstance(model, kind):
+            return stream(model, batch_size)
     return SegmentStream(model, batch_size)
