@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import interrupted_copy, one_line_error, run_cli
 
 SMALL_MODEL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, dropout=0.1, emb_dropout=0.1)
 SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10, synth_filler=12)
@@ -72,10 +71,7 @@ def test_resume_equals_uninterrupted(tmp_path, arch):
     """Interrupt after step 3 (keep only that checkpoint), resume: the loss trajectory is identical."""
     m, t = configs(tmp_path, arch, checkpoint_every=3, keep_checkpoints=5)
     full = Path(train(m, t, progress=False)["run_dir"])
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    (cut / "checkpoints" / "latest").write_text("step-0000003\n")
+    cut = interrupted_copy(full, tmp_path / "cut", kept_step=3, dropped_step=6)
     train(m, t, resume=load_checkpoint(cut), progress=False)
     assert losses(cut) == losses(full)  # exact: same data, RNG, optimizer and carried state
     assert load_checkpoint(cut).meta["step"] == 6

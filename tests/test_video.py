@@ -28,7 +28,7 @@ from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.video import classify, evaluate_clips
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import interrupted_copy, one_line_error, run_cli
 
 MSR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video"
 SMALL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, num_classes=5)
@@ -353,10 +353,7 @@ def test_video_resume_equals_uninterrupted(tmp_path):
     m, t = synthetic_run(tmp_path, "synthetic-video-crvit", max_steps=6, eval_every=0, checkpoint_every=3, keep_checkpoints=5,
                          d_model=32, d_ff=64, dropout=0.1, batch_size=8, video_crop=0.7)
     full = Path(train(m, t, progress=False)["run_dir"])
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    (cut / "checkpoints" / "latest").write_text("step-0000003\n")
+    cut = interrupted_copy(full, tmp_path / "cut", kept_step=3, dropped_step=6)
     train(m, t, resume=load_checkpoint(cut), progress=False)
     assert video_losses(cut) == video_losses(full) and len(video_losses(full)) == 6
 
