@@ -37,11 +37,19 @@ from crt.models.transformer_xl import TransformerXL, XLState
 class _CachedStream:
     """Inputs through a model's positions and blocks, the segment's keys and values cached.
 
-    Subclasses set self.model and call _start_segment(); `absolute_positions` names the model's
+    model: the model (put in eval mode). batch_size: parallel streams B. Segments are
+    cfg.eval_segment_len (or segment_len) tokens long, as in `crt eval`. Subclasses open a
+    segment in _open() (calling _start_segment()); `absolute_positions` names the model's
     AbsolutePositions module (positions offset by what the segment has seen).
     """
 
     absolute_positions = "positions"
+
+    def __init__(self, model: nn.Module, batch_size: int = 1):
+        self.model, self.cfg = model.eval(), model.cfg
+        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
+        self.state = model.init_state(batch_size, evaluation=True)
+        self._open()
 
     def _start_segment(self) -> None:
         self.caches = [KVCache() for _ in self.model.blocks]
@@ -70,12 +78,6 @@ class CRTStream(_CachedStream):
     """
 
     absolute_positions = "absolute_positions"
-
-    def __init__(self, model: CRT, batch_size: int = 1):
-        self.model, self.cfg = model.eval(), model.cfg
-        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
-        self.state = model.init_state(batch_size, evaluation=True)
-        self._open()
 
     @torch.no_grad()
     def _open(self) -> None:
@@ -132,12 +134,6 @@ class RMTStream(_CachedStream):
 
     model: an RMT (put in eval mode). batch_size: parallel streams B.
     """
-
-    def __init__(self, model: RMT, batch_size: int = 1):
-        self.model, self.cfg = model.eval(), model.cfg
-        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
-        self.state = model.init_state(batch_size, evaluation=True)
-        self._open()
 
     @torch.no_grad()
     def _open(self) -> None:
