@@ -26,12 +26,11 @@ def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
 def torch_segments(model, segments: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     from torch.utils._pytree import tree_flatten
 
-    state, out = model.init_state(segments[0].shape[0], evaluation=True), []
+    from crt.train.segments import iter_segments
+
     with torch.no_grad():
-        for tokens in segments:
-            logits, state = model(tokens, state)
-            out.append((logits, tree_flatten(state)[0]))
-    return out
+        steps = iter_segments(model, torch.cat(segments, dim=1), model.init_state(segments[0].shape[0], evaluation=True), segments[0].shape[1])
+        return [(logits, tree_flatten(state)[0]) for _, logits, state in steps]
 
 
 def initial_state(path) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ from crt.config import ModelConfig
 from crt.infer import CRTStream, RMTStream, SegmentStream, XLStream, generate, open_stream, sample, score_stream
 from crt.models import build_model
 from crt.train.evaluate import evaluate
+from crt.train.segments import iter_segments
 
 V, L = 23, 5
 BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L, dropout=0.1, emb_dropout=0.1)
@@ -21,13 +22,9 @@ def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
 
 def segment_path(model, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [B, T, V] of running whole segments with the state carried (what crt eval does)."""
-    state = model.init_state(tokens.shape[0], evaluation=True)
-    out = []
     with torch.no_grad():
-        for start in range(0, tokens.shape[1], L):
-            logits, state = model(tokens[:, start : start + L], state)
-            out.append(logits)
-    return torch.cat(out, dim=1)
+        segments = iter_segments(model, tokens, model.init_state(tokens.shape[0], evaluation=True), L)
+        return torch.cat([logits for _, logits, _ in segments], dim=1)
 
 
 def stream_path(stream, tokens: torch.Tensor) -> torch.Tensor:
