@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from crt.config import ModelConfig
-from crt.infer import CRTStream, RMTStream, SegmentStream, XLStream, generate, open_stream, sample, score_stream
+from crt.errors import CRTError
+from crt.infer import ARMTStream, CRTStream, RMTStream, TransformerStream, XLStream, generate, open_stream, sample, score_stream
 from crt.models import build_model
 from crt.train.evaluate import evaluate
 from crt.train.segments import iter_segments
@@ -89,13 +90,38 @@ def test_transformer_xl_incremental_stream_equals_segment_path(choice):
     torch.testing.assert_close(stream_path(stream, tokens), segment_path(model, tokens), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["transformer", "armt"])
-def test_baseline_streams_equal_the_segment_path(arch):
-    model = model_of(arch)
+ARMT_CHOICES = [{}, {"assoc_heads": 2}, {"positions": "rotary"}, {"mem_tokens": 1, "positions": "learned"}, {"assoc_correction": False, "assoc_floor": False}]
+
+
+@pytest.mark.parametrize("choice", ARMT_CHOICES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_armt_incremental_stream_equals_segment_path(choice):
+    """ARMT one token at a time (each layer reads last segment's associative memory, the memory
+    tokens write it at the boundary) gives the segment path's logits across boundaries. W_v starts
+    at zero (memory reads 0), so it is set at random here: the memory then changes the logits."""
+    model = model_of("armt", **choice)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.memory.value.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(V, (2, 17), generator=torch.Generator().manual_seed(7))
+    stream = open_stream(model, batch_size=2)
+    assert isinstance(stream, ARMTStream)
+    logits = stream_path(stream, tokens)
+    torch.testing.assert_close(logits, segment_path(model, tokens), atol=2e-5, rtol=1e-4)
+    assert stream.state.A.abs().sum() > 0 and len(stream.caches[0]) == 17 % L
+    memoryless = model(tokens[:, L : 2 * L], model.init_state(2, evaluation=True))[0]  # the second segment without the first's memory
+    assert (logits[:, L : 2 * L] - memoryless).abs().max() > 1e-3
+
+
+def test_transformer_stream_caches_one_segment_and_rejects_other_models():
+    model = model_of("transformer")
     tokens = torch.randint(V, (2, 13), generator=torch.Generator().manual_seed(2))
     stream = open_stream(model, batch_size=2)
-    assert isinstance(stream, SegmentStream)
+    assert type(stream) is TransformerStream
     torch.testing.assert_close(stream_path(stream, tokens), segment_path(model, tokens), atol=2e-5, rtol=1e-4)
+    assert all(len(c) == 13 % L for c in stream.caches)
+    video = build_model(ModelConfig(arch="crvit", num_classes=3, frame_shape="6x3", d_model=32, n_layer=1, n_head=4, d_ff=64, segment_len=4))
+    with pytest.raises(CRTError, match="no token-by-token stream"):
+        open_stream(video)
 
 
 @pytest.mark.parametrize("arch", ["crt", "rmt", "transformer_xl", "armt"])

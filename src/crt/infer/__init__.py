@@ -2,6 +2,6 @@
 
 from crt.infer.generate import generate, sample, score_stream
 from crt.infer.load import load_language_model
-from crt.infer.stream import CRTStream, RMTStream, SegmentStream, XLStream, open_stream
+from crt.infer.stream import ARMTStream, CRTStream, RMTStream, TransformerStream, XLStream, open_stream
 
-__all__ = ["CRTStream", "RMTStream", "SegmentStream", "XLStream", "generate", "load_language_model", "open_stream", "sample", "score_stream"]
+__all__ = ["ARMTStream", "CRTStream", "RMTStream", "TransformerStream", "XLStream", "generate", "load_language_model", "open_stream", "sample", "score_stream"]

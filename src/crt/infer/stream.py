@@ -2,25 +2,31 @@
 
 `open_stream(model)` returns an object with `feed(tokens [B]) -> logits [B, V]`: the logits
 after each token, equal to those of running `model(tokens, state)` over whole segments with the
-state carried (tests/test_stream.py), whatever the number of tokens fed so far.
+state carried (tests/test_stream.py), whatever the number of tokens fed so far. Every model
+streams incrementally: a token costs one position through the layers, never a re-run of its
+segment.
 
-CRT (`CRTStream`) keeps, besides its state (memory m and positional state r), the keys and
-values of the current segment's earlier tokens in every layer (`KVCache`), so one token costs
-one position through the blocks, one step of the positional GRU and one step of the memory RNN:
+The segment Transformer (`TransformerStream`, the base of the others) keeps the keys and values
+of the current segment's earlier tokens in every layer (`KVCache`); after L tokens the caches
+empty and the next segment starts. The memory models add what they carry:
+
+CRT (`CRTStream`): memory m and positional state r.
 
     segment opens:   u_0 = W_m m_{n-1} + b_m          the memory token, fed like a token
     each token:      u_t = e_t (+ GRU_pos step)        attends to u_0..u_t via the cache
                      m  <- RNN step(h_t, m)            the memory reads h_t as it comes
     after L tokens:  m_n = m, r_n = r; the caches empty and the next segment opens
 
-Memory use is one segment's keys and values plus the state: independent of the stream's length.
-RMT (`RMTStream`) streams the same way: its k read-memory tokens open the segment, its k write
-tokens close it and their outputs are the next memory. Transformer-XL (`XLStream`) caches what
-its memory caches, every layer's input, for the segment's tokens so far: a new token attends to
+RMT (`RMTStream`): its k read-memory tokens open the segment, its k write tokens close it and
+their outputs are the next memory. ARMT (`ARMTStream`): every position reads each layer's
+associative memory of the previous segment; after L tokens the k memory tokens are fed and
+their layer outputs write the memories. Transformer-XL (`XLStream`) caches what its memory
+caches, every layer's input, for the segment's tokens so far: a new token attends to
 [memory ; those] and only its own layer inputs are computed (the keys and values of the cached
-inputs are re-projected, as XL does for its memory). The others (`SegmentStream`: Transformer,
-ARMT) re-run the current segment's tokens from the state at its start for every token: exact,
-but O(L) positions per token instead of one.
+inputs are re-projected, as XL does for its memory).
+
+Memory use is one segment's keys and values (XL: its memory plus one segment) and the state:
+independent of the stream's length.
 """
 
 from __future__ import annotations
@@ -28,19 +34,26 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from crt.errors import CRTError
 from crt.layers import KVCache
+from crt.models.armt import ARMT, ARMTState
 from crt.models.crt import CRT, CRTState
 from crt.models.rmt import RMT, RMTState
+from crt.models.transformer import Transformer
 from crt.models.transformer_xl import TransformerXL, XLState
 
 
-class _CachedStream:
-    """Inputs through a model's positions and blocks, the segment's keys and values cached.
+class TransformerStream:
+    """The segment Transformer one token at a time, and the base of the memory models' streams:
+    the inputs go through the model's positions and blocks with the segment's keys and values
+    cached, and after L tokens the segment closes.
 
-    model: the model (put in eval mode). batch_size: parallel streams B. Segments are
-    cfg.eval_segment_len (or segment_len) tokens long, as in `crt eval`. Subclasses open a
-    segment in _open() (calling _start_segment()); `absolute_positions` names the model's
-    AbsolutePositions module (positions offset by what the segment has seen).
+    model: the model (put in eval mode: dropout would make the stream differ from the segment
+    path). batch_size: parallel streams B. Segments are cfg.eval_segment_len (or segment_len)
+    tokens long, as in `crt eval`. A subclass opens a segment in _open() (calling
+    _start_segment()), closes it in _close(), and may read each token's output in _read();
+    `absolute_positions` names the model's AbsolutePositions module (positions are offset by
+    what the segment has seen).
     """
 
     absolute_positions = "positions"
@@ -52,24 +65,45 @@ class _CachedStream:
         self._open()
 
     def _start_segment(self) -> None:
-        self.caches = [KVCache() for _ in self.model.blocks]
+        self.caches = [KVCache() for _ in range(self.cfg.n_layer)]
         self.fed, self.offset = 0, 0  # tokens of this segment; positions used (memory tokens included)
+
+    def _open(self) -> None:
+        self._start_segment()  # the Transformer carries nothing across segments
+
+    def _close(self) -> None:
+        self._open()
+
+    def _read(self, h: torch.Tensor) -> None:
+        """A token's final output h [B, 1, D], for a model whose memory reads it as it comes."""
 
     def _positions(self, u: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return getattr(self.model, self.absolute_positions)(u, offset=self.offset)
 
+    def _layers(self, h: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+        for block, cache in zip(self.model.blocks, self.caches):
+            h = block(h, cache=cache, **attn_kwargs)  # [B, T, D]
+        return h
+
     def _advance(self, u: torch.Tensor) -> torch.Tensor:
         """Inputs u [B, T, D] (after the segment's earlier ones) -> final-layer outputs [B, T, D]."""
-        m = self.model
         u, attn_kwargs = self._positions(u)
         self.offset += u.shape[1]
-        h = m.drop(u)  # [B, T, D]
-        for block, cache in zip(m.blocks, self.caches):
-            h = block(h, cache=cache, **attn_kwargs)  # [B, T, D]
-        return m.ln_f(h)  # [B, T, D]
+        return self.model.ln_f(self._layers(self.model.drop(u), attn_kwargs))  # [B, T, D]
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] for the next token."""
+        m = self.model
+        h = self._advance(m.tokens(tokens.view(-1, 1)))  # [B, 1, D]
+        self._read(h)
+        self.fed += 1
+        if self.fed == self.segment_len:
+            self._close()
+        return m.tokens.unembed(h)[:, 0]  # [B, V]
 
 
-class CRTStream(_CachedStream):
+class CRTStream(TransformerStream):
     """CRT one token at a time with the segment's keys and values reused.
 
     model: a CRT (put in eval mode: dropout would make the stream differ from the segment path).
@@ -112,21 +146,13 @@ class CRTStream(_CachedStream):
         self.state = CRTState(memory.to(state.memory.dtype), self.r.to(state.positions.dtype) if carry else state.positions)
         self._open()
 
-    @torch.no_grad()
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B] -> logits [B, V] for the next token."""
-        m = self.model
-        h = self._advance(m.tokens(tokens.view(-1, 1)))  # [B, 1, D]
+    def _read(self, h: torch.Tensor) -> None:
         if self.cfg.memory_reads == "tokens":
-            self.read = m.memory_rnn(h, self.read.to(h.dtype))[1]  # [B, d_m]  m <- RNN step(h_t, m)
+            self.read = self.model.memory_rnn(h, self.read.to(h.dtype))[1]  # [B, d_m]  m <- RNN step(h_t, m)
         self.last_h = h
-        self.fed += 1
-        if self.fed == self.segment_len:
-            self._close()
-        return m.tokens.unembed(h)[:, 0]  # [B, V]
 
 
-class RMTStream(_CachedStream):
+class RMTStream(TransformerStream):
     """RMT one token at a time: the k read-memory tokens open a segment (placements read_write,
     read), tokens follow one by one with their keys and values cached, and after L tokens the k
     write tokens (the memory again, or the learned write slots) are fed; their outputs are the
@@ -148,15 +174,35 @@ class RMTStream(_CachedStream):
         self.state = RMTState(h.to(memory.dtype))
         self._open()
 
-    @torch.no_grad()
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B] -> logits [B, V] for the next token."""
-        m = self.model
-        h = self._advance(m.tokens(tokens.view(-1, 1)))  # [B, 1, D]
-        self.fed += 1
-        if self.fed == self.segment_len:
-            self._close()
-        return m.tokens.unembed(h)[:, 0]  # [B, V]
+
+class ARMTStream(TransformerStream):
+    """ARMT one token at a time: in every layer, each position first reads that layer's
+    associative memory (A_l, z_l) of the previous segment, then goes through the block with the
+    segment's keys and values cached. After L tokens the k memory tokens are fed the same way
+    and their outputs write each layer's memory (the delta rule of `AssociativeMemory.write`).
+
+    model: an ARMT (put in eval mode). batch_size: parallel streams B.
+    """
+
+    def _layers(self, h: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+        A, z = self.state  # [B, L, H, d_phi, d_v], [B, L, H, d_phi]
+        writing = self.fed == self.segment_len  # the segment is full: h holds the memory tokens
+        written = []
+        for l, (layer, cache) in enumerate(zip(self.model.layers, self.caches)):
+            A_l, z_l = A[:, l].to(h.dtype), z[:, l].to(h.dtype)
+            h = h + layer.memory.read(h, A_l, z_l)  # [B, T, D]  h += A^T q / max(z . q, 1)
+            h = layer.block(h, cache=cache, **attn_kwargs)  # [B, T, D]
+            if writing:
+                written.append(layer.memory.write(h, A_l, z_l))
+        if writing:
+            As, zs = zip(*written)
+            self.state = ARMTState(torch.stack(As, dim=1).to(A.dtype), torch.stack(zs, dim=1).to(z.dtype))
+        return h
+
+    def _close(self) -> None:
+        memory_tokens = self.model.memory_tokens.expand(self.state.A.shape[0], -1, -1)  # [B, k, D]
+        self._advance(memory_tokens.to(self.state.A.dtype))  # writes self.state
+        self._open()
 
 
 class XLStream:
@@ -190,33 +236,12 @@ class XLStream:
         return logits[:, 0]  # [B, V]
 
 
-class SegmentStream:
-    """Any model with `logits, state = model(tokens, state)`: the current segment's tokens so
-    far are re-run from the state at its start, and the state moves on after every full segment.
-
-    model: any crt language model (Transformer, Transformer-XL, RMT, ARMT; CRT too).
-    batch_size: parallel streams B.
-    """
-
-    def __init__(self, model: nn.Module, batch_size: int = 1):
-        self.model, self.cfg = model.eval(), model.cfg
-        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
-        self.state = model.init_state(batch_size, evaluation=True)
-        self.segment: list[torch.Tensor] = []  # the current segment's tokens, each [B]
-
-    @torch.no_grad()
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B] -> logits [B, V] for the next token."""
-        self.segment.append(tokens.view(-1))
-        logits, state = self.model(torch.stack(self.segment, dim=1), self.state)  # [B, t, V]
-        if len(self.segment) == self.segment_len:
-            self.state, self.segment = state, []
-        return logits[:, -1]  # [B, V]
+STREAMS = {CRT: CRTStream, RMT: RMTStream, ARMT: ARMTStream, TransformerXL: XLStream, Transformer: TransformerStream}
 
 
-def open_stream(model: nn.Module, batch_size: int = 1) -> CRTStream | RMTStream | XLStream | SegmentStream:
-    """The incremental stream for CRT, RMT and Transformer-XL, the re-running one for the others."""
-    for kind, stream in ((CRT, CRTStream), (RMT, RMTStream), (TransformerXL, XLStream)):
+def open_stream(model: nn.Module, batch_size: int = 1) -> TransformerStream | XLStream:
+    """The incremental stream of a crt language model (CRT, Transformer, Transformer-XL, RMT, ARMT)."""
+    for kind, stream in STREAMS.items():
         if isinstance(model, kind):
             return stream(model, batch_size)
-    return SegmentStream(model, batch_size)
+    raise CRTError(f"{type(model).__name__} has no token-by-token stream; stream a language model (crt, transformer, transformer_xl, rmt, armt)")
