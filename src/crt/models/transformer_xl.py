@@ -119,7 +119,9 @@ class RelativeAttention(nn.Module):
         y = F.scaled_dot_product_attention(  # (q_i + u).k_j = (a) + (c)
             q + self.u.to(q.dtype)[:, None], k, val, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=scale
         )  # [B, H, T, hd]
-        return self.out(y.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        # a copy, not reshape: torch.onnx's decomposition of SDPA returns other strides than eager,
+        # and a reshape traced as a view of eager's strides fails there
+        return self.out(y.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, T, D))  # [B, T, D]
 
 
 class TransformerXL(nn.Module):
