@@ -2,13 +2,15 @@
 
     python benchmarks/edge.py --data-dir ../shared/data/ptb       # writes docs/results/edge.md
 
-Checkpoints (default runs/ptb-bench/ptb-crt-35 and runs/ptb-bench/ptb-xl-35) come from
+Checkpoints (default runs/ptb-bench/ptb-{crt,xl,armt}-35) come from
 `python benchmarks/ptb.py`, or `crt train --preset NAME --data-dir DIR --out-dir runs/ptb-bench/NAME`.
 For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
 - per-token latency of greedy generation (median, p95), one token at a time with the state carried;
 - streaming tokens/s of `crt score`'s path (whole segments, state carried);
 - PTB test perplexity;
-- size on disk: safetensors (fp32), the int8 state dict, and the ONNX step files (CRT);
+- size on disk: safetensors (fp32), the int8 state dict, and the ONNX step files;
+- per-token latency, fp32 and int8, of CRTs of growing width (random weights: latency does not
+  depend on their values), to show where int8 starts to pay;
 - peak RSS of a fresh process that streams 1k and 100k tokens (also a full-context Transformer,
   whose key/value cache grows with the stream: the reference CRT is meant to beat).
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINTS = ("runs/ptb-bench/ptb-crt-35", "runs/ptb-bench/ptb-xl-35")
+DEFAULT_CHECKPOINTS = ("runs/ptb-bench/ptb-crt-35", "runs/ptb-bench/ptb-xl-35", "runs/ptb-bench/ptb-armt-35")
 
 
 def load(path: str):
@@ -100,6 +102,23 @@ def latency(model, prompt: list[int], n: int) -> tuple[float, float]:
     return statistics.median(times) * 1e3, times[int(0.95 * (len(times) - 1))] * 1e3
 
 
+def width_sweep(widths: list[int], prompt: list[int], n: int) -> list[tuple[int, int, float, float]]:
+    """(width, parameters, fp32 median ms, int8 median ms) of greedy generation for a 3-layer CRT
+    with the PTB vocabulary, d_ff = 4 x width, random weights."""
+    from crt.config import ModelConfig
+    from crt.infer.quantize import quantize_int8
+    from crt.models import build_model
+
+    rows = []
+    for d in widths:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="crt", vocab_size=10_000, d_model=d, n_layer=3, n_head=4, d_ff=4 * d, segment_len=35)).eval()
+        fp32, int8 = latency(model, prompt, n)[0], latency(quantize_int8(model), prompt, n)[0]
+        rows.append((d, sum(p.numel() for p in model.parameters()), fp32, int8))
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def stream_speed(model, data: list[int]) -> float:
     from crt.infer import score_stream
 
@@ -117,6 +136,7 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=300, help="tokens generated for the latency figures")
     parser.add_argument("--stream-tokens", type=int, default=20_000, help="tokens streamed for tokens/s")
     parser.add_argument("--rss-tokens", type=int, nargs=2, default=[1_000, 100_000], help="stream lengths for peak RSS")
+    parser.add_argument("--widths", type=int, nargs="*", default=[128, 256, 512, 1024], help="CRT widths for the int8 latency sweep")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "edge.md"))
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
@@ -150,13 +170,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(int8.state_dict(), Path(tmp) / "int8.pt")
             size = {"fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size, "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size}
-            if mcfg.arch == "crt":
-                r = export(model, "onnx", Path(tmp) / "step.onnx")
-                size["fp32 ONNX step"] = r["path"].stat().st_size
-                size["int8 ONNX step"] = r["int8_path"].stat().st_size
+            r = export(model, "onnx", Path(tmp) / "step.onnx")
+            size["fp32 ONNX step"] = r["path"].stat().st_size
+            size["int8 ONNX step"] = r["int8_path"].stat().st_size
         sizes.append((name, size))
         rss.append((name, [peak_rss(path, n, args) for n in args.rss_tokens]))
     rss.append(("full-context Transformer (3 x 128, KV cache of every token)", [peak_rss("full-context", n, args) for n in args.rss_tokens]))
+    sweep = width_sweep(args.widths, prompt, args.gen_tokens)
 
     a, b = args.rss_tokens
     lines = [
@@ -165,7 +185,7 @@ def main() -> None:
         f"Command: `{command}`. Date: {datetime.date.today()}. Machine: {describe()}; {args.threads} torch thread(s).",
         "",
         f"Generation: greedy, {args.gen_tokens} tokens after a 20-token PTB prompt, batch 1, per-token latency = sampling + feeding the token back "
-        "(CRT: incremental, one position per token; Transformer-XL: re-runs the current segment's tokens per token). "
+        "(every model incremental: one position per token through the layers, `crt.infer.open_stream`). "
         f"Streaming: `crt score`'s path over {len(stream_data):,} PTB test tokens (whole segments, state carried). Perplexity: PTB test, `crt eval`'s path.",
         "",
         "| checkpoint | arch | weights | latency median (ms) | latency p95 (ms) | streaming tokens/s | test ppl | ppl change vs fp32 |",
@@ -179,6 +199,10 @@ def main() -> None:
               f"| model | {a:,} tokens | {b:,} tokens | change |", "| --- | ---: | ---: | ---: |"]
     for name, (x, y) in rss:
         lines.append(f"| {name} | {x:.0f} | {y:.0f} | {100 * (y / x - 1):+.1f}% |")
+    lines += ["", "Per-token latency of greedy generation (median ms, same settings) for a 3-layer CRT with the PTB vocabulary and d_ff = 4 x width, random weights:", "",
+              "| width | parameters | fp32 | int8 | int8 / fp32 |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for d, n, f, q in sweep:
+        lines.append(f"| {d} | {n / 1e6:.1f}M | {f:.2f} | {q:.2f} | {q / f:.2f}x |")
     lines += ["", "Size on disk (MiB):", "", "| checkpoint | file | MiB |", "| --- | --- | ---: |"]
     for name, size in sizes:
         for k, v in size.items():

@@ -120,14 +120,14 @@ def test_export_that_does_not_reproduce_fails_and_writes_nothing(tmp_path, monke
 
 
 @pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
-def test_int8_quantizes_linear_and_gru_layers(arch):
+def test_int8_quantizes_linear_gru_and_embedding_layers(arch):
     model = model_of(arch)
-    from torch.ao.nn.quantized import dynamic
+    from torch.ao.nn.quantized import Embedding, dynamic
 
     q = quantize_int8(model)
     assert any(isinstance(m, dynamic.Linear) for m in q.modules())
-    assert not any(type(m) is torch.nn.Linear for m in q.modules())  # every float linear layer was replaced
-    assert not any(type(m) is torch.nn.GRU for m in q.modules())
+    assert not any(type(m) in (torch.nn.Linear, torch.nn.GRU, torch.nn.Embedding) for m in q.modules())  # every float one was replaced
+    assert isinstance(q.tokens.embed, Embedding) and q.tokens.embed.weight().dtype == torch.quint8
     if arch == "crt":
         assert sum(isinstance(m, dynamic.GRU) for m in q.modules()) == 2  # memory RNN and recurrent positions
     tokens = torch.randint(V, (2, L), generator=torch.Generator().manual_seed(3))

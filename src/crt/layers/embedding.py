@@ -23,7 +23,7 @@ class TokenEmbedding(nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens)  # [B, T] -> [B, T, D]
+        return self.embed(tokens.contiguous())  # [B, T] -> [B, T, D]  (int8's embedding needs contiguous ids)
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)  # [B, T, D] -> [B, T, V]
