@@ -72,7 +72,7 @@ def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw):
 @pytest.mark.parametrize("arch", ["crt", "transformer_xl"])
 def test_pt2_step_loops_like_pytorch(tmp_path, arch):
     model = model_of(arch)
-    r = export(model, "pt2", tmp_path / "step.pt2")
+    r = export(model, "pt2", tmp_path / "step.pt2", int8=False)
     assert r["int8_path"] is None and r["max_difference"] <= 1e-4
     program = torch.export.load(str(tmp_path / "step.pt2")).module()
     segments = [torch.randint(V, (1, L), generator=torch.Generator().manual_seed(i)) for i in range(6)]
@@ -84,6 +84,34 @@ def test_pt2_step_loops_like_pytorch(tmp_path, arch):
             for a, b in zip(out[1:], next_state):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             state = list(out[1:])
+
+
+def test_pt2_int8_program_has_int8_weights_and_tracks_fp32(tmp_path):
+    """The int8 pt2 program (torchao's dynamic quantization of the linear layers) loads, holds int8
+    weights, reproduces the int8 model (checked inside export) and stays near fp32."""
+    pytest.importorskip("torchao", reason="the edge extra: pip install -e '.[edge]'")
+    model = model_of("crt", d_model=64, d_ff=128)
+    r = export(model, "pt2", tmp_path / "step.pt2")
+    assert r["int8_path"] == tmp_path / "step.int8.pt2" and r["int8_path"].is_file()
+    assert r["int8_agreement"] >= 0.9 and 0 < r["int8_max_difference"] < 0.5  # int8 differs from fp32, a little
+    program = torch.export.load(str(r["int8_path"]))
+    int8_weights = [k for k, t in program.state_dict.items() if k.endswith("weight.original0") and t.dtype == torch.int8]
+    assert len(int8_weights) == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 10  # every linear layer, the head included
+    tokens = torch.randint(V, (1, L), generator=torch.Generator().manual_seed(0))
+    state = [torch.from_numpy(s) for s in initial_state(r["state_path"])]
+    with torch.no_grad():
+        out = program.module()(tokens, *state)
+        ref, _ = model(tokens, model.init_state(1, evaluation=True))
+    assert (out[0].argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
+def test_pt2_int8_without_torchao_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if torchao were absent
+    with pytest.raises(CRTError, match=r"needs torchao .*pip install -e \"\.\[edge\]\", or pass --no-int8"):
+        export(model_of(), "pt2", tmp_path / "x" / "step.pt2")
+    assert list((tmp_path / "x").iterdir()) == []
 
 
 def test_onnx_exporter_failure_is_one_clear_error(tmp_path, monkeypatch):
@@ -159,6 +187,7 @@ def test_cli_generate_score_eval_int8_and_export(tmp_path):
     exp = run_cli("export", "--checkpoint", "r", "--format", "pt2", "--out", "e/step.pt2", cwd=tmp_path)
     assert exp.returncode == 0, exp.stderr
     assert (tmp_path / "e" / "step.pt2").is_file() and (tmp_path / "e" / "step.pt2.state.safetensors").is_file()
+    assert (tmp_path / "e" / "step.int8.pt2").is_file() and "same argmax at" in exp.stdout and "Failed to load" not in exp.stderr
     # bad input: one line, exit 2
     (tmp_path / "odd.txt").write_text("<doc> zebra\n")
     one_line_error(run_cli("score", "--checkpoint", "r", "odd.txt", cwd=tmp_path), "odd.txt line 1", "zebra")

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the program (the initial state goes beside it)")
     p.add_argument("--batch-size", type=int, default=1, help="parallel streams B fixed in the program (default 1)")
     p.add_argument("--check-segments", type=int, default=4, help="consecutive segments the runtime must reproduce (default 4)")
-    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="onnx: also write FILE.int8.onnx, dynamically quantized (default on)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also write FILE.int8.onnx or FILE.int8.pt2, linear layers dynamically quantized to int8 (default on; pt2 needs torchao)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="analytic FLOPs per token and segment of presets, side by side")

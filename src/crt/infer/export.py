@@ -11,6 +11,13 @@ feeding each call's state outputs back in. The initial state is written beside t
 (FILE.state.safetensors). Every export is checked before it is kept: the runtime must reproduce
 PyTorch's logits and state over `check_segments` consecutive segments within `tolerance`, else
 nothing is written and the command fails.
+
+The int8 model is written beside it (FILE.int8.onnx or FILE.int8.pt2), with dynamic int8
+quantization of the linear layers (int8 weights, activations quantized per call): for ONNX,
+onnxruntime's quantizer rewrites the checked fp32 graph; for pt2, torchao quantizes the model
+before torch.export (torch's own dynamic quantization, `crt.infer.quantize_int8`, keeps packed
+weights that torch.export cannot save). The int8 program must reproduce the int8 model it was
+made from within `tolerance`; its difference from fp32 is reported, not bounded.
 """
 
 from __future__ import annotations
@@ -101,6 +108,51 @@ def _check(name: str, reference: list[list[torch.Tensor]], runtime: list[list], 
     return worst
 
 
+def _int8_report(reference: list[list[torch.Tensor]], runtime: list[list]) -> dict[str, float]:
+    """How far an int8 model's outputs are from fp32: max |difference| and the share of
+    positions whose argmax (next-token prediction) is the same."""
+    worst = max(_max_difference(r, o) for r, o in zip(reference, runtime))
+    if not np.isfinite(worst):
+        raise CRTError("the int8 model produced non-finite logits; nothing was written")
+    agree = [float((torch.as_tensor(np.asarray(o[0])).argmax(-1) == r[0].argmax(-1)).float().mean()) for r, o in zip(reference, runtime)]
+    return {"int8_max_difference": worst, "int8_agreement": sum(agree) / len(agree)}
+
+
+def _torchao_int8(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose linear layers are torchao's int8 dynamic quantization (int8 weights
+    per output channel, activations quantized per token), its weights unwrapped into plain int8
+    and float tensors so the exported program holds them as such. Loading the program needs
+    `import torchao` (its quantize ops), as ExecuTorch's XNNPACK lowering does."""
+    for name in ("torchao", "torch.utils._pytree"):  # torchao logs every optional GPU kernel it cannot load
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.utils import unwrap_tensor_subclass
+    except ImportError:
+        raise CRTError('an int8 pt2 program needs torchao (the edge extra): pip install -e ".[edge]", or pass --no-int8') from None
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+    return unwrap_tensor_subclass(quantized)
+
+
+def _write_pt2(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path):
+    """torch.export `step` to `path`; return the saved program, loaded back, as a runtime."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(step, example)
+        except Exception as e:  # one line for the user, whatever torch.export raised
+            raise CRTError(f"torch.export could not export {step.model.cfg.arch} ({str(e).splitlines()[0][:200]}); nothing was written") from None
+        torch.export.save(program, str(path))
+        loaded = torch.export.load(str(path)).module()
+
+    @torch.no_grad()
+    def run(tokens: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+        return [o.numpy() for o in loaded(torch.from_numpy(tokens), *[torch.from_numpy(np.asarray(s)) for s in state])]
+
+    return run
+
+
 def _onnx_session(path: Path):
     try:
         import onnxruntime as ort
@@ -139,9 +191,9 @@ def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path
 def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, check_segments: int = 4, tolerance: float = TOLERANCE, int8: bool = True) -> dict[str, object]:
     """Write the segment step of `model` to `out` as onnx or pt2, checked against PyTorch.
 
-    Also writes OUT.state.safetensors (the initial state, in input order) and, for onnx with
-    int8=True, OUT with suffix .int8.onnx (onnxruntime's dynamic int8 quantization of the
-    checked fp32 graph; its difference from fp32 is reported, not bounded).
+    Also writes OUT.state.safetensors (the initial state, in input order) and, with int8=True,
+    OUT with suffix .int8.onnx or .int8.pt2 (dynamic int8 quantization of the linear layers;
+    its difference from fp32 is reported, not bounded).
     Returns {path, int8_path, max_difference, int8_max_difference, int8_agreement, state_path}.
     """
     from safetensors.torch import save_file
@@ -187,33 +239,20 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
                 finally:
                     root.setLevel(level)
                 stripped.unlink()
-                runtime = _run_loop(_onnx_session(tmp_int8), step, segments)
-                result["int8_max_difference"] = max(_max_difference(r, o) for r, o in zip(reference, runtime))
-                agree = [float((torch.from_numpy(o[0]).argmax(-1) == r[0].argmax(-1)).float().mean()) for r, o in zip(reference, runtime)]
-                result["int8_agreement"] = sum(agree) / len(agree)  # share of positions whose argmax matches fp32
-                if not np.isfinite(result["int8_max_difference"]):
-                    raise CRTError("the int8 ONNX model produced non-finite logits; nothing was written")
+                result.update(_int8_report(reference, _run_loop(_onnx_session(tmp_int8), step, segments)))
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    program = torch.export.export(step, example)
-                except Exception as e:  # one line for the user, whatever torch.export raised
-                    raise CRTError(f"torch.export could not export {cfg.arch} ({str(e).splitlines()[0][:200]}); nothing was written") from None
-                torch.export.save(program, str(tmp_out))
-                loaded = torch.export.load(str(tmp_out)).module()
-
-            def run(tokens: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
-                return [o.numpy() for o in loaded(torch.from_numpy(tokens), *[torch.from_numpy(np.asarray(s)) for s in state])]
-
-            with torch.no_grad():
-                result["max_difference"] = _check("the torch.export program", reference, _run_loop(run, step, segments), tolerance)
+            result["max_difference"] = _check("the torch.export program", reference, _run_loop(_write_pt2(step, example, tmp_out), step, segments), tolerance)
+            if int8:
+                int8_step = SegmentStep(_torchao_int8(model), batch_size)
+                runtime = _run_loop(_write_pt2(int8_step, example, Path(tmp) / (out.stem + ".int8.pt2")), step, segments)
+                _check("the int8 torch.export program", _reference(int8_step, segments), runtime, tolerance)
+                result.update(_int8_report(reference, runtime))
         state_path = Path(tmp) / (out.name + ".state.safetensors")
         save_file({f"state_in_{i}": s.contiguous() for i, s in enumerate(step.initial)}, str(state_path))
         # every file checked: move them into place (rename is atomic on one filesystem)
         for f in Path(tmp).iterdir():
             os.replace(f, out.parent / f.name)
-    if fmt == "onnx" and int8:
-        result["int8_path"] = out.parent / (out.stem + ".int8.onnx")
+    if int8:
+        result["int8_path"] = out.parent / f"{out.stem}.int8.{fmt}"
     result["state_path"] = out.parent / (out.name + ".state.safetensors")
     return result
