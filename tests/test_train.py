@@ -143,6 +143,39 @@ def test_checkpoint_from_another_model_is_rejected(trained):
         ckpt.load_weights(_model_for(ckpt, "transformer"))
 
 
+def test_weights_with_shared_buffers_and_tied_tensors_round_trip(tmp_path):
+    """On CUDA, cuDNN packs a GRU's weights into one buffer (views that share it without covering
+    it), which safetensors' save_model refuses; tied embedding and head are one tensor. Both save
+    (the tied one once), load back exactly, and a file from save_model still loads."""
+    from safetensors.torch import load_file, save_model
+
+    from crt.train.checkpoint import load_weights, save_weights
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="crt", vocab_size=20, d_model=16, n_layer=1, n_head=2, d_ff=32, segment_len=4))
+    gru = model.memory_rnn.gru
+    flat = torch.cat([p.detach().reshape(-1) for p in gru._flat_weights])  # what cuDNN's flatten_parameters does
+    offset = 0
+    for name in gru._flat_weights_names:
+        p = getattr(gru, name)
+        setattr(gru, name, torch.nn.Parameter(flat[offset : offset + p.numel()].view_as(p)))
+        offset += p.numel()
+    with pytest.raises(RuntimeError):
+        save_model(model, str(tmp_path / "refused.safetensors"))
+    save_weights(model, tmp_path / "w.safetensors")
+    saved = load_file(str(tmp_path / "w.safetensors"))
+    assert ("tokens.embed.weight" in saved) != ("tokens.head.weight" in saved)  # the tied tensor once
+    fresh = build_model(model.cfg)
+    assert load_weights(fresh, tmp_path / "w.safetensors") == ([], [])
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert fresh.tokens.head.weight is fresh.tokens.embed.weight  # still tied after loading
+    plain = build_model(model.cfg)
+    save_model(plain, str(tmp_path / "old.safetensors"))  # checkpoints written before save_weights
+    assert load_weights(fresh, tmp_path / "old.safetensors") == ([], [])
+    assert torch.equal(fresh.tokens.head.weight, plain.tokens.embed.weight)
+
+
 def test_missing_checkpoint_is_reported(tmp_path):
     with pytest.raises(CRTError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")

@@ -64,6 +64,8 @@ def generate(
         token = sample(logits, temperature, top_k, top_p, generator)  # [1]
         logits = stream.feed(token)
         if latencies is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the kernels run asynchronously: time them, not their launch
             latencies.append(time.perf_counter() - start)
         out.append(int(token))
     return out

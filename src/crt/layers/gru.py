@@ -23,7 +23,7 @@ class GRU(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [B, T, I], h: [B, H]
-        out, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype))  # [B, T, H], [1, B, H]
+        out, h_last = self.gru(x, h.unsqueeze(0).to(x.dtype).contiguous())  # [B, T, H], [1, B, H]  (cuDNN needs h contiguous)
         return out, h_last.squeeze(0)
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from crt.errors import CRTError
 
@@ -34,6 +34,39 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the state dict grouped by tensor: tied weights (embedding and head) share one."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), []).append(name)
+    return list(groups.values())
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The weights as safetensors, on the CPU, a tied tensor once (under its first name).
+
+    Not safetensors' save_model: on CUDA, cuDNN packs each GRU's four weights into one buffer,
+    and save_model refuses views that share a buffer without covering it."""
+    state = model.state_dict()
+    save_file({group[0]: state[group[0]].detach().cpu().contiguous() for group in _tied_groups(model)}, str(path))
+
+
+def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Load what save_weights wrote (or safetensors' save_model) into `model`, on any device;
+    a tied tensor is filled from whichever of its names the file has. -> (missing, unexpected)."""
+    saved, full, missing = load_file(str(path)), {}, []
+    for group in _tied_groups(model):
+        found = next((name for name in group if name in saved), None)
+        if found is None:
+            missing += group
+        else:
+            full.update(dict.fromkeys(group, saved[found]))
+    unexpected = sorted(set(saved) - set(full))
+    if not missing and not unexpected:
+        model.load_state_dict(full)
+    return missing, unexpected
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -55,7 +88,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, 
     final = ckpt_root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        save_model(model, str(tmp / WEIGHTS))
+        save_weights(model, tmp / WEIGHTS)
         torch.save(trainer, tmp / TRAINER)
         meta = {**meta, "step": step, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), TRAINER: _sha256(tmp / TRAINER)}}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
@@ -100,7 +133,7 @@ class Checkpoint:
     def load_weights(self, model: nn.Module) -> None:
         self._verify(WEIGHTS)
         try:
-            missing, unexpected = load_model(model, str(self.path / WEIGHTS), strict=False)
+            missing, unexpected = load_weights(model, self.path / WEIGHTS)
         except (SafetensorError, RuntimeError, OSError) as e:
             raise CRTError(f"cannot load weights from {self.path / WEIGHTS}: {str(e).splitlines()[0]}") from None
         if missing or unexpected:
