@@ -8,7 +8,7 @@ For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
 - per-token latency of greedy generation (median, p95), one token at a time with the state carried;
 - streaming tokens/s of `crt score`'s path (whole segments, state carried);
 - PTB test perplexity;
-- size on disk: safetensors (fp32), the int8 state dict, and the ONNX step files;
+- size on disk: safetensors (fp32), the int8 state dict, and the ONNX and pt2 step files;
 - per-token latency, fp32 and int8, of CRTs of growing width (random weights: latency does not
   depend on their values), to show where int8 starts to pay;
 - peak RSS of a fresh process that streams 1k and 100k tokens (also a full-context Transformer,
@@ -172,9 +172,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(int8.state_dict(), Path(tmp) / "int8.pt")
             size = {"fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size, "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size}
-            r = export(model, "onnx", Path(tmp) / "step.onnx")
-            size["fp32 ONNX step"] = r["path"].stat().st_size
-            size["int8 ONNX step"] = r["int8_path"].stat().st_size
+            for fmt, label in (("onnx", "ONNX step"), ("pt2", "torch.export step (pt2)")):
+                r = export(model, fmt, Path(tmp) / f"step.{fmt}")
+                size[f"fp32 {label}"] = r["path"].stat().st_size
+                size[f"int8 {label}"] = r["int8_path"].stat().st_size
         sizes.append((name, size))
         rss.append((name, [peak_rss(path, n, args) for n in args.rss_tokens]))
     rss.append(("full-context Transformer (3 x 128, KV cache of every token)", [peak_rss("full-context", n, args) for n in args.rss_tokens]))

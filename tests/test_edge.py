@@ -69,7 +69,7 @@ def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw):
         assert any(i.data_type == 3 for i in __import__("onnx").load(str(r["int8_path"])).graph.initializer)  # INT8 tensors
 
 
-@pytest.mark.parametrize("arch", ["crt", "transformer_xl"])
+@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
 def test_pt2_step_loops_like_pytorch(tmp_path, arch):
     model = model_of(arch)
     r = export(model, "pt2", tmp_path / "step.pt2", int8=False)
@@ -96,7 +96,8 @@ def test_pt2_int8_program_has_int8_weights_and_tracks_fp32(tmp_path):
     assert r["int8_agreement"] >= 0.9 and 0 < r["int8_max_difference"] < 0.5  # int8 differs from fp32, a little
     program = torch.export.load(str(r["int8_path"]))
     int8_weights = [k for k, t in program.state_dict.items() if k.endswith("weight.original0") and t.dtype == torch.int8]
-    assert len(int8_weights) == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 10  # every linear layer, the head included
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    assert len(int8_weights) == sum(isinstance(m, kinds) for m in model.modules()) == 11  # every linear layer and the embedding
     tokens = torch.randint(V, (1, L), generator=torch.Generator().manual_seed(0))
     state = [torch.from_numpy(s) for s in initial_state(r["state_path"])]
     with torch.no_grad():

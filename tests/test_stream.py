@@ -21,10 +21,10 @@ def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
     return build_model(ModelConfig(arch=arch, **{**BASE, **kw})).eval()
 
 
-def segment_path(model, tokens: torch.Tensor) -> torch.Tensor:
+def segment_path(model, tokens: torch.Tensor, segment_len: int = L) -> torch.Tensor:
     """Logits [B, T, V] of running whole segments with the state carried (what crt eval does)."""
     with torch.no_grad():
-        segments = iter_segments(model, tokens, model.init_state(tokens.shape[0], evaluation=True), L)
+        segments = iter_segments(model, tokens, model.init_state(tokens.shape[0], evaluation=True), segment_len)
         return torch.cat([logits for _, logits, _ in segments], dim=1)
 
 
@@ -122,6 +122,18 @@ def test_transformer_stream_caches_one_segment_and_rejects_other_models():
     video = build_model(ModelConfig(arch="crvit", num_classes=3, frame_shape="6x3", d_model=32, n_layer=1, n_head=4, d_ff=64, segment_len=4))
     with pytest.raises(CRTError, match="no token-by-token stream"):
         open_stream(video)
+
+
+@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
+def test_streams_use_the_evaluation_segment_length(arch):
+    """With eval_segment_len (3) shorter than the training segments (5), every stream closes its
+    segments where `crt eval` does: its logits equal the segment path over segments of 3."""
+    model = model_of(arch, eval_segment_len=3, positions="learned" if arch not in ("crt", "transformer_xl") else "auto")
+    tokens = torch.randint(V, (2, 11), generator=torch.Generator().manual_seed(8))
+    logits = stream_path(open_stream(model, batch_size=2), tokens)
+    torch.testing.assert_close(logits, segment_path(model, tokens, 3), atol=2e-5, rtol=1e-4)
+    if arch != "transformer_xl":  # XL's memory spans segments: the boundary moves nothing it can see
+        assert (logits - segment_path(model, tokens, L)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("arch", ["crt", "rmt", "transformer_xl", "armt"])

@@ -174,6 +174,12 @@ def test_weights_with_shared_buffers_and_tied_tensors_round_trip(tmp_path):
     save_model(plain, str(tmp_path / "old.safetensors"))  # checkpoints written before save_weights
     assert load_weights(fresh, tmp_path / "old.safetensors") == ([], [])
     assert torch.equal(fresh.tokens.head.weight, plain.tokens.embed.weight)
+    untied = build_model(dataclasses.replace(model.cfg, tie_weights=False))
+    save_weights(untied, tmp_path / "untied.safetensors")  # a head of its own: not silently dropped
+    assert load_weights(fresh, tmp_path / "untied.safetensors") == ([], ["tokens.head.weight"])
+    wider = build_model(dataclasses.replace(model.cfg, d_model=24))
+    with pytest.raises(CRTError, match=r"does not fit this model: memory_init is \[16\] there and \[24\] here"):
+        load_weights(wider, tmp_path / "w.safetensors")
 
 
 def test_missing_checkpoint_is_reported(tmp_path):

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--confusion", metavar="PNG", help="video: where to write the confusion matrix (default RUN/confusion-SPLIT.png)")
-    p.add_argument("--int8", action="store_true", help="language models: also score an int8 copy (dynamic quantization of linear and GRU layers, CPU) beside fp32")
+    p.add_argument("--int8", action="store_true", help="language models: also score an int8 copy (dynamic quantization of linear and GRU layers, int8 embeddings, CPU) beside fp32")
     _add_field_flags(p, list(EVAL_FIELDS), "evaluation options (default: as trained)")
     p.set_defaults(func=cmd_eval)
 

@@ -15,8 +15,8 @@ nothing is written and the command fails.
 The int8 model is written beside it (FILE.int8.onnx or FILE.int8.pt2), with dynamic int8
 quantization of the linear layers (int8 weights, activations quantized per call): for ONNX,
 onnxruntime's quantizer rewrites the checked fp32 graph; for pt2, torchao quantizes the model
-before torch.export (torch's own dynamic quantization, `crt.infer.quantize_int8`, keeps packed
-weights that torch.export cannot save). The int8 program must reproduce the int8 model it was
+(linear layers, and embeddings to int8 rows) before torch.export (torch's own dynamic
+quantization, `crt.infer.quantize_int8`, keeps packed weights that torch.export cannot save). The int8 program must reproduce the int8 model it was
 made from within `tolerance`; its difference from fp32 is reported, not bounded.
 """
 
@@ -119,30 +119,45 @@ def _int8_report(reference: list[list[torch.Tensor]], runtime: list[list]) -> di
 
 
 def _torchao_int8(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose linear layers are torchao's int8 dynamic quantization (int8 weights
-    per output channel, activations quantized per token), its weights unwrapped into plain int8
-    and float tensors so the exported program holds them as such. Loading the program needs
-    `import torchao` (its quantize ops), as ExecuTorch's XNNPACK lowering does."""
-    for name in ("torchao", "torch.utils._pytree"):  # torchao logs every optional GPU kernel it cannot load
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """A copy of `model` for an int8 program, as `crt.infer.quantize_int8` does for eager torch:
+    torchao's int8 dynamic quantization of the linear layers (int8 weights per output channel,
+    activations quantized per token) and int8 embeddings (one scale per row, weight only), the
+    weights unwrapped into plain int8 and float tensors so the exported program holds them as
+    such. Loading the program needs `import torchao` (its quantize ops), as ExecuTorch's
+    XNNPACK lowering does. GRUs stay fp32 (torchao quantizes linear layers and embeddings)."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:  # torchao logs every optional GPU kernel it cannot load, at import
+        logger.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis
         from torchao.utils import unwrap_tensor_subclass
+
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Int8DynamicActivationInt8WeightConfig())  # nn.Linear (tied heads get their own int8 copy)
+        is_embedding = lambda module, _name: isinstance(module, nn.Embedding)  # noqa: E731
+        quantize_(quantized, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), filter_fn=is_embedding)
+        return unwrap_tensor_subclass(quantized)
     except ImportError:
         raise CRTError('an int8 pt2 program needs torchao (the edge extra): pip install -e ".[edge]", or pass --no-int8') from None
-    quantized = copy.deepcopy(model)
-    quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
-    return unwrap_tensor_subclass(quantized)
+    except Exception as e:  # one line for the user, whatever torchao raised
+        raise CRTError(f"torchao could not quantize {model.cfg.arch} to int8 ({str(e).splitlines()[0][:200]}): try --no-int8; nothing was written") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
-def _write_pt2(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path):
-    """torch.export `step` to `path`; return the saved program, loaded back, as a runtime."""
+def _write_pt2(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path, what: str = ""):
+    """torch.export `step` to `path`; return the saved program, loaded back, as a runtime.
+    what: how the failure message names the model ("" or "the int8 copy of ")."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.export.export(step, example)
         except Exception as e:  # one line for the user, whatever torch.export raised
-            raise CRTError(f"torch.export could not export {step.model.cfg.arch} ({str(e).splitlines()[0][:200]}); nothing was written") from None
+            hint = ": try --no-int8" if what else ""
+            raise CRTError(f"torch.export could not export {what}{step.model.cfg.arch} ({str(e).splitlines()[0][:200]}){hint}; nothing was written") from None
         torch.export.save(program, str(path))
         loaded = torch.export.load(str(path)).module()
 
@@ -244,7 +259,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
             result["max_difference"] = _check("the torch.export program", reference, _run_loop(_write_pt2(step, example, tmp_out), step, segments), tolerance)
             if int8:
                 int8_step = SegmentStep(_torchao_int8(model), batch_size)
-                runtime = _run_loop(_write_pt2(int8_step, example, Path(tmp) / (out.stem + ".int8.pt2")), step, segments)
+                runtime = _run_loop(_write_pt2(int8_step, example, Path(tmp) / (out.stem + ".int8.pt2"), "the int8 copy of "), step, segments)
                 _check("the int8 torch.export program", _reference(int8_step, segments), runtime, tolerance)
                 result.update(_int8_report(reference, runtime))
         state_path = Path(tmp) / (out.name + ".state.safetensors")

@@ -2,10 +2,11 @@
 
 Weights of every nn.Linear (attention, feed-forward, memory projection, LM head) and nn.GRU
 (CRT's memory RNN and recurrent positions) are stored as int8 with one scale per tensor;
-activations are quantized on the fly per batch (dynamic quantization). The token embedding
-is stored as int8 too, one scale and offset per row (a lookup needs no activation
-quantization); with tied weights the head and the embedding each get their int8 copy. Norms
-and the NCGRU (its recurrent matrix is a Cayley transform computed from parameters) stay fp32.
+activations are quantized on the fly per batch (dynamic quantization). Every nn.Embedding
+(the token embedding, learned positions) is stored as int8 too, one scale and offset per row
+(a lookup needs no activation quantization); with tied weights the head and the embedding
+each get their int8 copy. Norms and the NCGRU (its recurrent matrix is a Cayley transform
+computed from parameters) stay fp32.
 """
 
 from __future__ import annotations

@@ -56,17 +56,22 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
     """Load what save_weights wrote (or safetensors' save_model) into `model`, on any device;
     a tied tensor is filled from whichever of its names the file has. -> (missing, unexpected)."""
-    saved, full, missing = load_file(str(path)), {}, []
+    saved, state, full, missing, untied = load_file(str(path)), model.state_dict(), {}, [], set()
     for group in _tied_groups(model):
-        found = next((name for name in group if name in saved), None)
-        if found is None:
+        found = [name for name in group if name in saved]
+        if not found:
             missing += group
-        else:
-            full.update(dict.fromkeys(group, saved[found]))
-    unexpected = sorted(set(saved) - set(full))
-    if not missing and not unexpected:
-        model.load_state_dict(full)
-    return missing, unexpected
+            continue
+        full.update(dict.fromkeys(group, saved[found[0]]))
+        untied.update(name for name in found[1:] if not torch.equal(saved[found[0]], saved[name]))  # this model cannot hold them
+    unexpected = sorted(set(saved) - set(full) | untied)
+    if missing or unexpected:
+        return missing, unexpected
+    for name, t in full.items():
+        if t.shape != state[name].shape:
+            raise CRTError(f"{path} does not fit this model: {name} is {list(t.shape)} there and {list(state[name].shape)} here (another width or vocabulary?)")
+    model.load_state_dict(full)
+    return [], []
 
 
 def write_atomic(path: Path, text: str) -> None:
