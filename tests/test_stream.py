@@ -136,7 +136,7 @@ def test_streams_use_the_evaluation_segment_length(arch):
         assert (logits - segment_path(model, tokens, L)).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ["crt", "rmt", "transformer_xl", "armt"])
+@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
 def test_greedy_generation_is_the_argmax_of_teacher_forced_logits(arch):
     """Generate 19 tokens greedily after a 3-token prompt (crossing four segment boundaries);
     re-reading prompt + output through the segment path, each generated token is the argmax
