@@ -9,6 +9,8 @@ For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
 - streaming tokens/s of `crt score`'s path (whole segments, state carried);
 - PTB test perplexity;
 - size on disk: safetensors (fp32), the int8 state dict, and the ONNX and pt2 step files;
+- one segment step's latency in PyTorch eager, onnxruntime and AOTInductor (the pt2 programs
+  compiled; needs a C++ compiler), fp32 and int8;
 - per-token latency, fp32 and int8, of CRTs of growing width (random weights: latency does not
   depend on their values), to show where int8 starts to pay;
 - peak RSS of a fresh process that streams 1k and 100k tokens (also a full-context Transformer,
@@ -121,6 +123,50 @@ def width_sweep(widths: list[int], prompt: list[int], n: int) -> list[tuple[int,
     return rows
 
 
+def step_latencies(model, int8_model, tmp: Path, threads: int, n: int = 100) -> dict[str, float | str]:
+    """Median ms of one segment step (batch 1, the initial state) per runtime, fp32 and int8:
+    PyTorch eager, onnxruntime on the exported ONNX steps, and the pt2 programs compiled by
+    AOTInductor (which needs a C++ compiler: a failure is reported, not hidden). Reads the step
+    files `export` wrote to tmp."""
+    import numpy as np
+    import onnxruntime as ort
+    import torchao  # noqa: F401  (the int8 pt2 program's quantize ops)
+
+    from crt.infer.export import SegmentStep
+
+    def median_ms(run) -> float:
+        times = []
+        with torch.no_grad():
+            for _ in range(n):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times[10:]) * 1e3
+
+    step = SegmentStep(model)
+    L = model.cfg.eval_segment_len or model.cfg.segment_len
+    tokens = torch.randint(model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
+    state = step.initial
+    out: dict[str, float | str] = {}
+    for label, m in (("fp32", model), ("int8", int8_model)):
+        eager = SegmentStep(m)
+        out[f"PyTorch eager, {label}"] = median_ms(lambda: eager(tokens, *state))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    for label, name in (("fp32", "step.onnx"), ("int8", "step.int8.onnx")):
+        session = ort.InferenceSession(str(tmp / name), options, providers=["CPUExecutionProvider"])
+        feed = dict(zip([i.name for i in session.get_inputs()], [tokens.numpy(), *[np.asarray(s) for s in state]]))
+        out[f"onnxruntime, {label}"] = median_ms(lambda: session.run(None, feed))
+    for label, name in (("fp32", "step.pt2"), ("int8", "step.int8.pt2")):
+        try:
+            package = torch._inductor.aoti_compile_and_package(torch.export.load(str(tmp / name)), package_path=str(tmp / f"aoti-{name}"))
+            compiled = torch._inductor.aoti_load_package(package)
+            out[f"AOTInductor, {label}"] = median_ms(lambda: compiled(tokens, *state))
+        except Exception as e:  # the table says what did not work
+            out[f"AOTInductor, {label}"] = f"failed: {str(e).splitlines()[0][:120]}"
+    return out
+
+
 def stream_speed(model, data: list[int]) -> float:
     from crt.infer import score_stream
 
@@ -157,7 +203,7 @@ def main() -> None:
     test = ptb_tokens(args.data_dir, "test")
     stream_data = test[: args.stream_tokens].tolist()
     prompt = test[:20].tolist()
-    rows, sizes, rss = [], [], []
+    rows, sizes, rss, steps = [], [], [], []
     for path in args.checkpoint or [str(ROOT / c) for c in DEFAULT_CHECKPOINTS]:
         model, vocab, mcfg, tcfg = load(path)
         name = Path(path).name
@@ -176,6 +222,8 @@ def main() -> None:
                 r = export(model, fmt, Path(tmp) / f"step.{fmt}")
                 size[f"fp32 {label}"] = r["path"].stat().st_size
                 size[f"int8 {label}"] = r["int8_path"].stat().st_size
+            steps.append((name, step_latencies(model, int8, Path(tmp), args.threads)))
+            print(steps[-1], file=sys.stderr, flush=True)
         sizes.append((name, size))
         rss.append((name, [peak_rss(path, n, args) for n in args.rss_tokens]))
     rss.append(("full-context Transformer (3 x 128, KV cache of every token)", [peak_rss("full-context", n, args) for n in args.rss_tokens]))
@@ -206,6 +254,14 @@ def main() -> None:
               "| width | parameters | fp32 | int8 | int8 / fp32 |", "| ---: | ---: | ---: | ---: | ---: |"]
     for d, n, f, q in sweep:
         lines.append(f"| {d} | {n / 1e6:.1f}M | {f:.2f} | {q:.2f} | {q / f:.2f}x |")
+    lines += ["", "One segment step (batch 1, a whole segment of tokens at once, as `crt score` and an exported program run it), median ms per runtime:", "",
+              "| checkpoint | runtime | fp32 | int8 | int8 / fp32 |", "| --- | --- | ---: | ---: | ---: |"]
+    for name, times in steps:
+        for runtime in ("PyTorch eager", "onnxruntime", "AOTInductor"):
+            f, q = times[f"{runtime}, fp32"], times[f"{runtime}, int8"]
+            ratio = f"{q / f:.2f}x" if isinstance(f, float) and isinstance(q, float) else "-"
+            cell = lambda v: f"{v:.2f}" if isinstance(v, float) else v  # noqa: E731
+            lines.append(f"| {name} | {runtime} | {cell(f)} | {cell(q)} | {ratio} |")
     lines += ["", "Size on disk (MiB):", "", "| checkpoint | file | MiB |", "| --- | --- | ---: |"]
     for name, size in sizes:
         for k, v in size.items():
