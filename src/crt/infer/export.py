@@ -16,8 +16,9 @@ The int8 model is written beside it (FILE.int8.onnx or FILE.int8.pt2), with dyna
 quantization of the linear layers (int8 weights, activations quantized per call): for ONNX,
 onnxruntime's quantizer rewrites the checked fp32 graph; for pt2, torchao quantizes the model
 (linear layers, and embeddings to int8 rows) before torch.export (torch's own dynamic
-quantization, `crt.infer.quantize_int8`, keeps packed weights that torch.export cannot save). The int8 program must reproduce the int8 model it was
-made from within `tolerance`; its difference from fp32 is reported, not bounded.
+quantization, `crt.infer.quantize_int8`, keeps packed weights that torch.export cannot save).
+The int8 pt2 program must reproduce the int8 model it was made from within `tolerance`; the
+difference of either int8 file from fp32 is reported, not bounded.
 """
 
 from __future__ import annotations
