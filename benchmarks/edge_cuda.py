@@ -102,7 +102,7 @@ def exports(device: torch.device) -> list[tuple[str, str, str]]:
             for fmt in ("onnx", "pt2"):
                 try:
                     r = export(model, fmt, Path(tmp) / f"{arch}.{fmt}", int8=fmt == "onnx")
-                    rows.append((arch, fmt, f"max |difference| {r['max_difference']:.1e}"))
+                    rows.append((arch, fmt, f"max abs difference {r['max_difference']:.1e}"))
                 except Exception as e:  # report, do not hide: this table says what did not work
                     rows.append((arch, fmt, f"failed: {str(e).splitlines()[0][:150]}"))
                 print(rows[-1], file=sys.stderr, flush=True)
