@@ -187,15 +187,12 @@ class ARMTStream(TransformerStream):
     def _layers(self, h: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
         A, z = self.state  # [B, L, H, d_phi, d_v], [B, L, H, d_phi]
         writing = self.fed == self.segment_len  # the segment is full: h holds the memory tokens
-        written = []
+        As, zs = [], []
         for l, (layer, cache) in enumerate(zip(self.model.layers, self.caches)):
-            A_l, z_l = A[:, l].to(h.dtype), z[:, l].to(h.dtype)
-            h = h + layer.memory.read(h, A_l, z_l)  # [B, T, D]  h += A^T q / max(z . q, 1)
-            h = layer.block(h, cache=cache, **attn_kwargs)  # [B, T, D]
-            if writing:
-                written.append(layer.memory.write(h, A_l, z_l))
+            h, A_l, z_l = layer(h, A[:, l].to(h.dtype), z[:, l].to(h.dtype), write=writing, cache=cache, **attn_kwargs)  # [B, T, D]
+            As.append(A_l)
+            zs.append(z_l)
         if writing:
-            As, zs = zip(*written)
             self.state = ARMTState(torch.stack(As, dim=1).to(A.dtype), torch.stack(zs, dim=1).to(z.dtype))
         return h
 

@@ -49,11 +49,13 @@ class ARMTLayer(nn.Module):
         self.memory = AssociativeMemory(d_model, d_key, assoc_heads, nu, correction, floor)
         self.block = Block(d_model, n_head, d_ff, dropout, attn_dropout)
 
-    def forward(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor, write: bool = True, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # h: [B, S, D] (memory tokens last); A: [B, H, d_phi, d_v]; z: [B, H, d_phi]
+        # write: False when h holds no memory tokens (a stream's single token): (A, z) unchanged
         h = h + self.memory.read(h, A, z)  # [B, S, D]
         h = self.block(h, **attn_kwargs)  # [B, S, D]
-        A, z = self.memory.write(h[:, -self.mem_tokens :], A, z)
+        if write:
+            A, z = self.memory.write(h[:, -self.mem_tokens :], A, z)
         return h, A, z
 
 
