@@ -24,7 +24,7 @@ SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10,
 
 def configs(tmp_path: Path, arch="crt", **train_kw):
     m = ModelConfig(arch=arch, **SMALL_MODEL)
-    t = TrainConfig(**{**SMALL_DATA, "batch_size": 4, "bptt_segments": 2, "max_steps": 6, "warmup_steps": 2,
+    t = TrainConfig(**{**SMALL_DATA, "protocol": "stream", "batch_size": 4, "bptt_segments": 2, "max_steps": 6, "warmup_steps": 2,
                        "eval_every": 0, "log_every": 1, "out_dir": str(tmp_path / "run"), **train_kw})
     return m, t
 
@@ -223,7 +223,7 @@ TINY = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8
 def test_cli_train_eval_smoke(tmp_path):
     proc = run_cli("train", "--preset", "synthetic-crt", *TINY, "--out-dir", "r", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "valid ppl" in proc.stdout and "crt" in proc.stdout
+    assert "valid recall" in proc.stdout and "test recall" in proc.stdout and "crt" in proc.stdout
     proc = run_cli("eval", "--checkpoint", "r", "--split", "test", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ppl" in proc.stdout and "recall" in proc.stdout
@@ -232,46 +232,110 @@ def test_cli_train_eval_smoke(tmp_path):
     assert load_checkpoint(tmp_path / "r").meta["step"] == 4
 
 
-def test_preset_stages_continue_the_run_with_their_fields(tmp_path):
-    """A [[stage]] resumes the run from its last checkpoint with its training fields changed,
-    up to its own max_steps; the logged steps run on without a gap or a repeat."""
-    preset = tmp_path / "staged.toml"
-    preset.write_text(
-        '[model]\narch = "crt"\nd_model = 32\nn_layer = 1\nn_head = 4\nd_ff = 64\nsegment_len = 8\n'
-        '[train]\nsynth_filler = 1\nsynth_train_docs = 60\nsynth_valid_docs = 5\nsynth_test_docs = 5\nbatch_size = 4\n'
-        'max_steps = 3\neval_every = 0\nlog_every = 1\nout_dir = "r"\n'
-        '[[stage]]\nsynth_filler = 9\nbptt_segments = 3\nmax_steps = 5\n'
-    )
-    proc = run_cli("train", "--preset", str(preset), "--no-progress", cwd=tmp_path)
+STAGED = (
+    '[model]\narch = "crt"\nd_model = 32\nn_layer = 1\nn_head = 4\nd_ff = 64\nsegment_len = 8\n'
+    '[train]\nprotocol = "document"\nloss = "answers"\nsynth_filler = 1\nsynth_train_docs = 60\nsynth_valid_docs = 5\nsynth_test_docs = 5\n'
+    'batch_size = 4\nbptt_segments = 0\nmax_steps = 40\neval_every = 2\nlog_every = 1\nkeep_checkpoints = 10\nout_dir = "r"\n'
+)
+
+
+def staged(tmp_path: Path, *stages: str) -> str:
+    path = tmp_path / "staged.toml"
+    path.write_text(STAGED + "".join(f"[[stage]]\n{s}\n" for s in stages))
+    return str(path)
+
+
+def stage_records(run: Path) -> list[tuple[int, int]]:
+    return [(r["step"], r["stage"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "stage"]
+
+
+def test_curriculum_advances_when_the_condition_holds_and_ends_when_the_last_one_does(tmp_path):
+    # ppl <= 1e9 holds at the first validation (step 2); recall >= 0 too
+    preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', 'synth_filler = 9\nsteps = 10\nadvance = "recall >= 0"')
+    proc = run_cli("train", "--preset", preset, "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "stage 2: synth_filler = 9, bptt_segments = 3, max_steps = 5" in proc.stdout
+    assert "-- stage 2 of 2 (synth_filler = 9), from step 3: valid ppl <= 1e9 held" in proc.stdout
+    assert stage_records(tmp_path / "r") == [(2, 2)]
     ckpt = load_checkpoint(tmp_path / "r")
-    assert ckpt.meta["step"] == 5 and ckpt.meta["train"]["synth_filler"] == 9 and ckpt.meta["train"]["bptt_segments"] == 3
-    steps = [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train"]
-    assert steps == [1, 2, 3, 4, 5]
-    # --no-stages stops after the first stage
-    proc = run_cli("train", "--preset", str(preset), "--no-progress", "--no-stages", "--out-dir", "s", cwd=tmp_path)
+    assert ckpt.meta["step"] == 4 and ckpt.meta["stage"] == 1 and ckpt.train_config().synth_filler == 9
+    assert "passed 2/2" in proc.stdout and "valid recall" in proc.stdout and "test recall" in proc.stdout and " of 10" in proc.stdout  # 5 documents x 2 pairs
+
+
+def test_curriculum_fails_a_stage_at_its_step_limit(tmp_path):
+    preset = staged(tmp_path, 'steps = 6\nadvance = "recall >= 1.01"', 'synth_filler = 9\nsteps = 10')
+    proc = run_cli("train", "--preset", preset, "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    failure = [line for line in proc.stderr.splitlines() if "failed" in line]
+    assert len(failure) == 1 and "stage 1 of 2" in failure[0] and "within its 6 steps" in failure[0], proc.stderr
+    assert "failed at 1/2" in proc.stdout
+    ckpt = load_checkpoint(tmp_path / "r")
+    assert ckpt.meta["step"] == 6 and ckpt.meta["stage"] == 0  # the failed stage's last checkpoint is kept
+    # a stage without a condition simply runs its steps, and the next one follows
+    preset = staged(tmp_path, "steps = 3", "synth_filler = 9\nsteps = 2")
+    proc = run_cli("train", "--preset", preset, "--no-progress", "--out-dir", "plain", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert load_checkpoint(tmp_path / "s").meta["step"] == 3
+    assert stage_records(tmp_path / "plain") == [(3, 2)] and load_checkpoint(tmp_path / "plain").meta["step"] == 5
 
 
-def test_stages_must_extend_the_run_and_change_training_fields_only(tmp_path):
-    from crt.config import load_stages
+def test_explicit_flags_beat_the_stages(tmp_path):
+    preset = staged(tmp_path, "steps = 3", "synth_filler = 9\nbptt_segments = 2\nsteps = 30")
+    proc = run_cli("train", "--preset", preset, "--no-progress", "--synth-filler", "5", "--max-steps", "7", cwd=tmp_path)
+    assert proc.returncode == 1  # stopped by --max-steps before the curriculum was done: said, not hidden
+    assert "--synth-filler given" in proc.stderr and "stopped at max_steps = 7 in stage 2 of 2" in proc.stderr
+    ckpt = load_checkpoint(tmp_path / "r")
+    t = ckpt.train_config()
+    assert ckpt.meta["step"] == 7 and t.synth_filler == 5 and t.bptt_segments == 2
+
+
+def test_resume_continues_the_right_stage_exactly(tmp_path):
+    """Interrupted inside stage 1 and inside stage 2, the resumed runs retrace the uninterrupted one."""
+    preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', 'synth_filler = 9\nsteps = 6')
+    proc = run_cli("train", "--preset", preset, "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    full = losses(tmp_path / "r")
+    assert len(full) == 8 and stage_records(tmp_path / "r") == [(2, 2)]
+    for kept, dropped in ((2, 4), (4, 6)):  # step 2 ends stage 1 (its checkpoint starts stage 2); step 4 is inside stage 2
+        run = interrupted_copy(tmp_path / "r", tmp_path / f"cut{kept}", kept, dropped)
+        ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+        for name in ckpts:
+            if int(name.split("-")[1]) > kept:
+                import shutil
+
+                shutil.rmtree(run / "checkpoints" / name)
+        proc = run_cli("train", "--resume", str(run), "--no-progress", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "stage 2 of 2" in proc.stdout
+        assert losses(run)[kept:] == pytest.approx(full[kept:], rel=0, abs=0)
+
+
+def test_curriculum_tables_are_checked(tmp_path):
+    from crt.config import load_curriculum
 
     bad = tmp_path / "bad.toml"
-    bad.write_text("[train]\nmax_steps = 10\n[[stage]]\nmax_steps = 10\n")
-    with pytest.raises(CRTError, match="stage 1 needs max_steps above"):
-        load_stages(str(bad))
-    bad.write_text("[train]\nmax_steps = 10\n[[stage]]\nd_model = 8\nmax_steps = 20\n")
-    with pytest.raises(CRTError, match="training fields only"):
-        load_stages(str(bad))
-    assert [s["synth_filler"] for s in load_stages("synthetic-crt")] == [s["synth_filler"] for s in load_stages("synthetic-transformer")]
+    for text, needle in [
+        ("[[stage]]\nsynth_filler = 3\n", "steps = N"),
+        ("[[stage]]\nsteps = 0\n", "steps = N"),
+        ('[[stage]]\nsteps = 5\nadvance = "recall > 0.9"\n', "METRIC >= X"),
+        ('[[stage]]\nsteps = 5\nadvance = "accuracy >= 0.9"\n', "METRIC >= X"),
+        ('[[stage]]\nsteps = 5\nadvance = "recall >= nan"\n', "METRIC >= X"),
+        ("[[stage]]\nsteps = 5\nseed = 3\n", "cannot change"),
+        ("[[stage]]\nsteps = 5\nd_model = 8\n", "training fields only"),
+        ('[[stage]]\nsteps = 5\nsynth_filler = "long"\n', "expects a int"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(CRTError, match=needle):
+            load_curriculum(str(bad))
+    one_line_error(run_cli("train", "--preset", str(bad), "--no-progress", cwd=tmp_path), "expects a int")
+    # the embedded default's two models share one curriculum
+    crt, transformer = load_curriculum("synthetic-crt"), load_curriculum("synthetic-transformer")
+    assert crt == transformer and len(crt) == 3 and all(s.advance for s in crt)
 
 
 def test_cli_default_runs_both_models(tmp_path):
     proc = run_cli("train", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    table = proc.stdout.split("recall acc")[1]
+    table = proc.stdout.split("test recall")[1]
     assert "crt" in table and "transformer" in table
 
 
@@ -325,24 +389,24 @@ def test_ptb_presets_train_a_step_on_real_data(ptb_dir, tmp_path):
 
 
 def test_default_demo_answers_are_out_of_segment_reach():
-    """In the embedded default every scored answer is predicted at least one full segment after
-    its value appeared, so a segment-limited model cannot see it whatever the segment alignment."""
+    """In every stage of the embedded default every scored answer is predicted in a later segment
+    than its value (the grid starts at each document), and in the last stage at least two whole
+    segments of filler lie between a pair and its query: only a memory can beat chance."""
+    from crt.config import load_curriculum, stage_config
     from crt.train.loop import load_corpus
 
-    from crt.config import load_stages
-
-    stages = [(name, stage) for name in ("synthetic-crt", "synthetic-transformer") for stage in [{}] + load_stages(name)]
-    assert len(stages) > 2, "the default trains in stages"
-    for name, stage in stages:
-        m, t = load_preset(name)
-        t = dataclasses.replace(apply_overrides(m, t, stage)[1], synth_valid_docs=50)
-        corpus = load_corpus(t)
-        data, answers = corpus.valid, corpus.answers["valid"]
-        doc_starts = (data == corpus.vocab.stoi["<doc>"]).nonzero().flatten().tolist()
-        for start, end in zip(doc_starts, doc_starts[1:] + [len(data)]):
-            doc = data[start:end]
-            for a in answers[start:end].nonzero().flatten().tolist():
-                key = doc[a - 1]
-                value_pos = (doc[: 2 * t.synth_pairs + 1] == key).nonzero().flatten()[0].item() + 1  # k v in the header
-                assert doc[value_pos] == doc[a]
-                assert (a - 1) - value_pos >= m.segment_len
+    for name in ("synthetic-crt", "synthetic-transformer"):
+        m, base = load_preset(name)
+        stages = load_curriculum(name)
+        for i in range(len(stages)):
+            t = dataclasses.replace(stage_config(base, stages, i), synth_valid_docs=50)
+            docs = load_corpus(t).documents["valid"]
+            L = m.segment_len
+            for doc, answers in zip(docs.tokens, docs.answers):
+                for a in answers.nonzero().flatten().tolist():
+                    value_pos = (doc[: 2 * t.synth_pairs + 1] == doc[a - 1]).nonzero().flatten()[0].item() + 1  # k v in the header
+                    assert doc[value_pos] == doc[a]
+                    assert (a - 1) // L > value_pos // L  # predicted from a later segment
+                    if i == len(stages) - 1:
+                        query = a - 2  # its <q>
+                        assert query // L - value_pos // L - 1 >= 2  # two whole segments between them

@@ -7,6 +7,7 @@ Field names are unique across both dataclasses, so the CLI can offer every field
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -166,9 +167,12 @@ class TrainConfig:
     video_protocol: str = "cross_subject"  # smarthome: cross_subject | cross_view1 | cross_view2
     video_classes: int = 4  # synthetic-video: classes, one segment each
     video_noise: float = 0.5  # synthetic-video: noise on every frame
+    # --- protocol (SPEC §8) ---
+    protocol: str = "auto"  # auto | stream | document: one endless stream per batch row, or one document per row from a fresh state; auto: document for document corpora (synthetic), else stream
+    loss: str = "all"  # all | answers: average the cross-entropy over every token, or over the answer tokens the task marks only
     # --- optimisation ---
-    batch_size: int = 32  # parallel streams
-    bptt_segments: int = 2  # K: back-propagate through the last K segments
+    batch_size: int = 32  # parallel streams (document protocol: documents per step)
+    bptt_segments: int = 2  # K: back-propagate through the last K segments; document protocol: 0 = through the whole document
     max_steps: int = 1000  # optimizer steps (each sees batch_size * K * segment_len tokens)
     max_tokens: int = 0  # stop after this many training tokens; 0: no token budget
     lr: float = 1e-3
@@ -257,7 +261,7 @@ def _read_preset(name_or_path: str) -> dict[str, Any]:
     if unknown:
         raise CRTError(f"preset {name_or_path!r} has unknown tables {sorted(unknown)}: only [model], [train] and [[stage]] are allowed")
     tables = [("model", doc.get("model", {}), MODEL_FIELDS), ("train", doc.get("train", {}), TRAIN_FIELDS)]
-    tables += [("stage", stage, TRAIN_FIELDS) for stage in doc.get("stage", [])]
+    tables += [("stage", stage, {*TRAIN_FIELDS, "steps", "advance", "name"}) for stage in doc.get("stage", [])]
     for table, values, known in tables:
         bad = set(values) - set(known)
         if bad:
@@ -270,7 +274,7 @@ def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
     """A preset by name (a file in crt/configs/) or by path to a TOML file.
 
     The TOML has two tables, [model] and [train], whose keys are the dataclass fields, and
-    optionally [[stage]] tables (see `load_stages`).
+    optionally [[stage]] tables (see `load_curriculum`).
     """
     return _configs(_read_preset(name_or_path))
 
@@ -279,21 +283,94 @@ def _configs(doc: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     return apply_overrides(ModelConfig(), TrainConfig(), {**doc.get("model", {}), **doc.get("train", {})})
 
 
-def load_stages(name_or_path: str) -> list[dict[str, Any]]:
-    """The preset's later training stages, in order: each a [[stage]] table of training fields.
+# Training fields a stage may not change: they define the run (its data, its seed, where it
+# lives, its budget) rather than the next difficulty.
+_FIXED_IN_STAGES = ("task", "data", "data_dir", "seed", "out_dir", "max_steps", "max_tokens", "device", "precision")
+# Validation scores a stage may advance on, and whether a higher score is better.
+STAGE_METRICS = {"recall": True, "acc": True, "mean_class_acc": True, "ppl": False, "loss": False}
 
-    A stage continues the run from the previous stage's last checkpoint with those fields
-    changed (a curriculum: e.g. longer synthetic filler once short filler is learnt); its
-    max_steps counts from the start of the run, so it must exceed the previous stage's.
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a curriculum: a [[stage]] table of a preset.
+
+    changes: training fields this stage sets (on top of [train] and every earlier stage).
+    steps: the stage's step limit, counted from its first step.
+    advance: "METRIC >= X" (or <=): the stage ends as soon as a validation passes it; a stage
+        that reaches its step limit first has failed, and the run stops there. Empty: the stage
+        simply runs `steps` steps. The last stage's condition ends the run early.
+    name: a label for the logs (default: its changes).
     """
-    doc = _read_preset(name_or_path)
-    stages, steps = doc.get("stage", []), _configs(doc)[1].max_steps
-    for i, stage in enumerate(stages, 1):
-        new = int(stage.get("max_steps", 0))
-        if new <= steps:
-            raise CRTError(f"preset {name_or_path!r}: stage {i} needs max_steps above the previous stage's {steps} (steps count from the start of the run)")
-        steps = new
+
+    changes: dict[str, Any]
+    steps: int
+    advance: str = ""
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or ", ".join(f"{k} = {v}" for k, v in self.changes.items()) or "no changes"
+
+    def passed(self, scores: dict[str, float]) -> bool:
+        metric, op, threshold = parse_condition(self.advance)
+        value = scores.get(metric, float("nan"))
+        return value >= threshold if op == ">=" else value <= threshold
+
+
+def parse_condition(text: str) -> tuple[str, str, float]:
+    """'recall >= 0.9' -> ('recall', '>=', 0.9); a CRTError names what is wrong."""
+    parts = text.split()
+    ok = len(parts) == 3 and parts[0] in STAGE_METRICS and parts[1] in (">=", "<=")
+    try:
+        threshold = float(parts[2]) if ok else math.nan
+    except ValueError:
+        ok = False
+    if not ok or not math.isfinite(threshold):
+        raise CRTError(f"stage condition {text!r}: write 'METRIC >= X' or 'METRIC <= X' with METRIC one of {', '.join(STAGE_METRICS)}")
+    return parts[0], parts[1], threshold
+
+
+def load_curriculum(name_or_path: str) -> list[Stage]:
+    """The preset's [[stage]] tables, in order (empty: the run is one plain stage of max_steps)."""
+    stages = []
+    for i, table in enumerate(_read_preset(name_or_path).get("stage", []), 1):
+        table = dict(table)
+        steps, advance, name = table.pop("steps", None), table.pop("advance", ""), table.pop("name", "")
+        where = f"preset {name_or_path!r}, stage {i}"
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise CRTError(f"{where}: give its step limit as steps = N (N >= 1)")
+        if not isinstance(advance, str) or not isinstance(name, str):
+            raise CRTError(f"{where}: advance and name are strings")
+        if advance:
+            parse_condition(advance)
+        fixed = sorted(set(table) & set(_FIXED_IN_STAGES))
+        if fixed:
+            raise CRTError(f"{where} changes {fixed}, which a stage cannot change: set them in [train]")
+        _, checked = apply_overrides(ModelConfig(), TrainConfig(), table)  # type-checks every value
+        stages.append(Stage({k: getattr(checked, k) for k in table}, steps, advance, name))
     return stages
+
+
+def without_fields(stages: list[Stage], pinned: set[str]) -> list[Stage]:
+    """The stages with the fields in `pinned` (the user's explicit flags) taken out: what the
+    user types wins over every stage."""
+    return [dataclasses.replace(s, changes={k: v for k, v in s.changes.items() if k not in pinned}) for s in stages]
+
+
+def stage_config(base: TrainConfig, stages: list[Stage], index: int) -> TrainConfig:
+    """The training config in force during stage `index` (0-based): base plus stages 0..index."""
+    changes: dict[str, Any] = {}
+    for stage in stages[: index + 1]:
+        changes.update(stage.changes)
+    return dataclasses.replace(base, **changes)
+
+
+def stages_to_list(stages: list[Stage]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(s) for s in stages]
+
+
+def stages_from_list(items: list[dict[str, Any]]) -> list[Stage]:
+    return [Stage(**item) for item in items]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -13,11 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_preset, load_stages, preset_names
+from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_curriculum, load_preset, preset_names, stages_from_list
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
-EVAL_FIELDS = ("data_dir", "video_max_frames", "map_unk", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
+EVAL_FIELDS = ("data_dir", "video_max_frames", "map_unk", "protocol", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
 _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -44,19 +44,28 @@ def _fmt(x: float, spec: str) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     video = "valid_acc" in rows[0]
-    columns = [("valid acc", "valid_acc"), ("mean class acc", "valid_mean_class_acc")] if video else [("valid ppl", "valid_ppl"), ("recall acc", "valid_recall")]
-    header = f"{'model':<18}{'params':>10}" + "".join(f"{name:>16}" for name, _ in columns) + "  run"
+    if video:
+        columns = [("valid acc", lambda r: _fmt(r["valid_acc"], ".3f")), ("mean class acc", lambda r: _fmt(r["valid_mean_class_acc"], ".3f"))]
+    elif any("test_recall" in r for r in rows):  # a memory task: recall with its number of answers, on the last stage's data
+        columns = [(f"{s} recall", lambda r, s=s: f"{_fmt(r[f'{s}_recall'], '.3f')} of {r[f'{s}_answers']:,}") for s in ("valid", "test")]
+    else:
+        columns = [("valid ppl", lambda r: _fmt(r["valid_ppl"], ".3f"))]
+    if any(r["curriculum"]["stages"] > 1 for r in rows):
+        columns += [("curriculum", lambda r: ("passed" if r["curriculum"]["passed"] else "failed at") + f" {r['curriculum']['reached']}/{r['curriculum']['stages']}")]
+    widths = [max(len(name), *(len(cell(r)) for r in rows)) + 2 for name, cell in columns]
+    header = f"{'model':<14}{'params':>10}{'steps':>7}" + "".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths)) + "  run"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['arch']:<18}{r['params']:>10,}" + "".join(f"{_fmt(r[key], '.3f'):>16}" for _, key in columns) + f"  {r['run_dir']}")
+        print(f"{r['arch']:<14}{r['params']:>10,}{r['step']:>7}" + "".join(f"{cell(r):>{w}}" for (_, cell), w in zip(columns, widths)) + f"  {r['run_dir']}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from crt.train.checkpoint import load_checkpoint
-    from crt.train.loop import train, train_stages
+    from crt.train.loop import train
 
     overrides = _overrides(args, list(MODEL_FIELDS) + list(TRAIN_FIELDS))
+    pinned = set(overrides) & set(TRAIN_FIELDS)
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         changed = sorted(k for k in overrides if k in MODEL_FIELDS)
@@ -64,7 +73,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise CRTError(f"cannot change model fields {changed} when resuming: start a new run instead")
         mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
         _, tcfg = apply_overrides(mcfg, config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
-        print_table([train(mcfg, tcfg, resume=ckpt, progress=not args.no_progress)])
+        stages = _pin(stages_from_list(ckpt.meta.get("stages", [])), pinned)
+        summary = train(mcfg, tcfg, stages, resume=ckpt, progress=not args.no_progress)
+        print_table([summary])
+        if not summary["curriculum"]["passed"]:
+            raise TrainingFailed
         return
     presets = [args.preset] if args.preset else list(DEFAULT_PRESETS)
     rows = []
@@ -72,22 +85,42 @@ def cmd_train(args: argparse.Namespace) -> None:
         mcfg, tcfg = load_preset(name)
         mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
         print(f"== training {mcfg.arch} ({name}) -> {tcfg.out_dir}", flush=True)
-        stages = load_stages(name) if args.stages else []
-        rows.append(train_stages(mcfg, tcfg, stages, progress=not args.no_progress))
+        stages = _pin(load_curriculum(name), pinned) if args.stages else []
+        rows.append(train(mcfg, tcfg, stages, progress=not args.no_progress))
     print()
     print_table(rows)
+    # The default job compares a memory model with a baseline that cannot pass the curriculum by
+    # design; it fails when the memory model does. A chosen preset fails when it does.
+    judged = rows[:1] if not args.preset else rows
+    if not all(r["curriculum"]["passed"] for r in judged):
+        raise TrainingFailed
+
+
+class TrainingFailed(Exception):
+    """A run ended without completing its curriculum (the reason is already printed): exit 1."""
+
+
+def _pin(stages, pinned: set[str]):
+    """The stages without the fields the user set explicitly, saying which stage values they replace."""
+    from crt.config import without_fields
+
+    for field in sorted(pinned):
+        if any(field in s.changes for s in stages):
+            print(f"crt: --{field.replace('_', '-')} given: it holds in every stage, in place of the preset's stage values", file=sys.stderr, flush=True)
+    return without_fields(stages, pinned)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from crt.data import Vocab
     from crt.models import build_model
     from crt.train.checkpoint import load_checkpoint
+    from crt.train.documents import evaluate_documents
     from crt.train.evaluate import evaluate
-    from crt.train.loop import load_corpus, resolve_device
+    from crt.train.loop import load_corpus, resolve_device, resolve_protocol
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
-    mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
+    mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), ckpt.train_config(), overrides)
     if tcfg.task == "video":
         if args.int8:
             raise CRTError("--int8 scores language models only; drop it for a video checkpoint")
@@ -101,22 +134,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = resolve_device(tcfg.device)
     model = build_model(mcfg.validate()).to(device)
     ckpt.load_weights(model)
-    data = getattr(corpus, args.split)
-    result = evaluate(
-        model, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
-        precision=tcfg.precision, max_tokens=tcfg.eval_max_tokens,
-    )
     seg = mcfg.eval_segment_len or mcfg.segment_len
-    mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
+    if resolve_protocol(tcfg, corpus) == "document":
+        if mcfg.eval_stride:
+            raise CRTError("--eval-stride is for the stream protocol: documents are scored segment by segment from a fresh state")
+        docs = corpus.documents[args.split]
+
+        def score(m):
+            return evaluate_documents(m, docs, tcfg.eval_batch_size, precision=tcfg.precision if m is model else "fp32")
+
+        mode = f"{len(docs):,} documents, each from a fresh state, segments of {seg} from its first token"
+    else:
+        data = getattr(corpus, args.split)
+        if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data) and "eval_max_tokens" not in overrides:
+            tcfg.eval_max_tokens = 0  # the run's cap on periodic validation; `crt eval` scores the whole split unless asked
+
+        def score(m):
+            return evaluate(m, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
+                            precision=tcfg.precision if m is model else "fp32", max_tokens=tcfg.eval_max_tokens)
+
+        mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
+        if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data):
+            mode += f"; only the first {tcfg.eval_max_tokens:,} of {len(data) - 1:,} tokens (--eval-max-tokens)"
+    result = score(model)
     print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}")
-    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + (f"  recall {result['recall']:.3f}" if not math.isnan(result["recall"]) else ""))
+    recall = f"  recall {result['recall']:.3f} of {result['answers']:,} answers" if not math.isnan(result["recall"]) else ""
+    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + recall)
     if args.int8:
         from crt.infer.quantize import quantize_int8
 
-        q = evaluate(
-            quantize_int8(model), data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
-            max_tokens=tcfg.eval_max_tokens,
-        )
+        q = score(quantize_int8(model))
         print(f"int8 (dynamic, CPU): loss {q['loss']:.4f}  ppl {q['ppl']:.3f}  ({100 * (q['ppl'] / result['ppl'] - 1):+.2f}% vs fp32)")
     unk = corpus.unk_mapped.get(args.split)
     if unk:
@@ -287,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="preset name or path to a .toml file")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder) in the stage its checkpoint belongs to")
     p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
-                   help="after the preset's training, run its [[stage]] tables in turn, each resuming the run with some training fields changed (default); --no-stages stops after the first")
+                   help="train through the preset's [[stage]] tables, a curriculum: each stage changes some training fields and ends when its validation condition holds (default); "
+                   "--no-stages trains [train]'s fields alone for max_steps steps. Fields given as flags hold in every stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_field_flags(p, list(MODEL_FIELDS), "model fields (override the preset; defaults shown are those without one)")
     _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset; defaults shown are those without one)")
@@ -372,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     except CRTError as e:
         print(f"crt: error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed:
+        return 1
     except KeyboardInterrupt:
         print("crt: interrupted", file=sys.stderr)
         return 130

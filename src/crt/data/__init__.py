@@ -4,8 +4,8 @@
     train = batchify(corpus.train, 32)        # [B, N // B] contiguous streams
 """
 
-from crt.data.corpus import Corpus, Vocab, batchify, load_chars, load_words
+from crt.data.corpus import Corpus, Documents, Vocab, batchify, load_chars, load_words
 from crt.data.download import download
 from crt.data.synthetic import doc_length, make_synthetic
 
-__all__ = ["Corpus", "Vocab", "batchify", "doc_length", "download", "load_chars", "load_words", "make_synthetic"]
+__all__ = ["Corpus", "Documents", "Vocab", "batchify", "doc_length", "download", "load_chars", "load_words", "make_synthetic"]

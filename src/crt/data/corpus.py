@@ -94,6 +94,29 @@ class Vocab:
         return cls(itos)
 
 
+@dataclass(eq=False)
+class Documents:
+    """One split of a document corpus: one sample per row, padded on the right.
+
+    tokens: [D, L_max] int64, row d holds document d in its first lengths[d] positions (pad 0 after).
+    lengths: [D] int64, every length >= 2 (a document must predict at least one token).
+    answers: [D, L_max] bool; answers[d, i] marks token i of document d as an answer (its
+        prediction from position i - 1 is what recall scores, and what `--loss answers` trains).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    answers: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def stream(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The documents concatenated in order, and their answer marks: [N] int64, [N] bool."""
+        keep = torch.arange(self.tokens.shape[1]).unsqueeze(0) < self.lengths.unsqueeze(1)  # [D, L_max]
+        return self.tokens[keep], self.answers[keep]
+
+
 @dataclass(eq=False)  # tensors have no single truth value, so no field-wise __eq__
 class Corpus:
     """Three token streams and their vocabulary.
@@ -102,6 +125,9 @@ class Corpus:
         map_unk=True; empty when nothing was mapped).
     answers: split -> bool [N]; answers[s][i] is True when token i of split s is an answer
         (its prediction from position i-1 counts for recall accuracy). Synthetic corpora only.
+    documents: split -> Documents, for corpora made of separate samples (the memory tasks):
+        what the document protocol trains and scores. The streams are the same documents
+        concatenated, for the stream protocol. Empty for running text (PTB, WikiText, chars).
     """
 
     name: str
@@ -111,6 +137,7 @@ class Corpus:
     test: torch.Tensor  # [N_test] int64
     unk_mapped: dict[str, int] = field(default_factory=dict)
     answers: dict[str, torch.Tensor] = field(default_factory=dict)
+    documents: dict[str, Documents] = field(default_factory=dict)
 
     def split(self, name: str) -> torch.Tensor:
         if name not in SPLITS:

@@ -26,7 +26,7 @@ import hashlib
 
 import torch
 
-from crt.data.corpus import EOS, Corpus, Vocab
+from crt.data.corpus import EOS, Corpus, Documents, Vocab
 from crt.errors import CRTError
 
 DOC, QUERY, SEP = "<doc>", "<q>", "<sep>"
@@ -55,7 +55,7 @@ def _generator(seed: int, split: str) -> torch.Generator:
 def _make_split(
     docs: int, pairs: int, keys: int, values: int, filler: int, filler_vocab: int, query_rounds: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`docs` concatenated documents and their answer mask, both [docs * doc_length]."""
+    """`docs` documents and their answer marks, both [docs, doc_length]."""
     D, P, F, R = docs, pairs, filler, query_rounds
     k0 = len(_SPECIALS)  # first key id
     v0 = k0 + keys  # first value id
@@ -80,7 +80,7 @@ def _make_split(
     answers = torch.zeros(D, L, dtype=torch.bool)  # [D, L]
     first_query = 2 + 2 * P + F  # position of the first <q>
     answers[:, first_query + 2 : first_query + 3 * P : 3] = True  # the value after each first-round query key
-    return doc.reshape(-1), answers.reshape(-1)  # [D * L], [D * L]
+    return doc, answers  # [D, L], [D, L]
 
 
 def make_synthetic(
@@ -122,7 +122,9 @@ def make_synthetic(
         if not ok:
             raise CRTError(msg)
 
-    streams, answers = {}, {}
+    streams, answers, documents = {}, {}, {}
     for split, docs in (("train", train_docs), ("valid", valid_docs), ("test", test_docs)):
-        streams[split], answers[split] = _make_split(docs, pairs, keys, values, filler, filler_vocab, query_rounds, _generator(seed, split))
-    return Corpus(name="synthetic", vocab=synthetic_vocab(keys, values, filler_vocab), answers=answers, **streams)
+        tokens, marks = _make_split(docs, pairs, keys, values, filler, filler_vocab, query_rounds, _generator(seed, split))
+        documents[split] = Documents(tokens, torch.full((docs,), tokens.shape[1]), marks)
+        streams[split], answers[split] = documents[split].stream()
+    return Corpus(name="synthetic", vocab=synthetic_vocab(keys, values, filler_vocab), answers=answers, documents=documents, **streams)

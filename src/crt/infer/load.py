@@ -19,7 +19,7 @@ def load_language_model(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
     from crt.train.loop import resolve_device
 
     ckpt = load_checkpoint(path)
-    mcfg, tcfg = config_from_dict(ModelConfig, ckpt.meta["model"]), config_from_dict(TrainConfig, ckpt.meta["train"])
+    mcfg, tcfg = config_from_dict(ModelConfig, ckpt.meta["model"]), ckpt.train_config()
     if tcfg.task != "lm":
         raise CRTError(f"{ckpt.path} is a {mcfg.arch} frame-sequence classifier: this command needs a language model checkpoint")
     model = build_model(mcfg).to(resolve_device(device))

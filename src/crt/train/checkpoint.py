@@ -133,7 +133,15 @@ def resolve(path: str | Path) -> Path:
 @dataclass
 class Checkpoint:
     path: Path
-    meta: dict[str, Any]  # config.json: model, train, vocab (or classes), step, ...
+    meta: dict[str, Any]  # config.json: model, train, stages, stage, vocab (or classes), step, ...
+
+    def train_config(self):
+        """The TrainConfig in force when this checkpoint was saved: the run's [train] fields
+        plus the curriculum's changes up to the stage it had reached (its data, for scoring)."""
+        from crt.config import TrainConfig, config_from_dict, stage_config, stages_from_list
+
+        base = config_from_dict(TrainConfig, self.meta["train"])
+        return stage_config(base, stages_from_list(self.meta.get("stages", [])), self.meta.get("stage", 0))
 
     def load_weights(self, model: nn.Module) -> None:
         self._verify(WEIGHTS)

@@ -9,9 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crt.train.segments import iter_segments
-
-IGNORE = -100  # target id that counts for nothing (padding)
+from crt.train.segments import IGNORE, iter_segments
 
 
 def autocast(device: torch.device, precision: str):
@@ -51,7 +49,7 @@ def evaluate(
     precision: str = "fp32",
     max_tokens: int = 0,
 ) -> dict[str, float]:
-    """Score every token of `data` and return loss (mean NLL, nats), ppl, tokens, and recall.
+    """Score every token of `data` and return loss (mean NLL, nats), ppl, tokens, recall and answers (their count).
 
     segment_len: tokens per call; default the model's evaluation segment length.
     stride: 0 streams non-overlapping segments with the state carried from one to the next.
@@ -100,4 +98,5 @@ def evaluate(
         "ppl": math.exp(min(loss, 700.0)),
         "tokens": count,
         "recall": hits / n_answers if n_answers else float("nan"),
+        "answers": n_answers,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from crt.config import VIDEO_ARCHS, ModelConfig, TrainConfig, apply_overrides, to_dict
+from crt.config import VIDEO_ARCHS, ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
 from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
 from crt.errors import CRTError
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
 from crt.state import detach
 from crt.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from crt.train.evaluate import autocast, evaluate
+from crt.train.documents import document_batch, document_loss, evaluate_documents
+from crt.train.evaluate import IGNORE, autocast, evaluate
 from crt.train.metrics import MetricsLog, plot_curves
 from crt.train.segments import training_window, window_loss
 
@@ -100,21 +102,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_stages(mcfg: ModelConfig, tcfg: TrainConfig, stages: list[dict[str, Any]], progress: bool = True) -> dict[str, Any]:
-    """Train, then each stage in turn: resume the run's last checkpoint with the stage's training
-    fields changed (`crt.config.load_stages`). Returns the summary of the last stage."""
-    summary = train(mcfg, tcfg, progress=progress)
-    for i, overrides in enumerate(stages, 1):
-        _, tcfg = apply_overrides(mcfg, tcfg, overrides)
-        print(f"-- stage {i + 1}: " + ", ".join(f"{k} = {v}" for k, v in overrides.items()), flush=True)
-        summary = train(mcfg, tcfg, resume=load_checkpoint(summary["run_dir"]), progress=progress)
-    return summary
-
-
 class LMTask:
-    """What the training loop needs to train a language model: one step's loss on the next
-    window of K segments of the batchified training stream (the state carried from window to
-    window, restarted each epoch), validation perplexity and recall, what a checkpoint records."""
+    """What the training loop needs to train a language model: one step's loss, validation
+    perplexity and recall, what a checkpoint records. Two protocols (SPEC §8) share it:
+    `StreamTask` and `DocumentTask`; `make_task` picks one."""
 
     unit = "tokens"
     valid_key, valid_label = "ppl", "perplexity"
@@ -122,28 +113,59 @@ class LMTask:
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, corpus: Corpus | None = None):
         if mcfg.arch in VIDEO_ARCHS:
             raise CRTError(f"{mcfg.arch} classifies frame sequences: train it with --task video")
-        self.tcfg = tcfg
+        if tcfg.loss not in ("all", "answers"):
+            raise CRTError(f"unknown loss {tcfg.loss!r}: use all (every token) or answers (the answer tokens the task marks)")
+        self.tcfg, self.device = tcfg, device
         self.corpus = corpus = corpus or load_corpus(tcfg)
+        if tcfg.loss == "answers" and not corpus.answers:
+            raise CRTError(f"--loss answers needs a task that marks its answers, and {corpus.name} marks none: use --loss all")
         for split, n in corpus.unk_mapped.items():
             print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
         self.mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
         self.meta = {"vocab": corpus.vocab.to_list(), "data": corpus.name}
-        B, K, L = tcfg.batch_size, tcfg.bptt_segments, self.mcfg.segment_len
-        self.stream = batchify(corpus.train, B).to(device)  # [B, n]
-        self.window = K * L
-        self.n_windows = (self.stream.shape[1] - 1) // self.window
-        if self.n_windows < 1:
-            raise CRTError(
-                f"the training split ({len(corpus.train)} tokens) is too short for batch_size * bptt_segments * segment_len = {B * self.window}: lower one of them"
-            )
-        self.device = device
 
     def check_resume(self, meta: dict[str, Any], path: Path) -> None:
         if Vocab.from_list(meta["vocab"]).itos != self.corpus.vocab.itos:
             raise CRTError(f"checkpoint {path} was trained with another vocabulary than {self.tcfg.data} {self.tcfg.data_dir}: resume on the same data")
 
+    def test(self, model: nn.Module) -> dict[str, float] | None:
+        """Test scores at the end of a run, for tasks that mark answers (memory tasks); else None."""
+        return self.score(model, "test") if self.corpus.answers else None
+
+    @staticmethod
+    def describe(r: dict[str, float]) -> str:
+        recall = f"  recall {r['recall']:.3f} of {r['answers']:,} answers" if not math.isnan(r["recall"]) else ""
+        return f"loss {r['loss']:.4f}  ppl {r['ppl']:.2f}" + recall
+
+    @staticmethod
+    def train_record(avg_loss: float) -> dict[str, float]:
+        return {"ppl": math.exp(min(avg_loss, 700.0))}
+
+    @staticmethod
+    def summary(r: dict[str, float], prefix: str = "valid") -> dict[str, Any]:
+        return {f"{prefix}_loss": r["loss"], f"{prefix}_ppl": r["ppl"], f"{prefix}_recall": r["recall"], f"{prefix}_answers": r["answers"]}
+
+
+class StreamTask(LMTask):
+    """The stream protocol: the next window of K segments of the batchified training stream,
+    the state carried from window to window and restarted each epoch; evaluation streams the
+    whole split with the state carried."""
+
+    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, corpus: Corpus | None = None):
+        super().__init__(mcfg, tcfg, device, corpus)
+        B, K, L = tcfg.batch_size, tcfg.bptt_segments, self.mcfg.segment_len
+        if K < 1:
+            raise CRTError(f"bptt_segments={K}: the stream protocol needs K >= 1 segments per update (0 means a whole document, under --protocol document)")
+        self.stream = batchify(self.corpus.train, B).to(device)  # [B, n]
+        self.marks = batchify(self.corpus.answers["train"], B).to(device) if tcfg.loss == "answers" else None  # [B, n]
+        self.window = K * L
+        self.n_windows = (self.stream.shape[1] - 1) // self.window
+        if self.n_windows < 1:
+            raise CRTError(
+                f"the training split ({len(self.corpus.train)} tokens) is too short for batch_size * bptt_segments * segment_len = {B * self.window}: lower one of them"
+            )
+
     def start(self, model: nn.Module) -> None:
-        self.model = model
         self.state = model.init_state(self.tcfg.batch_size)
 
     def load(self, trainer: dict[str, Any]) -> None:
@@ -157,33 +179,80 @@ class LMTask:
         if w == 0 and step > 0:
             self.state = model.init_state(self.tcfg.batch_size)  # a new epoch starts the streams over
         x, y = training_window(self.stream, w, self.window)  # [B, K*L] each
-        loss, self.state = window_loss(model, x, y, self.state, self.mcfg.segment_len, self.tcfg.bptt_segments)
+        scored = training_window(self.marks, w, self.window)[1] if self.marks is not None else None  # [B, K*L]: targets that are answers
+        loss, self.state = window_loss(model, x, y, self.state, self.mcfg.segment_len, self.tcfg.bptt_segments, scored)
         return loss, x.numel()
 
     def after_step(self) -> None:
         self.state = detach(self.state)
 
-    def validate(self, model: nn.Module) -> dict[str, float]:
+    def score(self, model: nn.Module, split: str, max_tokens: int = 0) -> dict[str, float]:
         t = self.tcfg
-        return evaluate(model, self.corpus.valid, t.eval_batch_size, answers=self.corpus.answers.get("valid"), precision=t.precision, max_tokens=t.eval_max_tokens)
+        return evaluate(model, self.corpus.split(split), t.eval_batch_size, answers=self.corpus.answers.get(split), precision=t.precision, max_tokens=max_tokens)
 
-    @staticmethod
-    def describe(r: dict[str, float]) -> str:
-        return f"valid loss {r['loss']:.4f}  ppl {r['ppl']:.2f}" + (f"  recall {r['recall']:.3f}" if not math.isnan(r["recall"]) else "")
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        return self.score(model, "valid", self.tcfg.eval_max_tokens)
 
-    @staticmethod
-    def train_record(avg_loss: float) -> dict[str, float]:
-        return {"ppl": math.exp(min(avg_loss, 700.0))}
 
-    @staticmethod
-    def summary(r: dict[str, float]) -> dict[str, Any]:
-        return {"valid_loss": r["loss"], "valid_ppl": r["ppl"], "valid_recall": r["recall"]}
+class DocumentTask(LMTask):
+    """The document protocol (`crt.train.documents`): each step a batch of training documents,
+    one per row, each from a fresh state with its segment grid at its first token; every epoch
+    a fresh permutation (seeded by seed and epoch, so a resumed run draws the same batches)."""
+
+    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, corpus: Corpus | None = None):
+        super().__init__(mcfg, tcfg, device, corpus)
+        if not self.corpus.documents:
+            raise CRTError(f"--protocol document needs a corpus of separate documents, and {self.corpus.name} is running text: use --protocol stream")
+        if tcfg.bptt_segments < 0:
+            raise CRTError(f"bptt_segments={tcfg.bptt_segments}: use K >= 1, or 0 to back-propagate through the whole document")
+        self.docs = self.corpus.documents["train"]
+        self.per_epoch = len(self.docs) // tcfg.batch_size
+        if self.per_epoch < 1:
+            raise CRTError(f"batch_size={tcfg.batch_size} exceeds the {len(self.docs)} training documents: lower --batch-size or raise the document count")
+
+    def start(self, model: nn.Module) -> None:
+        pass  # every document starts from init_state: nothing is carried between steps
+
+    def load(self, trainer: dict[str, Any]) -> None:
+        pass
+
+    def dump(self) -> dict[str, Any]:
+        return {}
+
+    def loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, int]:
+        t = self.tcfg
+        epoch, i = divmod(step, self.per_epoch)
+        order = torch.randperm(len(self.docs), generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
+        inputs, targets, is_answer = (x.to(self.device) for x in document_batch(self.docs, order[i * t.batch_size : (i + 1) * t.batch_size]))
+        loss, _ = document_loss(model, inputs, targets, is_answer, self.mcfg.segment_len, t.bptt_segments, t.loss)
+        return loss, int(targets.ne(IGNORE).sum())
+
+    def after_step(self) -> None:
+        pass
+
+    def score(self, model: nn.Module, split: str) -> dict[str, float]:
+        return evaluate_documents(model, self.corpus.documents[split], self.tcfg.eval_batch_size, precision=self.tcfg.precision)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        return self.score(model, "valid")
+
+
+def resolve_protocol(tcfg: TrainConfig, corpus: Corpus) -> str:
+    """`tcfg.protocol` with auto resolved: document for a corpus of documents, else stream."""
+    if tcfg.protocol not in ("auto", "stream", "document"):
+        raise CRTError(f"unknown protocol {tcfg.protocol!r}: use auto, stream or document")
+    if tcfg.protocol == "auto":
+        return "document" if corpus.documents else "stream"
+    return tcfg.protocol
 
 
 def make_task(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, data=None):
-    """The task object `tcfg.task` names: LMTask (language modelling) or VideoTask."""
+    """The task object `tcfg` names: StreamTask or DocumentTask (language models), or VideoTask."""
     if tcfg.task == "lm":
-        return LMTask(mcfg, tcfg, device, data)
+        if mcfg.arch in VIDEO_ARCHS:
+            raise CRTError(f"{mcfg.arch} classifies frame sequences: train it with --task video")
+        corpus = data or load_corpus(tcfg)
+        return (DocumentTask if resolve_protocol(tcfg, corpus) == "document" else StreamTask)(mcfg, tcfg, device, corpus)
     if tcfg.task == "video":
         from crt.train.video import VideoTask
 
@@ -194,27 +263,47 @@ def make_task(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, data=N
 def train(
     mcfg: ModelConfig,
     tcfg: TrainConfig,
+    stages: list[Stage] | None = None,
     resume: Checkpoint | None = None,
     corpus: Any = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one model; return a summary (run_dir, params, steps, the task's validation scores).
+    """Train one model through its curriculum; return a summary (run_dir, params, steps, the
+    task's validation scores, and test scores for tasks that mark answers).
 
+    stages: the curriculum (`crt.config.load_curriculum`, with the user's explicit fields taken
+        out by `without_fields`); None or []: one plain stage of max_steps. When resuming, None
+        takes the stages recorded in the checkpoint. `max_steps` caps the whole run.
     resume: continue a checkpoint's run so that the loss trajectory equals that of an
-        uninterrupted run (same configs required; only the stopping budget may grow).
-    corpus: the data, if already loaded (a Corpus for task lm, VideoData for task video; else from tcfg).
+        uninterrupted run, in the stage it had reached (same configs required; only the
+        stopping budget may grow).
+    corpus: the data of the first stage, if already loaded (a Corpus for task lm, VideoData for
+        task video; else from tcfg).
     progress: a tqdm bar on a terminal (tqdm leaves it out when stderr is not one).
+
+    Summary["curriculum"]: stages (count), reached (1-based), passed (False when a stage ran out
+    of steps before its condition held), message. Scores are on the last stage's data.
     """
     device = resolve_device(tcfg.device)
     if device.type == "cpu":
         keep_freed_memory()
     if tcfg.precision not in ("fp32", "bf16"):
         raise CRTError(f"unknown precision {tcfg.precision!r}: use fp32 or bf16")
-    if tcfg.batch_size < 1 or tcfg.bptt_segments < 1:
-        raise CRTError("batch_size and bptt_segments must be >= 1")
+    if tcfg.batch_size < 1 or tcfg.bptt_segments < 0:
+        raise CRTError("batch_size must be >= 1 and bptt_segments >= 0")
+    if stages is None:
+        stages = stages_from_list(resume.meta.get("stages", [])) if resume is not None else []
+    stage, stage_start = 0, 0
+    if resume is not None:
+        trainer = resume.load_trainer()
+        stage, stage_start = trainer.get("stage", 0), trainer.get("stage_start", 0)
+        if stage >= max(1, len(stages)):
+            raise CRTError(f"checkpoint {resume.path} is in stage {stage + 1}, but the run has {len(stages)} stages: resume with the curriculum it was trained with")
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
-    task = make_task(mcfg, tcfg, device, corpus)
+    base = tcfg
+    tcfg = stage_config(base, stages, stage)
+    task = make_task(mcfg, tcfg, device, corpus if stage == 0 else None)
     if resume is not None:
         task.check_resume(resume.meta, resume.path)
     mcfg = task.mcfg
@@ -227,7 +316,6 @@ def train(
     if resume is not None:
         run_dir = resume.path.parent.parent
         resume.load_weights(model)
-        trainer = resume.load_trainer()
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
@@ -237,29 +325,38 @@ def train(
         run_dir = free_run_dir(tcfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir, resume_step=step if resume is not None else None)
-    meta = {"model": to_dict(mcfg), "train": to_dict(tcfg), **task.meta}
+    meta = {"model": to_dict(mcfg), "train": to_dict(base), "stages": stages_to_list(stages), **task.meta}
     n_params = count_parameters(model)
+    n_stages = max(1, len(stages))
 
     def save() -> Path:
         trainer = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "rng": _rng_state(), **task.dump(),
+            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, **task.dump(),
         }
-        return save_checkpoint(run_dir, step, model, meta, trainer, keep=tcfg.keep_checkpoints)
+        return save_checkpoint(run_dir, step, model, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
 
     def validate() -> dict[str, float]:
         result = task.validate(model)
-        metrics.log({"step": step, "split": "valid", **result})
+        metrics.log({"step": step, "split": "valid", "stage": stage + 1, **result})
         return result
 
-    def done() -> bool:
-        return step >= tcfg.max_steps or (tcfg.max_tokens > 0 and tokens_seen >= tcfg.max_tokens)
+    def capped() -> bool:
+        return step >= base.max_steps or (base.max_tokens > 0 and tokens_seen >= base.max_tokens)
 
+    def stage_label() -> str:
+        return f"stage {stage + 1} of {n_stages} ({stages[stage].label})" if stages else "training"
+
+    if stages:
+        verb = "resuming" if step > stage_start else "from"
+        print(f"-- {stage_label()}, {verb} step {step + 1}" + (f", until valid {stages[stage].advance}" if stages[stage].advance else ""), flush=True)
     model.train()
-    bar = tqdm(total=tcfg.max_steps, initial=step, disable=None if progress else True, desc=run_dir.name, dynamic_ncols=True)
+    bar = tqdm(total=base.max_steps, initial=step, disable=None if progress else True, desc=run_dir.name, dynamic_ncols=True)
     last_valid: dict[str, float] = {}
-    interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
-    while not done():
+    status = {"passed": True, "message": ""}
+    interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
+    finished = capped()
+    while not finished:
         t0 = time.perf_counter()
         with autocast(device, tcfg.precision):
             loss, n_items = task.loss(model, step)
@@ -280,25 +377,62 @@ def train(
         tokens_seen += n_items
         interval_loss += loss.item()
         interval_tokens += n_items
+        interval_steps += 1
         interval_time += time.perf_counter() - t0
         bar.update(1)
-        if step % tcfg.log_every == 0 or done():
-            n = (step - 1) % tcfg.log_every + 1
-            avg = interval_loss / n
+        limit = stages[stage].steps if stages else base.max_steps
+        stage_over = step - stage_start >= limit
+        if step % tcfg.log_every == 0 or capped() or stage_over:
+            avg = interval_loss / interval_steps
             rate = interval_tokens / max(interval_time, 1e-9)
             extra = task.train_record(avg)
             metrics.log({"step": step, "split": "train", "loss": avg, **extra, "lr": scheduler.get_last_lr()[0], f"{task.unit}_per_s": rate, f"{task.unit}_seen": tokens_seen})
             bar.set_postfix(loss=f"{avg:.3f}", **{k: f"{v:.1f}" for k, v in extra.items()}, **{f"{task.unit[:3]}_s": f"{rate:,.0f}"})
-            interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
+            interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
         at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
-        if at_eval or done():
+        if at_eval or capped() or stage_over:
             last_valid = validate()
-            bar.write(f"step {step}: {task.describe(last_valid)}")
-        if at_eval or done() or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0):
-            save()
+            bar.write(f"step {step}: valid {task.describe(last_valid)}")
+        # the curriculum: pass on the measured condition, fail at the step limit
+        condition = stages[stage].advance if stages else ""
+        passed = bool(condition) and (at_eval or stage_over or capped()) and stages[stage].passed(last_valid)
+        switched = False
+        if passed or stage_over:
+            if condition and not passed:
+                metric = condition.split()[0]
+                status = {"passed": False, "message": (
+                    f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
+                    f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr")}
+                finished = True
+            elif stage + 1 < len(stages):
+                why = f"valid {condition} held" if passed else f"its {limit} steps are done"
+                stage, stage_start, switched = stage + 1, step, True
+                tcfg = stage_config(base, stages, stage)
+                task = make_task(mcfg, tcfg, device)
+                task.start(model)
+                bar.write(f"-- {stage_label()}, from step {step + 1}: {why}" + (f"; until valid {stages[stage].advance}" if stages[stage].advance else ""))
+                metrics.log({"step": step, "split": "stage", "stage": stage + 1, "label": stages[stage].label})
+                last_valid = {}
+            else:
+                finished = True
+        if capped() and not finished:
+            if stages:
+                status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
+            finished = True
+        if at_eval or finished or switched or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0):
+            save()  # a checkpoint at a stage boundary starts the next stage
     bar.close()
     metrics.close()
-    if not last_valid:  # resumed a run that had already reached its budget
-        last_valid = validate()
+    if status["message"]:
+        print(f"crt: {status['message']}", file=sys.stderr, flush=True)
+    # scores on the last stage's data, whichever stage the run ended in
+    final = task if stage == len(stages) - 1 or not stages else make_task(mcfg, stage_config(base, stages, len(stages) - 1), device)
+    if not last_valid or final is not task:
+        last_valid = final.validate(model)
+    test = final.test(model)
     plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
-    return {"run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen, **task.summary(last_valid)}
+    return {
+        "run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen,
+        **task.summary(last_valid), **(task.summary(test, "test") if test else {}),
+        "curriculum": {"stages": n_stages, "reached": stage + 1, **status},
+    }

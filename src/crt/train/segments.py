@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from crt.state import detach
 
+IGNORE = -100  # target id that counts for nothing (padding, or a token the loss leaves out)
+
 
 def iter_segments(
     model: nn.Module,
@@ -49,15 +51,20 @@ def training_window(stream: torch.Tensor, w: int, window: int) -> tuple[torch.Te
     return stream[:, w * window : (w + 1) * window], stream[:, w * window + 1 : (w + 1) * window + 1]
 
 
-def window_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: tuple, segment_len: int, bptt_segments: int) -> tuple[torch.Tensor, tuple]:
+def window_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: tuple, segment_len: int, bptt_segments: int, scored: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple]:
     """Mean next-token cross-entropy over one training window, and the state after it.
 
-    inputs, targets: [B, N] (targets are inputs shifted by one). Logits are scored in fp32 even
+    inputs, targets: [B, N] (targets are inputs shifted by one). scored: optional bool [B, N],
+    the targets that count (`--loss answers`); default all. Logits are scored in fp32 even
     under autocast. The one training step that `crt train`, `crt bench` and the profiler share.
     """
+    if scored is not None:
+        targets = torch.where(scored, targets, IGNORE)  # [B, N]
     loss_sum = torch.zeros((), device=inputs.device)
     # rebinding `state` keeps the state after the last segment, carried to the next window
     for start, logits, state in iter_segments(model, inputs, state, segment_len, bptt_segments):
         T = logits.shape[1]
-        loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), targets[:, start : start + T].flatten(), reduction="sum")
-    return loss_sum / inputs.numel(), state
+        loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), targets[:, start : start + T].flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss_sum / (inputs.numel() if scored is None else max(int(scored.sum()), 1)), state

@@ -184,14 +184,17 @@ class VideoTask:
         r = evaluate_clips(model, self.data.valid, len(self.data.classes), self.tcfg.eval_batch_size, self.tcfg.video_max_frames, self.tcfg.precision)
         return {k: v for k, v in r.items() if k != "confusion"}
 
+    def test(self, model: nn.Module) -> None:
+        return None  # `crt eval --split test` scores the test clips
+
     @staticmethod
     def describe(r: dict[str, float]) -> str:
-        return f"valid loss {r['loss']:.4f}  acc {r['acc']:.3f}  mean per-class acc {r['mean_class_acc']:.3f}"
+        return f"loss {r['loss']:.4f}  acc {r['acc']:.3f}  mean per-class acc {r['mean_class_acc']:.3f}"
 
     @staticmethod
     def train_record(avg_loss: float) -> dict[str, float]:
         return {}
 
     @staticmethod
-    def summary(r: dict[str, float]) -> dict[str, Any]:
-        return {"valid_loss": r["loss"], "valid_acc": r["acc"], "valid_mean_class_acc": r["mean_class_acc"]}
+    def summary(r: dict[str, float], prefix: str = "valid") -> dict[str, Any]:
+        return {f"{prefix}_loss": r["loss"], f"{prefix}_acc": r["acc"], f"{prefix}_mean_class_acc": r["mean_class_acc"]}
