@@ -25,7 +25,7 @@ import torch
 
 from crt.analysis.machine import describe
 from crt.cli.main import DEFAULT_PRESETS
-from crt.config import load_curriculum, load_preset
+from crt.config import apply_overrides, load_curriculum, load_preset, without_fields
 from crt.train.checkpoint import write_atomic
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
@@ -52,20 +52,22 @@ def main() -> None:
     parser.add_argument("--preset", action="append", help="synthetic preset to train; repeat for several (default: the two of `crt train`)")
     parser.add_argument("--seeds", type=int_list, default=[0], help="seeds, e.g. 0-4 (default 0)")
     parser.add_argument("--threads", type=int_list, default=[torch.get_num_threads()], help="torch thread counts, e.g. 1,2 (default: torch's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every preset, in every stage (repeatable)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "embedded-default.md"), help="Markdown file to write")
     args = parser.parse_args()
     presets = args.preset or list(DEFAULT_PRESETS)
     command = "python benchmarks/embedded_default.py" + "".join(f" {a}" for a in sys.argv[1:])
+    overrides = dict(item.split("=", 1) for item in args.set)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for seed in args.seeds:
                 for name in presets:
-                    mcfg, tcfg = load_preset(name)
+                    mcfg, tcfg = apply_overrides(*load_preset(name), overrides)
                     tcfg.seed, tcfg.out_dir = seed, str(Path(tmp) / f"{name}-s{seed}-t{threads}")
                     start = time.perf_counter()
-                    s = train(mcfg, tcfg, load_curriculum(name), progress=False)
+                    s = train(mcfg, tcfg, without_fields(load_curriculum(name), set(overrides)), progress=False)
                     seconds = time.perf_counter() - start
                     runs.append({"preset": name, "seed": seed, "threads": threads, "seconds": seconds, "starts": stage_steps(s["run_dir"]), **s})
                     c = s["curriculum"]
@@ -75,7 +77,8 @@ def main() -> None:
     mcfg, tcfg = load_preset(presets[0])
     chance = 1 / tcfg.synth_values
     lines = [
-        "# Embedded default: CRT vs the segment Transformer on the synthetic recall corpus" if presets == list(DEFAULT_PRESETS) else "# The synthetic recall corpus: " + ", ".join(presets),
+        "# Embedded default: CRT vs the segment Transformer on the synthetic recall corpus" if presets == list(DEFAULT_PRESETS) else "# The synthetic recall corpus: " + ", ".join(presets)
+        + "".join(f", {item}" for item in args.set),
         "",
         f"Command: `{command}` (each preset trained as `crt train --preset NAME --seed S` trains it, torch limited to the thread count). Date: {datetime.date.today()}.",
         f"Machine: {describe()}.",
@@ -101,6 +104,17 @@ def main() -> None:
             f"| {name} | {len(mine)} | {sum(r['curriculum']['passed'] for r in mine)} | {min(rec):.3f} / {statistics.median(rec):.3f} / {max(rec):.3f} | "
             f"{sum(abs(x - chance) <= 0.05 for x in rec)} | {statistics.median(secs):.0f} ({max(secs):.0f}) |"
         )
+    verdicts = []
+    for name in presets:
+        mine = [r for r in runs if r["preset"] == name]
+        passed = [r for r in mine if r["curriculum"]["passed"]]
+        if passed:
+            steps = statistics.median(r["step"] for r in passed)
+            verdicts.append(f"{name} passed in {len(passed)} of {len(mine)} runs (median {steps:.0f} steps, {statistics.median(r['seconds'] for r in passed):.0f} s, when it passed)")
+        else:
+            furthest = max(r["curriculum"]["reached"] for r in mine)
+            verdicts.append(f"{name} passed in none of {len(mine)} runs (furthest: stage {furthest})")
+    lines += ["", "Which models learn it: " + "; ".join(verdicts) + "."]
     if len(presets) > 1:
         totals = [sum(r["seconds"] for r in runs if (r["seed"], r["threads"]) == (seed, t)) for t in args.threads for seed in args.seeds]
         lines += ["", f"The whole job (every preset above, one seed and thread count): median {statistics.median(totals):.0f} s, longest {max(totals):.0f} s."]

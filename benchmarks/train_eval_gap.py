@@ -1,7 +1,9 @@
 """Does a trained run score its own training text as well as its training log says?
 
     python benchmarks/train_eval_gap.py runs/ptb-bench/ptb-armt-35-2 --windows 200
+    python benchmarks/train_eval_gap.py runs/ptb-bench/ptb-armt-35-2 --windows 200 --dropout
     python benchmarks/train_eval_gap.py runs/ptb-bench/ptb-armt-35-2 --windows 60 --online-lr 2e-4
+    python benchmarks/train_eval_gap.py runs/ptb-bench/ptb-armt-35-2 --windows 60 --online-lr 2e-4 --dropout
 
 Re-reads the first `--windows` training windows of the run's corpus exactly as `crt train`
 feeds them (B streams, windows of K segments, state carried from the start of the epoch), with
@@ -11,7 +13,9 @@ evaluation loss on its own training text is far above its logged training loss i
 overfitting; something in training (the weights changing from window to window, dropout, the
 carried state) helps it that evaluation does not have. With --online-lr the weights are also
 updated after every window (AdamW at that rate, like the end of training; dynamic evaluation),
-and each window is scored before its own update, as the training log scores it.
+and each window is scored before its own update, as the training log scores it. --dropout
+runs the model in training mode (dropout on, as the training log saw it) with or without
+updates, so the two differences between training and evaluation can be told apart.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from crt.config import ModelConfig, TrainConfig, config_from_dict
+from crt.config import ModelConfig, config_from_dict
 from crt.data import batchify
 from crt.models import build_model
 from crt.train.checkpoint import load_checkpoint
@@ -36,13 +40,14 @@ def main() -> None:
     parser.add_argument("run", help="run directory (or a checkpoint in it)")
     parser.add_argument("--windows", type=int, default=200, help="training windows to re-score from the start of the epoch")
     parser.add_argument("--online-lr", type=float, default=0.0, help="also update the weights after each window at this learning rate (0: no updates)")
+    parser.add_argument("--dropout", action="store_true", help="dropout on (training mode) while re-scoring; default off (evaluation mode)")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.run)
     mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
-    tcfg = config_from_dict(TrainConfig, ckpt.meta["train"])
+    tcfg = ckpt.train_config()
     model = build_model(mcfg)
     ckpt.load_weights(model)
-    model.train(args.online_lr > 0)  # online updates train as the run did (dropout on)
+    model.train(args.dropout)  # dropout on or off, independently of the updates
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=tcfg.weight_decay) if args.online_lr > 0 else None
     corpus = load_corpus(tcfg)
     B, L, K = tcfg.batch_size, mcfg.segment_len, tcfg.bptt_segments
@@ -65,8 +70,8 @@ def main() -> None:
     print(f"{args.run}: step {ckpt.meta['step']}, {mcfg.arch}")
     print(f"logged training loss, last 100 steps: {sum(tail) / len(tail):.3f}")
     blocks = [sum(losses[i : i + 20]) / len(losses[i : i + 20]) for i in range(0, len(losses), 20)]
-    mode = f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "evaluation-mode"
-    print(f"{mode} loss on the training text, per 20 windows from the epoch start: " + ", ".join(f"{b:.3f}" for b in blocks))
+    mode = (f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "no updates") + (", dropout on" if args.dropout else ", dropout off")
+    print(f"{mode}: loss on the training text, per 20 windows from the epoch start: " + ", ".join(f"{b:.3f}" for b in blocks))
 
 
 if __name__ == "__main__":

@@ -295,6 +295,9 @@ def test_resume_continues_the_right_stage_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr
     full = losses(tmp_path / "r")
     assert len(full) == 8 and stage_records(tmp_path / "r") == [(2, 2)]
+    # a curriculum that has ended is not trained further by a resume: it is reported again
+    proc = run_cli("train", "--resume", str(tmp_path / "r"), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0 and "passed 2/2" in proc.stdout and losses(tmp_path / "r") == full, proc.stderr
     for kept, dropped in ((2, 4), (4, 6)):  # step 2 ends stage 1 (its checkpoint starts stage 2); step 4 is inside stage 2
         run = interrupted_copy(tmp_path / "r", tmp_path / f"cut{kept}", kept, dropped)
         ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))

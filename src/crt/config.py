@@ -55,7 +55,7 @@ class ModelConfig:
     assoc_heads: int = 1  # ARMT memories per layer (split key and value widths)
     assoc_nu: int = 3  # ARMT DPFP order: feature width 2 * nu * assoc_dim
     assoc_correction: bool = True  # ARMT: count a key in the normaliser only as far as it is new
-    assoc_floor: bool = True  # ARMT: divide reads by max(z.q, 1), not the original z.q + 1e-5 (which diverged on PTB)
+    assoc_floor: bool = True  # ARMT: divide reads by max(z.q, 1), not the original z.q + 1e-5 (PTB test ppl 3.7x and 1.5x worse without it, two seeds; docs/results/ptb-notes.md)
     # --- CR-ViT and the video transformer (SPEC §5; segment_len counts frames) ---
     num_classes: int = 0  # set from the data
     frame_shape: str = ""  # set from the data: JxC for skeleton joints (e.g. 20x3), CxHxW for RGB frames (e.g. 3x64x64)
@@ -284,8 +284,8 @@ def _configs(doc: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
 
 
 # Training fields a stage may not change: they define the run (its data, its seed, where it
-# lives, its budget) rather than the next difficulty.
-_FIXED_IN_STAGES = ("task", "data", "data_dir", "seed", "out_dir", "max_steps", "max_tokens", "device", "precision")
+# lives, its budget, its optimizer's groups) rather than the next difficulty.
+_FIXED_IN_STAGES = ("task", "data", "data_dir", "seed", "out_dir", "max_steps", "max_tokens", "device", "precision", "weight_decay", "beta1", "beta2")
 # Validation scores a stage may advance on, and whether a higher score is better.
 STAGE_METRICS = {"recall": True, "acc": True, "mean_class_acc": True, "ppl": False, "loss": False}
 

@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if changed:
             raise CRTError(f"cannot change model fields {changed} when resuming: start a new run instead")
         mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
-        _, tcfg = apply_overrides(mcfg, config_from_dict(TrainConfig, ckpt.meta["train"]), overrides)
+        _, tcfg = apply_overrides(mcfg, ckpt.train_config(in_stage=False), overrides)
         stages = _pin(stages_from_list(ckpt.meta.get("stages", [])), pinned)
         summary = train(mcfg, tcfg, stages, resume=ckpt, progress=not args.no_progress)
         print_table([summary])
@@ -328,8 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model (no arguments: CRT and the Transformer on the built-in recall task)",
         description="Train from a preset plus overrides of any field. With no --preset it trains CRT and the "
-        f"segment Transformer on the built-in synthetic recall corpus (one filler token, then two whole segments of "
-        f"filler: the presets' [[stage]]s) and prints a table. Presets: {', '.join(preset_names())}."
+        "segment Transformer on the built-in synthetic recall corpus, one document per batch row, through a curriculum "
+        "(the presets' [[stage]]s: one filler token, then one and two whole segments of filler, each stage until valid "
+        "recall passes its threshold) and prints a table; it exits 1 if CRT fails a stage. "
+        f"Presets: {', '.join(preset_names())}."
     )
     p.add_argument("--preset", help="preset name or path to a .toml file")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder) in the stage its checkpoint belongs to")

@@ -135,13 +135,15 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]  # config.json: model, train, stages, stage, vocab (or classes), step, ...
 
-    def train_config(self):
-        """The TrainConfig in force when this checkpoint was saved: the run's [train] fields
-        plus the curriculum's changes up to the stage it had reached (its data, for scoring)."""
+    def train_config(self, in_stage: bool = True):
+        """The run's TrainConfig: its [train] fields, plus (in_stage) the curriculum's changes up
+        to the stage this checkpoint had reached, i.e. the config in force when it was saved."""
         from crt.config import TrainConfig, config_from_dict, stage_config, stages_from_list
 
         base = config_from_dict(TrainConfig, self.meta["train"])
-        return stage_config(base, stages_from_list(self.meta.get("stages", [])), self.meta.get("stage", 0))
+        if "protocol" not in self.meta["train"]:
+            base.protocol = "stream"  # written before the document protocol existed: trained as streams
+        return stage_config(base, stages_from_list(self.meta.get("stages", [])), self.meta.get("stage", 0)) if in_stage else base
 
     def load_weights(self, model: nn.Module) -> None:
         self._verify(WEIGHTS)

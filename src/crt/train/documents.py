@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crt.data.corpus import Documents
-from crt.train.evaluate import IGNORE, autocast
+from crt.train.evaluate import IGNORE, Tally, autocast
 from crt.train.segments import iter_segments
 
 
@@ -71,8 +71,7 @@ def document_loss(
 
 @torch.no_grad()
 def evaluate_documents(model: nn.Module, docs: Documents, batch_size: int = 100, segment_len: int | None = None, precision: str = "fp32") -> dict[str, float]:
-    """Score every document from a fresh state: loss (mean NLL over all its predicted tokens,
-    nats), ppl, tokens, recall (share of answers predicted by argmax) and answers (their count).
+    """Score every document from a fresh state; the scores of `Tally.result`.
 
     segment_len: tokens per call; default the model's evaluation segment length.
     """
@@ -81,16 +80,12 @@ def evaluate_documents(model: nn.Module, docs: Documents, batch_size: int = 100,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, count, hits, n_answers = 0.0, 0, 0, 0
+    tally = Tally()
     with autocast(device, precision):
         for lo in range(0, len(docs), batch_size):
             inputs, targets, is_answer = (t.to(device) for t in document_batch(docs, torch.arange(lo, min(lo + batch_size, len(docs)))))
             for start, logits in run_documents(model, inputs, segment_len, evaluation=True):
-                logits, tgt, ans = logits.float(), targets[:, start : start + logits.shape[1]], is_answer[:, start : start + logits.shape[1]]
-                nll += F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum").item()
-                count += int(tgt.ne(IGNORE).sum())
-                hits += int(((logits.argmax(-1) == tgt) & ans).sum())
-                n_answers += int(ans.sum())
+                T = logits.shape[1]
+                tally.add(logits, targets[:, start : start + T], is_answer[:, start : start + T])
     model.train(was_training)
-    loss = nll / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count, "recall": hits / n_answers if n_answers else float("nan"), "answers": n_answers}
+    return tally.result()

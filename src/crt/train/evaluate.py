@@ -38,6 +38,33 @@ def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = 
     return inputs, targets, is_answer
 
 
+class Tally:
+    """Running sums of next-token scores over the segments of a split."""
+
+    def __init__(self):
+        self.nll, self.count, self.answer_nll, self.hits, self.answers = 0.0, 0, 0.0, 0, 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, is_answer: torch.Tensor) -> None:
+        """logits [B, T, V], targets [B, T] (IGNORE counts for nothing), is_answer [B, T] bool."""
+        logits = logits.float()
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none").view_as(targets)  # [B, T]
+        self.nll += nll.sum().item()
+        self.count += int(targets.ne(IGNORE).sum())
+        self.answer_nll += nll[is_answer].sum().item()
+        self.hits += int(((logits.argmax(-1) == targets) & is_answer).sum())
+        self.answers += int(is_answer.sum())
+
+    def result(self) -> dict[str, float]:
+        """loss (mean NLL over every scored token, nats), ppl, tokens, recall (share of answers
+        predicted by argmax; nan without answers), answers (their count), answer_loss (their mean NLL)."""
+        loss = self.nll / max(self.count, 1)
+        nan = float("nan")
+        return {
+            "loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": self.count, "recall": self.hits / self.answers if self.answers else nan,
+            "answers": self.answers, "answer_loss": self.answer_nll / self.answers if self.answers else nan,
+        }
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -49,7 +76,7 @@ def evaluate(
     precision: str = "fp32",
     max_tokens: int = 0,
 ) -> dict[str, float]:
-    """Score every token of `data` and return loss (mean NLL, nats), ppl, tokens, recall and answers (their count).
+    """Score every token of `data`; the scores of `Tally.result`.
 
     segment_len: tokens per call; default the model's evaluation segment length.
     stride: 0 streams non-overlapping segments with the state carried from one to the next.
@@ -69,34 +96,18 @@ def evaluate(
     inputs, targets, is_answer = (t.to(device) for t in streams(data, batch_size, answers))
     was_training = model.training
     model.eval()
-    nll, count, hits, n_answers = 0.0, 0, 0, 0
-
-    def score(logits: torch.Tensor, tgt: torch.Tensor, ans: torch.Tensor) -> None:
-        nonlocal nll, count, hits, n_answers
-        logits = logits.float()  # [B, T, V]
-        nll += F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE, reduction="sum").item()
-        count += int((tgt != IGNORE).sum())
-        hits += int(((logits.argmax(-1) == tgt) & ans).sum())
-        n_answers += int(ans.sum())
-
+    tally = Tally()
     with autocast(device, precision):
         if stride:
             n = inputs.shape[1]
             for c in range(0, n, stride):
                 lo = max(0, c + stride - segment_len)  # window [lo, c + stride) of at most segment_len tokens
                 logits, _ = model(inputs[:, lo : c + stride], model.init_state(batch_size, evaluation=True))
-                score(logits[:, c - lo :], targets[:, c : c + stride], is_answer[:, c : c + stride])
+                tally.add(logits[:, c - lo :], targets[:, c : c + stride], is_answer[:, c : c + stride])
         else:
             state = model.init_state(batch_size, evaluation=True)
             for start, logits, _ in iter_segments(model, inputs, state, segment_len):
                 T = logits.shape[1]
-                score(logits, targets[:, start : start + T], is_answer[:, start : start + T])
+                tally.add(logits, targets[:, start : start + T], is_answer[:, start : start + T])
     model.train(was_training)
-    loss = nll / max(count, 1)
-    return {
-        "loss": loss,
-        "ppl": math.exp(min(loss, 700.0)),
-        "tokens": count,
-        "recall": hits / n_answers if n_answers else float("nan"),
-        "answers": n_answers,
-    }
+    return tally.result()

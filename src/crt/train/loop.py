@@ -134,7 +134,7 @@ class LMTask:
 
     @staticmethod
     def describe(r: dict[str, float]) -> str:
-        recall = f"  recall {r['recall']:.3f} of {r['answers']:,} answers" if not math.isnan(r["recall"]) else ""
+        recall = f"  recall {r['recall']:.3f} of {r['answers']:,} answers (their loss {r['answer_loss']:.3f})" if not math.isnan(r["recall"]) else ""
         return f"loss {r['loss']:.4f}  ppl {r['ppl']:.2f}" + recall
 
     @staticmethod
@@ -308,8 +308,9 @@ def train(
         task.check_resume(resume.meta, resume.path)
     mcfg = task.mcfg
     model = build_model(mcfg).to(device)
-    optimizer = make_optimizer(model, tcfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tcfg) / tcfg.lr)
+    optimizer = make_optimizer(model, base)
+    # read at every step: a stage may change lr, min_lr or warmup_steps (`tcfg` is rebound when it starts)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tcfg) / base.lr)
 
     step, tokens_seen = 0, 0
     task.start(model)
@@ -332,7 +333,7 @@ def train(
     def save() -> Path:
         trainer = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, **task.dump(),
+            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, "ended": status if decided else None, **task.dump(),
         }
         return save_checkpoint(run_dir, step, model, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
 
@@ -356,6 +357,11 @@ def train(
     status = {"passed": True, "message": ""}
     interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
     finished = capped()
+    decided = False  # the curriculum itself ended the run (its last condition held, or a stage failed); not a --max-steps cap
+    if resume is not None and trainer.get("ended"):  # it had already passed or failed: report it again
+        status, finished, decided = trainer["ended"], True, True
+    elif finished and stages:
+        status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
     while not finished:
         t0 = time.perf_counter()
         with autocast(device, tcfg.precision):
@@ -403,7 +409,7 @@ def train(
                 status = {"passed": False, "message": (
                     f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
                     f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr")}
-                finished = True
+                finished = decided = True
             elif stage + 1 < len(stages):
                 why = f"valid {condition} held" if passed else f"its {limit} steps are done"
                 stage, stage_start, switched = stage + 1, step, True
@@ -414,7 +420,7 @@ def train(
                 metrics.log({"step": step, "split": "stage", "stage": stage + 1, "label": stages[stage].label})
                 last_valid = {}
             else:
-                finished = True
+                finished, decided = True, bool(stages)
         if capped() and not finished:
             if stages:
                 status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
