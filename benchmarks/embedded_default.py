@@ -115,9 +115,9 @@ def main() -> None:
             furthest = max(r["curriculum"]["reached"] for r in mine)
             verdicts.append(f"{name} passed in none of {len(mine)} runs (furthest: stage {furthest})")
     lines += ["", "Which models learn it: " + "; ".join(verdicts) + "."]
-    if len(presets) > 1:
+    if presets == list(DEFAULT_PRESETS):
         totals = [sum(r["seconds"] for r in runs if (r["seed"], r["threads"]) == (seed, t)) for t in args.threads for seed in args.seeds]
-        lines += ["", f"The whole job (every preset above, one seed and thread count): median {statistics.median(totals):.0f} s, longest {max(totals):.0f} s."]
+        lines += ["", f"The whole job (`crt train`: both presets, one seed and thread count): median {statistics.median(totals):.0f} s, longest {max(totals):.0f} s."]
     stages = load_curriculum(presets[0])
     plan = "; ".join(f"stage {i} ({s.label}): up to {s.steps} steps" + (f", until valid {s.advance}" if s.advance else "") for i, s in enumerate(stages, 1))
     lines += [

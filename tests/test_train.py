@@ -342,6 +342,21 @@ def test_cli_default_runs_both_models(tmp_path):
     assert "crt" in table and "transformer" in table
 
 
+def test_protocol_and_loss_errors_are_one_line(tmp_path):
+    ptb = tmp_path / "ptb"
+    ptb.mkdir()
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+        (ptb / name).write_text("a b c d e f g h\n" * 50)
+    words = ["--preset", "ptb-crt-35", "--data-dir", str(ptb), "--max-steps", "1", "--no-progress"]
+    one_line_error(run_cli("train", *words, "--protocol", "document", cwd=tmp_path), "running text", "--protocol stream")
+    one_line_error(run_cli("train", *words, "--loss", "answers", cwd=tmp_path), "marks none", "--loss all")
+    one_line_error(run_cli("train", *TINY, "--protocol", "documents", cwd=tmp_path), "unknown protocol")
+    one_line_error(run_cli("train", *TINY, "--loss", "some", cwd=tmp_path), "unknown loss")
+    one_line_error(run_cli("train", *TINY, "--protocol", "stream", "--bptt-segments", "0", cwd=tmp_path), "stream protocol needs K >= 1")
+    one_line_error(run_cli("train", *TINY, "--eval-batch-size", "0", cwd=tmp_path), "eval_batch_size")
+    one_line_error(run_cli("train", *TINY, "--batch-size", "100", cwd=tmp_path), "exceeds the 60 training documents")
+
+
 def test_cli_errors_are_one_line(tmp_path):
     one_line_error(run_cli("train", "--preset", "nope", cwd=tmp_path), "unknown preset")
     one_line_error(run_cli("train", "--d-modle", "3", cwd=tmp_path), "--d-modle")

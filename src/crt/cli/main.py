@@ -121,6 +121,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
     mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), ckpt.train_config(), overrides)
+    if tcfg.eval_batch_size < 1:
+        raise CRTError(f"--eval-batch-size {tcfg.eval_batch_size}: give a number of streams or documents >= 1")
     if tcfg.task == "video":
         if args.int8:
             raise CRTError("--int8 scores language models only; drop it for a video checkpoint")

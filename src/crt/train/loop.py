@@ -289,8 +289,8 @@ def train(
         keep_freed_memory()
     if tcfg.precision not in ("fp32", "bf16"):
         raise CRTError(f"unknown precision {tcfg.precision!r}: use fp32 or bf16")
-    if tcfg.batch_size < 1 or tcfg.bptt_segments < 0:
-        raise CRTError("batch_size must be >= 1 and bptt_segments >= 0")
+    if tcfg.batch_size < 1 or tcfg.eval_batch_size < 1 or tcfg.bptt_segments < 0:
+        raise CRTError(f"batch_size ({tcfg.batch_size}) and eval_batch_size ({tcfg.eval_batch_size}) must be >= 1 and bptt_segments ({tcfg.bptt_segments}) >= 0")
     if stages is None:
         stages = stages_from_list(resume.meta.get("stages", [])) if resume is not None else []
     stage, stage_start = 0, 0
