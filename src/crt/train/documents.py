@@ -13,16 +13,14 @@ corpus into B endless streams instead, which suits running text.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from crt.data.corpus import Documents
 from crt.train.evaluate import IGNORE, Tally, autocast
-from crt.train.segments import iter_segments
+from crt.train.segments import iter_segments, window_loss
 
 
 def document_batch(docs: Documents, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,12 +59,8 @@ def document_loss(
         scored = targets.ne(IGNORE).any(dim=0).nonzero()
         n = int(scored[-1]) + 1 if len(scored) else 1
         inputs, targets = inputs[:, :n], targets[:, :n]  # nothing after the last answer reaches the loss
-    count = int(targets.ne(IGNORE).sum())
-    loss_sum = torch.zeros((), device=inputs.device)
-    for start, logits in run_documents(model, inputs, segment_len, bptt_segments):
-        T = logits.shape[1]
-        loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), targets[:, start : start + T].flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss_sum / max(count, 1), count
+    loss, _ = window_loss(model, inputs, targets, model.init_state(inputs.shape[0]), segment_len, bptt_segments)
+    return loss, int(targets.ne(IGNORE).sum())
 
 
 @torch.no_grad()

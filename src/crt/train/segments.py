@@ -56,7 +56,7 @@ def window_loss(
 ) -> tuple[torch.Tensor, tuple]:
     """Mean next-token cross-entropy over one training window, and the state after it.
 
-    inputs, targets: [B, N] (targets are inputs shifted by one). scored: optional bool [B, N],
+    inputs, targets: [B, N] (targets are inputs shifted by one; IGNORE counts for nothing). scored: optional bool [B, N],
     the targets that count (`--loss answers`); default all. Logits are scored in fp32 even
     under autocast. The one training step that `crt train`, `crt bench` and the profiler share.
     """
@@ -67,4 +67,4 @@ def window_loss(
     for start, logits, state in iter_segments(model, inputs, state, segment_len, bptt_segments):
         T = logits.shape[1]
         loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), targets[:, start : start + T].flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss_sum / (inputs.numel() if scored is None else max(int(scored.sum()), 1)), state
+    return loss_sum / max(int(targets.ne(IGNORE).sum()), 1), state  # the mean over the targets that count
