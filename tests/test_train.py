@@ -201,7 +201,7 @@ def test_every_preset_loads_and_validates():
 def test_unknown_config_key_is_rejected():
     with pytest.raises(CRTError, match="unknown config key"):
         apply_overrides(ModelConfig(), TrainConfig(), {"d_modle": 3})
-    with pytest.raises(CRTError, match="expects a int"):
+    with pytest.raises(CRTError, match="expects an integer"):
         apply_overrides(ModelConfig(), TrainConfig(), {"d_model": "wide"})
 
 
@@ -324,12 +324,12 @@ def test_curriculum_tables_are_checked(tmp_path):
         ('[[stage]]\nsteps = 5\nadvance = "recall >= nan"\n', "METRIC >= X"),
         ("[[stage]]\nsteps = 5\nseed = 3\n", "cannot change"),
         ("[[stage]]\nsteps = 5\nd_model = 8\n", "training fields only"),
-        ('[[stage]]\nsteps = 5\nsynth_filler = "long"\n', "expects a int"),
+        ('[[stage]]\nsteps = 5\nsynth_filler = "long"\n', "expects an integer"),
     ]:
         bad.write_text(text)
         with pytest.raises(CRTError, match=needle):
             load_curriculum(str(bad))
-    one_line_error(run_cli("train", "--preset", str(bad), "--no-progress", cwd=tmp_path), "expects a int")
+    one_line_error(run_cli("train", "--preset", str(bad), "--no-progress", cwd=tmp_path), "expects an integer")
     # the embedded default's two models share one curriculum
     crt, transformer = load_curriculum("synthetic-crt"), load_curriculum("synthetic-transformer")
     assert crt == transformer and len(crt) == 3 and all(s.advance for s in crt)

@@ -136,6 +136,9 @@ class ModelConfig:
         if self.arch == "transformer":
             stride = self.eval_stride
             need(stride <= (self.eval_segment_len or self.segment_len), "eval_stride must not exceed the evaluation segment length")
+        check_ranges(self, _MODEL_RANGES)
+        if self.arch in ("crt", "crvit") and self.memory_cell == "ncgru":
+            need(self.ncgru_negative <= self.memory_dim, f"ncgru_negative={self.ncgru_negative} exceeds the memory width {self.memory_dim}: use -1 (half) or 0..{self.memory_dim}")
         return self
 
 
@@ -195,20 +198,85 @@ class TrainConfig:
     log_every: int = 10
 
 
+    def validate(self) -> TrainConfig:
+        """Every field within its allowed range (a CRTError naming the field, its value and the
+        range): the one place training values are checked, for flags, presets, stages and
+        checkpoints alike."""
+        choices = {
+            "task": ("lm", "video"), "protocol": ("auto", "stream", "document"), "loss": ("all", "answers"),
+            "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+            "video_protocol": ("cross_subject", "cross_view1", "cross_view2"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise CRTError(f"unknown {name} {value!r} (--{name.replace('_', '-')}): use one of {', '.join(allowed)}")
+        check_ranges(self, _TRAIN_RANGES)
+        if self.min_lr > self.lr:
+            raise CRTError(f"min_lr={self.min_lr} exceeds lr={self.lr}: the cosine decays from lr down to min_lr, so give --min-lr <= --lr")
+        if not self.out_dir.strip():
+            raise CRTError("out_dir is empty: give --out-dir a folder for the run")
+        return self
+
+
+# Allowed ranges: field -> (low, high, rule). A bound of None is open-ended; "(" / ")" exclude
+# the bound, "[" / "]" include it. Floats must also be finite.
+_MODEL_RANGES = {
+    "vocab_size": "[0,", "d_ff": "[1,", "dropout": "[0,1)", "emb_dropout": "[0,1)", "attn_dropout": "[0,1)",
+    "d_memory": "[0,", "ncgru_negative": "[-1,", "mem_tokens": "[0,", "num_classes": "[0,",
+}
+_TRAIN_RANGES = {
+    "synth_pairs": "[1,", "synth_keys": "[1,", "synth_values": "[1,", "synth_filler": "[0,", "synth_filler_vocab": "[1,",
+    "synth_query_rounds": "[1,", "synth_train_docs": "[1,", "synth_valid_docs": "[1,", "synth_test_docs": "[1,",
+    "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
+    "video_classes": "[2,", "video_noise": "[0,",
+    "batch_size": "[1,", "bptt_segments": "[0,", "max_steps": "[1,", "max_tokens": "[0,", "lr": "(0,", "min_lr": "[0,",
+    "warmup_steps": "[0,", "weight_decay": "[0,", "beta1": "[0,1)", "beta2": "[0,1)", "grad_clip": "[0,", "seed": "[0,",
+    "eval_every": "[0,", "eval_batch_size": "[1,", "eval_max_tokens": "[0,", "checkpoint_every": "[0,", "keep_checkpoints": "[1,",
+    "log_every": "[1,",
+}
+
+
+def check_ranges(cfg: Any, ranges: dict[str, str]) -> None:
+    """Raise a CRTError for the first field of `cfg` outside its interval ("[0,1)"; "(0,": no upper bound)."""
+    for name, interval in ranges.items():
+        value = getattr(cfg, name)
+        lo, hi = interval[1:-1].split(",") if interval[-1] in ")]" else (interval[1:-1], "")
+        above = value > float(lo) if interval[0] == "(" else value >= float(lo)
+        below = not hi or (value < float(hi) if interval[-1] == ")" else value <= float(hi))
+        if not (math.isfinite(value) and above and below):
+            rule = f"in {interval[0]}{lo}, {hi}{interval[-1]}" if hi else f"{'>' if interval[0] == '(' else '>='} {lo}"
+            kind = "a finite number " if isinstance(value, float) else ""
+            raise CRTError(f"{name}={value!r} (--{name.replace('_', '-')}) is out of range: it must be {kind}{rule}")
+
+
 def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """`value` as the field's type, strictly: a bool is not a number, a number not a string, and
+    a whole number only becomes an int if it has no fraction (TOML's 2.5 is not silently 2)."""
     typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
             return True
-        if str(value).lower() in ("0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise CRTError(f"{name} expects true or false, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise CRTError(f"{name} expects a string, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise CRTError(f"{name} expects {'an integer' if typ is int else 'a number'}, got {value!r}")
     try:
-        return typ(value)
-    except (TypeError, ValueError):
-        raise CRTError(f"{name} expects a {typ.__name__}, got {value!r}") from None
+        number = float(value) if typ is float else value
+        if typ is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            number = int(value)
+        return typ(number)
+    except (TypeError, ValueError, OverflowError):
+        raise CRTError(f"{name} expects {'an integer' if typ is int else 'a number'}, got {value!r}") from None
 
 
 def field_help() -> dict[str, str]:
@@ -377,9 +445,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """A ModelConfig or TrainConfig from a checkpoint's config.json section."""
-    bad = set(d) - {f.name for f in fields(cls)}
+def config_from_dict(cls: type, d: Any) -> Any:
+    """A ModelConfig or TrainConfig from a checkpoint's config.json section, every value
+    type-checked (a damaged or hand-edited file is an error, not a crash later)."""
+    if not isinstance(d, dict):
+        raise CRTError(f"checkpoint config's {cls.__name__} section is {type(d).__name__}, not a table: the checkpoint is damaged")
+    known = {f.name: f for f in fields(cls)}
+    bad = set(d) - set(known)
     if bad:
         raise CRTError(f"checkpoint config has unknown {cls.__name__} keys {sorted(bad)}: it was written by another version of crt")
-    return cls(**d)
+    try:
+        return cls(**{k: _coerce(v, known[k].type, k) for k, v in d.items()})
+    except CRTError as e:
+        raise CRTError(f"checkpoint config: {e}; the checkpoint is damaged") from None

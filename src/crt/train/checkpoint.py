@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from crt.errors import CRTError
+from crt.train.rundir import remove_debris
 
 WEIGHTS, CONFIG, TRAINER, LATEST = "model.safetensors", "config.json", "trainer.pt", "latest"
 
@@ -109,6 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_atomic(ckpt_root / LATEST, final.name + "\n")
+    remove_debris(ckpt_root)  # what an earlier, interrupted save left
     for stale in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.suffix == "")[: -max(keep, 1)]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

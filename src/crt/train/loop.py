@@ -23,7 +23,8 @@ from crt.state import detach
 from crt.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crt.train.documents import document_batch, document_loss, evaluate_documents
 from crt.train.evaluate import IGNORE, autocast, evaluate
-from crt.train.metrics import MetricsLog, plot_curves
+from crt.train.metrics import plot_curves
+from crt.train.rundir import RunFolder
 from crt.train.segments import training_window, window_loss
 
 
@@ -75,17 +76,33 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
 
 
-def free_run_dir(out_dir: str) -> Path:
-    """out_dir itself if it holds no run yet, else the first free out_dir-2, out_dir-3, ...
+# Training fields a resumed run keeps: they decide its data, its batches and its carried state.
+FIXED_ON_RESUME = ("task", "data", "seed", "batch_size", "protocol", "synth_pairs", "synth_keys", "synth_values", "synth_filler", "synth_filler_vocab",
+                   "synth_query_rounds", "synth_train_docs", "synth_valid_docs", "synth_test_docs", "video_normalise", "video_motion", "video_size",
+                   "video_protocol", "video_classes", "video_noise")
 
-    A new run never writes into a folder that holds another run's checkpoints.
-    """
-    base = Path(out_dir)
-    path, n = base, 1
-    while (path / "checkpoints").exists() or (path / "metrics.jsonl").exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+
+def _check_unchanged(tcfg: TrainConfig, resume: Checkpoint) -> None:
+    was = resume.train_config(in_stage=False)
+    for name in FIXED_ON_RESUME:
+        if getattr(tcfg, name) != getattr(was, name):
+            raise CRTError(f"--{name.replace('_', '-')} {getattr(tcfg, name)} differs from the run's {getattr(was, name)}: a resumed run keeps its data, "
+                           f"batches and carried state, which depend on it; resume without it, or start a new run")
+
+
+_TRAINER_KEYS = {"optimizer": dict, "scheduler": dict, "step": int, "tokens_seen": int, "rng": dict, "stage": int, "stage_start": int}
+
+
+def _check_trainer(trainer: Any, path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, its keys and their types checked (a valid pickle of
+    the wrong content is a damaged checkpoint, not a KeyError later)."""
+    if not isinstance(trainer, dict):
+        raise CRTError(f"{path / 'trainer.pt'} holds a {type(trainer).__name__}, not a trainer state: the checkpoint is damaged; use another")
+    trainer = {"stage": 0, "stage_start": 0, **trainer}  # written before curricula existed: one stage
+    wrong = sorted(k for k, typ in _TRAINER_KEYS.items() if not isinstance(trainer.get(k), typ) or isinstance(trainer.get(k), bool))
+    if wrong:
+        raise CRTError(f"{path / 'trainer.pt'} lacks or mangles {wrong}: the checkpoint is damaged; use another")
+    return trainer
 
 
 def _rng_state() -> dict[str, Any]:
@@ -284,19 +301,22 @@ def train(
     Summary["curriculum"]: stages (count), reached (1-based), passed (False when a stage ran out
     of steps before its condition held), message. Scores are on the last stage's data.
     """
+    tcfg.validate()
+    if stages is None:
+        stages = stages_from_list(resume.meta.get("stages", [])) if resume is not None else []
+    for i, s in enumerate(stages):
+        try:
+            stage_config(tcfg, stages, i).validate()
+        except CRTError as e:
+            raise CRTError(f"stage {i + 1} ({s.label}): {e}") from None
     device = resolve_device(tcfg.device)
     if device.type == "cpu":
         keep_freed_memory()
-    if tcfg.precision not in ("fp32", "bf16"):
-        raise CRTError(f"unknown precision {tcfg.precision!r}: use fp32 or bf16")
-    if tcfg.batch_size < 1 or tcfg.eval_batch_size < 1 or tcfg.bptt_segments < 0:
-        raise CRTError(f"batch_size ({tcfg.batch_size}) and eval_batch_size ({tcfg.eval_batch_size}) must be >= 1 and bptt_segments ({tcfg.bptt_segments}) >= 0")
-    if stages is None:
-        stages = stages_from_list(resume.meta.get("stages", [])) if resume is not None else []
     stage, stage_start = 0, 0
     if resume is not None:
-        trainer = resume.load_trainer()
-        stage, stage_start = trainer.get("stage", 0), trainer.get("stage_start", 0)
+        _check_unchanged(tcfg, resume)
+        trainer = _check_trainer(resume.load_trainer(), resume.path)
+        stage, stage_start = trainer["stage"], trainer["stage_start"]
         if stage >= max(1, len(stages)):
             raise CRTError(f"checkpoint {resume.path} is in stage {stage + 1}, but the run has {len(stages)} stages: resume with the curriculum it was trained with")
     torch.manual_seed(tcfg.seed)
@@ -313,19 +333,23 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tcfg) / base.lr)
 
     step, tokens_seen = 0, 0
+    # the loss, tokens, seconds and steps since the last train record: saved with a checkpoint,
+    # so the first record after a resume averages the same steps as an uninterrupted run's
+    interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
     task.start(model)
     if resume is not None:
-        run_dir = resume.path.parent.parent
         resume.load_weights(model)
-        optimizer.load_state_dict(trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
+        try:
+            optimizer.load_state_dict(trainer["optimizer"])
+            scheduler.load_state_dict(trainer["scheduler"])
+            task.load(trainer)
+            _set_rng_state(trainer["rng"])
+            interval_loss, interval_tokens, interval_time, interval_steps = trainer.get("interval", (0.0, 0, 0.0, 0))
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CRTError(f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another") from None
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
-        task.load(trainer)
-        _set_rng_state(trainer["rng"])
-    else:
-        run_dir = free_run_dir(tcfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run_dir, resume_step=step if resume is not None else None)
+    run = RunFolder.open(base, resume, step)
+    run_dir, metrics = run.path, run.metrics
     meta = {"model": to_dict(mcfg), "train": to_dict(base), "stages": stages_to_list(stages), **task.meta}
     n_params = count_parameters(model)
     n_stages = max(1, len(stages))
@@ -333,8 +357,10 @@ def train(
     def save() -> Path:
         trainer = {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, "ended": status if decided else None, **task.dump(),
+            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, "ended": status if decided else None,
+            "interval": (interval_loss, interval_tokens, interval_time, interval_steps), **task.dump(),
         }
+        run.saved = True
         return save_checkpoint(run_dir, step, model, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
 
     def validate() -> dict[str, float]:
@@ -348,95 +374,92 @@ def train(
     def stage_label() -> str:
         return f"stage {stage + 1} of {n_stages} ({stages[stage].label})" if stages else "training"
 
-    if stages:
-        verb = "resuming" if step > stage_start else "from"
-        print(f"-- {stage_label()}, {verb} step {step + 1}" + (f", until valid {stages[stage].advance}" if stages[stage].advance else ""), flush=True)
-    model.train()
-    bar = tqdm(total=base.max_steps, initial=step, disable=None if progress else True, desc=run_dir.name, dynamic_ncols=True)
-    last_valid: dict[str, float] = {}
-    status = {"passed": True, "message": ""}
-    interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
-    finished = capped()
-    decided = False  # the curriculum itself ended the run (its last condition held, or a stage failed); not a --max-steps cap
-    if resume is not None and trainer.get("ended"):  # it had already passed or failed: report it again
-        status, finished, decided = trainer["ended"], True, True
-    elif finished and stages:
-        status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
-    while not finished:
-        t0 = time.perf_counter()
-        with autocast(device, tcfg.precision):
-            loss, n_items = task.loss(model, step)
-        if not torch.isfinite(loss):
-            bar.close()
-            metrics.close()
-            raise CRTError(
-                f"the training loss became {loss.item()} at step {step + 1}: lower --lr or use --precision fp32; checkpoints saved before it in {run_dir} are intact"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        task.after_step()
-        step += 1
-        tokens_seen += n_items
-        interval_loss += loss.item()
-        interval_tokens += n_items
-        interval_steps += 1
-        interval_time += time.perf_counter() - t0
-        bar.update(1)
-        limit = stages[stage].steps if stages else base.max_steps
-        stage_over = step - stage_start >= limit
-        if step % tcfg.log_every == 0 or capped() or stage_over:
-            avg = interval_loss / interval_steps
-            rate = interval_tokens / max(interval_time, 1e-9)
-            extra = task.train_record(avg)
-            metrics.log({"step": step, "split": "train", "loss": avg, **extra, "lr": scheduler.get_last_lr()[0], f"{task.unit}_per_s": rate, f"{task.unit}_seen": tokens_seen})
-            bar.set_postfix(loss=f"{avg:.3f}", **{k: f"{v:.1f}" for k, v in extra.items()}, **{f"{task.unit[:3]}_s": f"{rate:,.0f}"})
-            interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
-        at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
-        if at_eval or capped() or stage_over:
-            last_valid = validate()
-            bar.write(f"step {step}: valid {task.describe(last_valid)}")
-        # the curriculum: pass on the measured condition, fail at the step limit
-        condition = stages[stage].advance if stages else ""
-        passed = bool(condition) and (at_eval or stage_over or capped()) and stages[stage].passed(last_valid)
-        switched = False
-        if passed or stage_over:
-            if condition and not passed:
-                metric = condition.split()[0]
-                status = {"passed": False, "message": (
-                    f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
-                    f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr")}
-                finished = decided = True
-            elif stage + 1 < len(stages):
-                why = f"valid {condition} held" if passed else f"its {limit} steps are done"
-                stage, stage_start, switched = stage + 1, step, True
-                tcfg = stage_config(base, stages, stage)
-                task = make_task(mcfg, tcfg, device)
-                task.start(model)
-                bar.write(f"-- {stage_label()}, from step {step + 1}: {why}" + (f"; until valid {stages[stage].advance}" if stages[stage].advance else ""))
-                metrics.log({"step": step, "split": "stage", "stage": stage + 1, "label": stages[stage].label})
-                last_valid = {}
-            else:
-                finished, decided = True, bool(stages)
-        if capped() and not finished:
-            if stages:
-                status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
-            finished = True
-        if at_eval or finished or switched or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0):
-            save()  # a checkpoint at a stage boundary starts the next stage
-    bar.close()
-    metrics.close()
-    if status["message"]:
-        print(f"crt: {status['message']}", file=sys.stderr, flush=True)
-    # scores on the last stage's data, whichever stage the run ended in
-    final = task if stage == len(stages) - 1 or not stages else make_task(mcfg, stage_config(base, stages, len(stages) - 1), device)
-    if not last_valid or final is not task:
-        last_valid = final.validate(model)
-    test = final.test(model)
-    plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
+    with run:  # on an error before the first checkpoint, a new run folder is removed again
+        if stages:
+            verb = "resuming" if step > stage_start else "from"
+            print(f"-- {stage_label()}, {verb} step {step + 1}" + (f", until valid {stages[stage].advance}" if stages[stage].advance else ""), flush=True)
+        model.train()
+        bar = tqdm(total=base.max_steps, initial=step, disable=None if progress else True, desc=run_dir.name, dynamic_ncols=True)
+        last_valid: dict[str, float] = {}
+        status = {"passed": True, "message": ""}
+        finished = capped()
+        decided = False  # the curriculum itself ended the run (its last condition held, or a stage failed); not a --max-steps cap
+        if resume is not None and trainer.get("ended"):  # it had already passed or failed: report it again
+            status, finished, decided = trainer["ended"], True, True
+        elif finished and stages:
+            status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
+        while not finished:
+            t0 = time.perf_counter()
+            with autocast(device, tcfg.precision):
+                loss, n_items = task.loss(model, step)
+            if not torch.isfinite(loss):
+                bar.close()
+                kept = f"the checkpoints in {run_dir} are intact" if run.saved or not run.claimed else "no checkpoint had been saved, so the new run folder was removed"
+                raise CRTError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr or use --precision fp32; {kept}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            task.after_step()
+            step += 1
+            tokens_seen += n_items
+            interval_loss += loss.item()
+            interval_tokens += n_items
+            interval_steps += 1
+            interval_time += time.perf_counter() - t0
+            bar.update(1)
+            limit = stages[stage].steps if stages else base.max_steps
+            stage_over = step - stage_start >= limit
+            if step % tcfg.log_every == 0 or capped() or stage_over:
+                avg = interval_loss / interval_steps
+                rate = interval_tokens / max(interval_time, 1e-9)
+                extra = task.train_record(avg)
+                metrics.log({"step": step, "split": "train", "loss": avg, **extra, "lr": scheduler.get_last_lr()[0], f"{task.unit}_per_s": rate, f"{task.unit}_seen": tokens_seen})
+                bar.set_postfix(loss=f"{avg:.3f}", **{k: f"{v:.1f}" for k, v in extra.items()}, **{f"{task.unit[:3]}_s": f"{rate:,.0f}"})
+                interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
+            at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
+            if at_eval or capped() or stage_over:
+                last_valid = validate()
+                bar.write(f"step {step}: valid {task.describe(last_valid)}")
+            # the curriculum: pass on the measured condition, fail at the step limit
+            condition = stages[stage].advance if stages else ""
+            passed = bool(condition) and (at_eval or stage_over or capped()) and stages[stage].passed(last_valid)
+            switched = False
+            if passed or stage_over:
+                if condition and not passed:
+                    metric = condition.split()[0]
+                    status = {"passed": False, "message": (
+                        f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
+                        f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr")}
+                    finished = decided = True
+                elif stage + 1 < len(stages):
+                    why = f"valid {condition} held" if passed else f"its {limit} steps are done"
+                    stage, stage_start, switched = stage + 1, step, True
+                    tcfg = stage_config(base, stages, stage)
+                    task = make_task(mcfg, tcfg, device)
+                    task.start(model)
+                    bar.write(f"-- {stage_label()}, from step {step + 1}: {why}" + (f"; until valid {stages[stage].advance}" if stages[stage].advance else ""))
+                    metrics.log({"step": step, "split": "stage", "stage": stage + 1, "label": stages[stage].label})
+                    last_valid = {}
+                else:
+                    finished, decided = True, bool(stages)
+            if capped() and not finished:
+                if stages:
+                    status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
+                finished = True
+            if at_eval or finished or switched or (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0):
+                save()  # a checkpoint at a stage boundary starts the next stage
+        bar.close()
+        if status["message"]:
+            print(f"crt: {status['message']}", file=sys.stderr, flush=True)
+        # scores on the last stage's data, whichever stage the run ended in
+        final = task if stage == len(stages) - 1 or not stages else make_task(mcfg, stage_config(base, stages, len(stages) - 1), device)
+        if not last_valid or final is not task:
+            last_valid = final.validate(model)
+        test = final.test(model)
+        plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
     return {
         "run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen,
         **task.summary(last_valid), **(task.summary(test, "test") if test else {}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +12,22 @@ from crt.train.checkpoint import write_atomic
 
 
 class MetricsLog:
-    """Appends records ({"step", "split", ...}) to run_dir/metrics.jsonl.
+    """Appends records ({"step", "split", ...}) to run_dir/metrics.jsonl (which the run's claim
+    created, empty).
 
     resume_step: on resume, records after this step (written by the interrupted run past its
-    last checkpoint) are dropped first, so the file reads like one uninterrupted run.
+    last checkpoint) are dropped first, so the file reads like one uninterrupted run; `source`
+    is the log to take them from when the run continues in a new folder (default: its own).
+    A line that does not parse (cut short by a power loss or a full disk) is dropped, and a
+    warning says so.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, source: Path | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            self.path.unlink(missing_ok=True)
+        source = source or self.path
+        if resume_step is not None and source.exists():
+            kept = [r for r in read_metrics(source) if r["step"] <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -45,7 +49,23 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a metrics.jsonl; lines that are not a record (cut short) are skipped, with a warning."""
+    records, broken = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = {}
+        if record is None:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("split"), str):
+            records.append(record)
+        else:
+            broken.append(n)
+    if broken:
+        warnings.warn(f"{path}: skipped {len(broken)} line(s) that are not complete records (line {', '.join(map(str, broken[:3]))}"
+                      f"{', ...' if len(broken) > 3 else ''}; a write cut short by a crash or a full disk)", stacklevel=2)
+    return records
 
 
 def plot_curves(metrics_path: Path, out_png: Path, title: str = "", valid_key: str = "ppl", valid_label: str = "perplexity") -> None:
