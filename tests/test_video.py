@@ -377,7 +377,7 @@ def test_cli_video_train_eval_and_errors(tmp_path):
     assert load_checkpoint(tmp_path / "v").meta["step"] == 4
     # bad inputs: one line, exit 2
     one_line_error(run_cli("train", "--preset", "msr-crvit", "--data-dir", str(tmp_path / "missing"), *VIDEO_TINY, cwd=tmp_path), "MSR Action3D not found")
-    one_line_error(run_cli("train", "--task", "video", "--arch", "crt", "--data", "synthetic-video", *VIDEO_TINY, cwd=tmp_path), "--arch crvit")
+    one_line_error(run_cli("train", "--preset", "synthetic-video-crvit", "--arch", "crt", *VIDEO_TINY, cwd=tmp_path), "--arch crvit")
     one_line_error(run_cli("train", "--preset", "synthetic-video-crvit", "--readout", "last", *VIDEO_TINY, cwd=tmp_path), "readout")
     one_line_error(run_cli("train", "--preset", "synthetic-crt", "--arch", "crvit", *VIDEO_TINY, cwd=tmp_path), "--task video")
     one_line_error(run_cli("flops", "--preset", "msr-crvit", cwd=tmp_path), "frame-sequence classifier")

@@ -307,6 +307,30 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str,
     return dataclasses.replace(model, **m), dataclasses.replace(train, **t)
 
 
+# Fields that only some models or tasks read: field -> (who reads it, test on the configs).
+_CRT_MEMORY = ("crt", "crvit")
+_USED_BY = {
+    **{f: ("crt and crvit", lambda m, t: m.arch in _CRT_MEMORY) for f in ("memory_position", "memory_init", "memory_cell", "memory_reads", "d_memory", "carry_rpe")},
+    **{f: ("crt and crvit with memory_cell = ncgru", lambda m, t: m.arch in _CRT_MEMORY and m.memory_cell == "ncgru") for f in ("ncgru_negative", "ncgru_orthogonal_reset")},
+    **{f: ("transformer_xl", lambda m, t: m.arch == "transformer_xl") for f in ("mem_len", "clamp_len", "same_length", "eval_mem_len")},
+    "mem_tokens": ("rmt and armt", lambda m, t: m.arch in ("rmt", "armt")),
+    "rmt_placement": ("rmt", lambda m, t: m.arch == "rmt"),
+    **{f: ("armt", lambda m, t: m.arch == "armt") for f in ("assoc_dim", "assoc_heads", "assoc_nu", "assoc_correction", "assoc_floor")},
+    **{f: ("the video models", lambda m, t: m.arch in VIDEO_ARCHS) for f in ("patch_size", "frame_layers")},
+    "readout": ("crvit", lambda m, t: m.arch == "crvit"),
+    "eval_stride": ("transformer", lambda m, t: m.arch == "transformer"),
+    **{f: ("data = synthetic", lambda m, t: t.data == "synthetic") for f in TRAIN_FIELDS if f.startswith("synth_")},
+    **{f: ("task = video", lambda m, t: t.task == "video") for f in TRAIN_FIELDS if f.startswith("video_")},
+    "map_unk": ("word corpora", lambda m, t: t.data in ("ptb", "wikitext-2", "wikitext-103", "words")),
+}
+
+
+def unused_fields(model: ModelConfig, train: TrainConfig, names) -> list[str]:
+    """Warnings for the fields in `names` (the user's explicit flags) that these configs never read."""
+    return [f"--{n.replace('_', '-')} does nothing here: it is read by {_USED_BY[n][0]} only (this run: arch {model.arch}, data {train.data})"
+            for n in names if n in _USED_BY and not _USED_BY[n][1](model, train)]
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("crt.configs").iterdir() if p.name.endswith(".toml"))
 

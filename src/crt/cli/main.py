@@ -73,17 +73,26 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise CRTError(f"cannot change model fields {changed} when resuming: start a new run instead")
         mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
         _, tcfg = apply_overrides(mcfg, ckpt.train_config(in_stage=False), overrides)
+        _warn_unused([(mcfg, tcfg)], overrides)
         stages = _pin(stages_from_list(ckpt.meta.get("stages", [])), pinned)
         summary = train(mcfg, tcfg, stages, resume=ckpt, progress=not args.no_progress)
         print_table([summary])
         if not summary["curriculum"]["passed"]:
             raise TrainingFailed
         return
+    if not args.preset:
+        changed = [f for f in ("arch", "task") if f in overrides] + (["data"] if overrides.get("data", "synthetic") != "synthetic" else [])
+        if changed:
+            flags = " and ".join(f"--{f}" for f in changed)
+            raise CRTError(f"{flags} without --preset: the default job trains {' and '.join(DEFAULT_PRESETS)} on the built-in recall task; "
+                           f"give a preset to start from (e.g. --preset ptb-crt-35, see `crt train --help`) or a .toml of your own")
     presets = [args.preset] if args.preset else list(DEFAULT_PRESETS)
+    jobs = [(name, *apply_overrides(*load_preset(name), overrides)) for name in presets]
+    for _, m, t in jobs:
+        m.validate(), t.validate()
+    _warn_unused([(m, t) for _, m, t in jobs], overrides)
     rows = []
-    for name in presets:
-        mcfg, tcfg = load_preset(name)
-        mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
+    for name, mcfg, tcfg in jobs:
         print(f"== training {mcfg.arch} ({name}) -> {tcfg.out_dir}", flush=True)
         stages = _pin(load_curriculum(name), pinned) if args.stages else []
         rows.append(train(mcfg, tcfg, stages, progress=not args.no_progress))
@@ -97,6 +106,18 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"the job passes when {rows[0]['arch']} passes.")
     if not all(r["curriculum"]["passed"] for r in judged):
         raise TrainingFailed
+
+
+def _warn_unused(jobs, overrides: dict[str, Any]) -> None:
+    """Say which explicit flags no model of the job reads (a flag that does nothing is a mistake)."""
+    from crt.config import unused_fields
+
+    unused = None
+    for mcfg, tcfg in jobs:
+        these = unused_fields(mcfg, tcfg, overrides)
+        unused = these if unused is None else [w for w in unused if w.split()[0] in {x.split()[0] for x in these}]
+    for warning in unused or []:
+        print(f"crt: warning: {warning}", file=sys.stderr, flush=True)
 
 
 class TrainingFailed(Exception):
@@ -124,8 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
     mcfg, tcfg = apply_overrides(config_from_dict(ModelConfig, ckpt.meta["model"]), ckpt.train_config(), overrides)
-    if tcfg.eval_batch_size < 1:
-        raise CRTError(f"--eval-batch-size {tcfg.eval_batch_size}: give a number of streams or documents >= 1")
+    tcfg.validate()
+    mcfg.validate()
+    _warn_unused([(mcfg, tcfg)], overrides)
     if tcfg.task == "video":
         if args.int8:
             raise CRTError("--int8 scores language models only; drop it for a video checkpoint")
@@ -143,6 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if resolve_protocol(tcfg, corpus) == "document":
         if mcfg.eval_stride:
             raise CRTError("--eval-stride is for the stream protocol: documents are scored segment by segment from a fresh state")
+        if "eval_max_tokens" in overrides:
+            raise CRTError("--eval-max-tokens caps a stream, and this split is scored as documents, each whole: drop it (or give --protocol stream)")
         docs = corpus.documents[args.split]
 
         def score(m):
@@ -198,7 +222,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from crt.infer import generate, load_language_model
     from crt.infer.text import detokenize, prompt_ids
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    if args.max_new_tokens < 0 or not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise CRTError("need --max-new-tokens >= 0, --temperature >= 0 (0: greedy), --top-k >= 0 (0: all) and 0 < --top-p <= 1")
     model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
     chars = tcfg.data == "chars"
@@ -213,26 +237,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from crt.analysis.machine import peak_rss_mib
     from crt.infer import load_language_model, score_stream
-    from crt.infer.text import text_ids
+    from crt.infer.text import read_lines, text_ids
 
     if args.report_every < 0:
         raise CRTError(f"--report-every {args.report_every}: give a number of tokens >= 0 (0: at the end only)")
+    if args.file != "-" and not Path(args.file).is_file():
+        raise CRTError(f"{args.file} is not a file: give a text file to score, or - for stdin")
     model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
-    if args.file == "-":
-        lines, source = sys.stdin, "stdin"
-    else:
-        path = Path(args.file)
-        if not path.is_file():
-            raise CRTError(f"{path} is not a file: give a text file to score, or - for stdin")
-        lines, source = path.open(encoding="utf-8", errors="strict", newline="\n"), str(path)
-    ids = text_ids(lines, vocab, tcfg.data == "chars", args.map_unk, source)
-    try:
+    chars = tcfg.data == "chars"
+    binary, source = (sys.stdin.buffer, "stdin") if args.file == "-" else (open(args.file, "rb"), args.file)
+    with binary:
+        ids = text_ids(read_lines(binary, chars, source), vocab, chars, args.map_unk, source)
         for r in score_stream(model, ids, args.report_every):
             if not r["tokens"]:
                 raise CRTError(f"{source} has fewer than two tokens: nothing to score")
             print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
-    except UnicodeDecodeError as e:
-        raise CRTError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start} of a line): re-encode it as UTF-8") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -273,6 +292,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from crt.train.checkpoint import write_atomic
     from crt.train.loop import load_corpus, resolve_device
 
+    for flag in ("threads", "steps", "repeats", "rounds", "infer_batch", "infer_tokens"):
+        if getattr(args, flag) < 1:
+            raise CRTError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a count >= 1")
     device = resolve_device(args.device)
     args.precision = args.precision or ["fp32", "bf16"]
     for p in args.precision:

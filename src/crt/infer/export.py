@@ -219,7 +219,16 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
     out = Path(out)
     if out.is_dir():
         raise CRTError(f"{out} is a folder: give --out a file name (e.g. model.{fmt})")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    targets = [out, out.parent / (out.name + ".state.safetensors")] + ([out.parent / f"{out.stem}.int8.{fmt}"] if int8 else [])
+    for target in targets:  # a file we write may replace an earlier export, never a device, a pipe or a link
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise CRTError(f"{target} exists and is not a regular file (a device, a pipe, a link?): export writes only files; give --out another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise CRTError(f"cannot write to {out.parent} ({e.strerror}): give --out a path in a folder you can write to") from None
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays as it was
     _freeze_cayley(model)
     step = SegmentStep(model, batch_size)

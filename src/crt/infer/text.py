@@ -7,9 +7,31 @@ of every line. Character corpora: every character is a token, newline included.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from crt.data.corpus import EOS, UNK, Vocab
 from crt.errors import CRTError
+
+
+def read_lines(binary: BinaryIO, chars: bool, source: str = "input") -> Iterator[str]:
+    """Lines of a byte stream (a file or stdin, read alike), decoded as the training data was:
+    strict UTF-8 (an error names the line), a leading byte-order mark dropped; for words, \r\n
+    and a lone \r end a line as \n does (as the word loaders read); characters are kept as they
+    are, \r included (as `load_chars` reads them)."""
+    for n, raw in enumerate(binary, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CRTError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start} of line {n}): re-encode it as UTF-8") from None
+        if n == 1:
+            line = line.removeprefix("\ufeff")
+        if chars or "\r" not in line:
+            yield line
+            continue
+        pieces = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        yield from (p + "\n" for p in pieces[:-1])
+        if pieces[-1]:
+            yield pieces[-1]
 
 
 def text_ids(lines: Iterable[str], vocab: Vocab, chars: bool, map_unk: bool = False, source: str = "input") -> Iterator[int]:
@@ -33,11 +55,13 @@ def text_ids(lines: Iterable[str], vocab: Vocab, chars: bool, map_unk: bool = Fa
 
 
 def prompt_ids(prompt: str, vocab: Vocab, chars: bool) -> list[int]:
-    """A generation prompt -> ids (no <eos> appended); an empty prompt starts after an <eos>."""
-    if not prompt.strip():
-        if EOS not in vocab.stoi:
-            raise CRTError("an empty prompt starts after <eos>, which this model's vocabulary lacks: give --prompt some text")
-        return [vocab.stoi[EOS]]
+    """A generation prompt -> ids (no <eos> appended). An empty prompt starts at the start of a
+    line: after an <eos> (words) or a newline (characters; a prompt of spaces is text there)."""
+    if not (prompt if chars else prompt.strip()):
+        start = "\n" if chars else EOS
+        if start not in vocab.stoi:
+            raise CRTError(f"an empty prompt starts after {start!r} (the start of a line), which this model's vocabulary lacks: give --prompt some text")
+        return [vocab.stoi[start]]
     return vocab.encode(list(prompt) if chars else prompt.split())
 
 

@@ -37,6 +37,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _labels_sha256(labels: list[str]) -> str:
+    """SHA-256 of a vocabulary or class list, in order: a permuted or edited list is caught."""
+    return hashlib.sha256(json.dumps(labels, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def _tied_groups(model: nn.Module) -> list[list[str]]:
     """Names of the state dict grouped by tensor: tied weights (embedding and head) share one."""
     groups: dict[tuple, list[str]] = {}
@@ -96,7 +101,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, 
     try:
         save_weights(model, tmp / WEIGHTS)
         torch.save(trainer, tmp / TRAINER)
-        meta = {**meta, "step": step, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), TRAINER: _sha256(tmp / TRAINER)}}
+        labels = {k: _labels_sha256(meta[k]) for k in ("vocab", "classes") if k in meta}
+        meta = {**meta, "step": step, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), TRAINER: _sha256(tmp / TRAINER), **labels}}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
         if final.exists():  # re-saving a step (after a resume): swap, then remove the old copy
             old = final.with_name(final.name + ".old")
@@ -180,6 +186,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CRTError(f"{folder / CONFIG} is not valid JSON ({e}); the checkpoint is damaged") from None
     # a language model records its vocabulary, a classifier its class names
-    if not isinstance(meta, dict) or not {"model", "train", "sha256"} <= set(meta) or not {"vocab", "classes"} & set(meta):
+    if not isinstance(meta, dict) or not {"model", "train", "sha256"} <= set(meta) or not {"vocab", "classes"} & set(meta) \
+            or not isinstance(meta["sha256"], dict) or not isinstance(meta["model"], dict):
         raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/sha256/vocab or classes)")
+    for key, size in (("vocab", "vocab_size"), ("classes", "num_classes")):
+        if key not in meta:
+            continue
+        labels = meta[key]
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+            raise CRTError(f"{folder / CONFIG}: its {key} is not a list of distinct strings; the checkpoint is damaged")
+        recorded = meta["sha256"].get(key)  # absent in checkpoints written before it was recorded
+        if (recorded is not None and recorded != _labels_sha256(labels)) or len(labels) != meta["model"].get(size, len(labels)):
+            raise CRTError(f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
+                           f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited")
     return Checkpoint(folder, meta)
