@@ -195,7 +195,8 @@ def main() -> None:
     from crt.analysis.machine import describe
     from crt.infer.export import export
     from crt.infer.quantize import quantize_int8
-    from crt.train.checkpoint import load_checkpoint, write_atomic
+    from crt.files import write_atomic
+    from crt.train.checkpoint import load_checkpoint
     from crt.train.evaluate import evaluate
 
     torch.set_num_threads(args.threads)

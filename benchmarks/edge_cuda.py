@@ -118,7 +118,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("edge_cuda.py needs a CUDA GPU; docs/results/edge.md holds the CPU figures")
     from crt.analysis.machine import describe
-    from crt.train.checkpoint import write_atomic
+    from crt.files import write_atomic
 
     device = torch.device("cuda")
     exact, fast, exported = exactness(device), speed(device, args.gen_tokens), exports(device)

@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from crt.analysis.machine import describe
 from crt.cli.main import DEFAULT_PRESETS
 from crt.config import apply_overrides, load_curriculum, load_preset, without_fields
-from crt.train.checkpoint import write_atomic
+from crt.files import write_atomic
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
@@ -47,6 +48,15 @@ def stage_steps(run_dir: str) -> list[int]:
     return [r["step"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["split"] == "stage"]
 
 
+def _field_value(item: str) -> tuple[str, object]:
+    """FIELD=VALUE with VALUE read as a TOML value (3e-3, 8, true), else as a string."""
+    name, _, text = item.partition("=")
+    try:
+        return name, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return name, text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", help="synthetic preset to train; repeat for several (default: the two of `crt train`)")
@@ -57,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     presets = args.preset or list(DEFAULT_PRESETS)
     command = "python benchmarks/embedded_default.py" + "".join(f" {a}" for a in sys.argv[1:])
-    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = dict(_field_value(item) for item in args.set)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:

@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     from crt.analysis.machine import describe
     from crt.infer.quantize import quantize_int8
-    from crt.train.checkpoint import write_atomic
+    from crt.files import write_atomic
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

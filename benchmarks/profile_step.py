@@ -24,7 +24,7 @@ from crt.analysis.machine import describe
 from crt.config import load_preset
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
-from crt.train.checkpoint import write_atomic
+from crt.files import write_atomic
 from crt.train.segments import window_loss
 
 ROOT = Path(__file__).resolve().parents[1]

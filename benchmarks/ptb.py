@@ -28,7 +28,8 @@ from crt.analysis.flops import count_flops
 from crt.analysis.machine import describe
 from crt.config import apply_overrides, config_from_dict, load_preset, to_dict
 from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint, write_atomic
+from crt.files import write_atomic
+from crt.train.checkpoint import load_checkpoint
 from crt.train.evaluate import evaluate
 from crt.train.loop import load_corpus, resolve_device, train
 from crt.train.metrics import read_metrics

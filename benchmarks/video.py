@@ -22,7 +22,8 @@ from pathlib import Path
 from crt.analysis.machine import describe
 from crt.config import apply_overrides, config_from_dict, load_preset
 from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint, write_atomic
+from crt.files import write_atomic
+from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.video import evaluate_clips, load_video_data, plot_confusion
 

@@ -133,9 +133,8 @@ class ModelConfig:
         if self.arch == "crvit":
             need(self.memory_position != "append", "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding")
             need(self.memory_reads != "memory_token", "crvit: memory_reads=memory_token needs an appended memory token; use tokens or last_token")
-        if self.arch == "transformer":
-            stride = self.eval_stride
-            need(stride <= (self.eval_segment_len or self.segment_len), "eval_stride must not exceed the evaluation segment length")
+        need(self.eval_stride <= (self.eval_segment_len or self.segment_len),
+             f"eval_stride={self.eval_stride} exceeds the evaluation segment length {self.eval_segment_len or self.segment_len}: give --eval-stride <= it (0: non-overlapping segments)")
         check_ranges(self, _MODEL_RANGES)
         if self.arch in ("crt", "crvit") and self.memory_cell == "ncgru":
             need(self.ncgru_negative <= self.memory_dim, f"ncgru_negative={self.ncgru_negative} exceeds the memory width {self.memory_dim}: use -1 (half) or 0..{self.memory_dim}")
@@ -231,7 +230,7 @@ _TRAIN_RANGES = {
     "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
     "video_classes": "[2,", "video_noise": "[0,",
     "batch_size": "[1,", "bptt_segments": "[0,", "max_steps": "[1,", "max_tokens": "[0,", "lr": "(0,", "min_lr": "[0,",
-    "warmup_steps": "[0,", "weight_decay": "[0,", "beta1": "[0,1)", "beta2": "[0,1)", "grad_clip": "[0,", "seed": "[0,",
+    "warmup_steps": "[0,", "weight_decay": "[0,", "beta1": "[0,1)", "beta2": "[0,1)", "grad_clip": "[0,", "seed": "[0,4294967295]",
     "eval_every": "[0,", "eval_batch_size": "[1,", "eval_max_tokens": "[0,", "checkpoint_every": "[0,", "keep_checkpoints": "[1,",
     "log_every": "[1,",
 }
@@ -251,22 +250,19 @@ def check_ranges(cfg: Any, ranges: dict[str, str]) -> None:
 
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
-    """`value` as the field's type, strictly: a bool is not a number, a number not a string, and
-    a whole number only becomes an int if it has no fraction (TOML's 2.5 is not silently 2)."""
+    """`value` as the field's type, strictly: a bool is not a number, a quoted "4" is not a
+    number, a number is not a string, and a float only becomes an int if it has no fraction
+    (TOML's 2.5 is not silently 2). The CLI's flags arrive typed (argparse parses them)."""
     typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
         raise CRTError(f"{name} expects true or false, got {value!r}")
     if typ is str:
         if isinstance(value, str):
             return value
         raise CRTError(f"{name} expects a string, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CRTError(f"{name} expects {'an integer' if typ is int else 'a number'}, got {value!r}")
     try:
         number = float(value) if typ is float else value
@@ -318,7 +314,9 @@ _USED_BY = {
     **{f: ("armt", lambda m, t: m.arch == "armt") for f in ("assoc_dim", "assoc_heads", "assoc_nu", "assoc_correction", "assoc_floor")},
     **{f: ("the video models", lambda m, t: m.arch in VIDEO_ARCHS) for f in ("patch_size", "frame_layers")},
     "readout": ("crvit", lambda m, t: m.arch == "crvit"),
-    "eval_stride": ("transformer", lambda m, t: m.arch == "transformer"),
+    "vocab_size": ("nothing: the vocabulary is set from the data", lambda m, t: False),
+    "num_classes": ("nothing: the classes are set from the data", lambda m, t: False),
+    "frame_shape": ("nothing: the frame shape is set from the data", lambda m, t: False),
     **{f: ("data = synthetic", lambda m, t: t.data == "synthetic") for f in TRAIN_FIELDS if f.startswith("synth_")},
     **{f: ("task = video", lambda m, t: t.task == "video") for f in TRAIN_FIELDS if f.startswith("video_")},
     "map_unk": ("word corpora", lambda m, t: t.data in ("ptb", "wikitext-2", "wikitext-103", "words")),
@@ -327,8 +325,11 @@ _USED_BY = {
 
 def unused_fields(model: ModelConfig, train: TrainConfig, names) -> list[str]:
     """Warnings for the fields in `names` (the user's explicit flags) that these configs never read."""
-    return [f"--{n.replace('_', '-')} does nothing here: it is read by {_USED_BY[n][0]} only (this run: arch {model.arch}, data {train.data})"
-            for n in names if n in _USED_BY and not _USED_BY[n][1](model, train)]
+    def why(n: str) -> str:
+        who = _USED_BY[n][0]
+        return who.split(": ", 1)[1] if who.startswith("nothing") else f"it is read by {who} only (this run: arch {model.arch}, data {train.data})"
+
+    return [f"--{n.replace('_', '-')} does nothing here: {why(n)}" for n in names if n in _USED_BY and not _USED_BY[n][1](model, train)]
 
 
 def preset_names() -> list[str]:
@@ -337,9 +338,16 @@ def preset_names() -> list[str]:
 
 def _read_preset(name_or_path: str) -> dict[str, Any]:
     """The parsed TOML of a preset (a name in crt/configs/ or a path), its tables checked."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
-        text = path.read_text()
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".toml" or "/" in name_or_path or path.is_file():  # a path, not a name
+        if not path.is_file():
+            raise CRTError(f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}: give the path of a .toml file, or a preset name ({', '.join(preset_names())})")
+        try:
+            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not TOML
+        except UnicodeDecodeError as e:
+            raise CRTError(f"preset file {path} is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8") from None
+        except OSError as e:
+            raise CRTError(f"cannot read preset file {path} ({e.strerror})") from None
     else:
         res = resources.files("crt.configs") / f"{name_or_path}.toml"
         if not res.is_file():

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from crt.analysis.flops import count_flops, with_vocab
 from crt.analysis.machine import peak_rss_mib
+from crt.errors import CRTError
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
 from crt.runtime import keep_freed_memory
 from crt.state import detach
@@ -346,6 +347,9 @@ def make_cases(
         mcfg = with_vocab(mcfg, tcfg, name)
         mcfg.mem_len = mcfg.mem_len or mcfg.segment_len
         mcfg.validate()
+        if tcfg.bptt_segments < 1:
+            raise CRTError(f"preset {name} back-propagates through whole documents (bptt_segments = 0), and crt bench times windows of K >= 1 segments: "
+                           f"bench a stream preset (e.g. ptb-crt-35) or a copy of {name} with bptt_segments = K")
         base = {
             "model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "device": device, "threads": threads, "steps": steps,
             "repeats": repeats, "infer_batch": infer_batch, "infer_tokens": infer_tokens, "stream": stream,

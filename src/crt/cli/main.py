@@ -18,6 +18,7 @@ from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
 EVAL_FIELDS = ("data_dir", "video_max_frames", "map_unk", "protocol", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
+EXPORT_MAX_BATCH, EXPORT_MAX_CHECK = 4096, 1000  # bounds of `crt export`: beyond them the check alone would take gigabytes
 _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -121,7 +122,7 @@ def _warn_unused(jobs, overrides: dict[str, Any]) -> None:
 
 
 class TrainingFailed(Exception):
-    """A run ended without completing its curriculum (the reason is already printed): exit 1."""
+    """A job ran but did not succeed: a curriculum not completed, a benchmark case failed (the reason is already printed): exit 1."""
 
 
 def _pin(stages, pinned: set[str]):
@@ -152,6 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.int8:
             raise CRTError("--int8 scores language models only; drop it for a video checkpoint")
         return _eval_video(ckpt, mcfg, tcfg, args)
+    if args.confusion:
+        raise CRTError("--confusion is for video classifiers: a language model has no confusion matrix; drop it")
     corpus = load_corpus(tcfg)
     vocab = Vocab.from_list(ckpt.meta["vocab"])
     if vocab.itos != corpus.vocab.itos:
@@ -163,6 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ckpt.load_weights(model)
     seg = mcfg.eval_segment_len or mcfg.segment_len
     if resolve_protocol(tcfg, corpus) == "document":
+        if not corpus.documents:
+            raise CRTError(f"--protocol document needs a corpus of separate documents, and {corpus.name} is running text: use --protocol stream")
         if mcfg.eval_stride:
             raise CRTError("--eval-stride is for the stream protocol: documents are scored segment by segment from a fresh state")
         if "eval_max_tokens" in overrides:
@@ -258,10 +263,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     from crt.infer import load_language_model
     from crt.infer.export import export
 
-    if args.batch_size < 1 or args.check_segments < 1:
-        raise CRTError("--batch-size and --check-segments must be >= 1")
+    if not (1 <= args.batch_size <= EXPORT_MAX_BATCH and 1 <= args.check_segments <= EXPORT_MAX_CHECK):
+        raise CRTError(f"--batch-size {args.batch_size} and --check-segments {args.check_segments}: give 1..{EXPORT_MAX_BATCH} streams and 1..{EXPORT_MAX_CHECK} segments "
+                       "(the check runs them all in memory, in PyTorch and in the runtime)")
+    suffix = Path(args.out).suffix.lower()
+    if suffix in (".onnx", ".pt2") and suffix != "." + args.format:
+        raise CRTError(f"--out {args.out} names a {suffix[1:]} file but --format is {args.format}: make them agree")
     model, _, mcfg, _ = load_language_model(args.checkpoint)
-    r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)
+    try:
+        r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        raise CRTError(f"out of memory exporting with --batch-size {args.batch_size} and --check-segments {args.check_segments}: lower them; nothing was written") from None
     size = r["path"].stat().st_size / 2**20
     print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment_len or mcfg.segment_len}], *state) -> (logits, *state)")
     print(f"checked over {args.check_segments} segments: max |difference| from PyTorch {r['max_difference']:.2e}")
@@ -275,11 +289,13 @@ def cmd_flops(args: argparse.Namespace) -> None:
     from crt.analysis.flops import PARTS, flops_table, with_vocab
 
     overrides = _overrides(args, list(MODEL_FIELDS))
-    rows = []
+    rows, jobs = [], []
     for name in args.preset or list(DEFAULT_PRESETS):
         mcfg, tcfg = load_preset(name)
-        mcfg, _ = apply_overrides(mcfg, tcfg, overrides)
+        mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
         rows.append((name, with_vocab(mcfg, tcfg, name)))
+        jobs.append((mcfg, tcfg))
+    _warn_unused(jobs, overrides)
     print(f"MFLOP per token ({'evaluation' if args.eval else 'training'} lengths; 1 multiply-add = 2 FLOPs; train = 3 x forward)")
     print(flops_table(rows, evaluation=args.eval))
     print("Counted: all matrix products (" + ", ".join(PARTS) + "). Not counted: norms, activations, softmax, "
@@ -289,7 +305,6 @@ def cmd_flops(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from crt.analysis import bench
     from crt.analysis.machine import describe
-    from crt.train.checkpoint import write_atomic
     from crt.train.loop import load_corpus, resolve_device
 
     for flag in ("threads", "steps", "repeats", "rounds", "infer_batch", "infer_tokens"):
@@ -319,6 +334,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         diagonal=(args.diagonal_segments, args.diagonal_layers) if args.diagonal else None,
     )
     results = bench.run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
+    failed = [r for r in results if "error" in r]
     notes = (
         f"Each (model, precision) ran {args.rounds} times, once per round through the whole list, each time in a fresh process with "
         f"{args.threads} threads on {device.type}: {args.repeats} timed groups of "
@@ -329,8 +345,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     text = bench.report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
     if args.out:
-        write_atomic(Path(args.out), text)
+        _write_report(Path(args.out), text)
     print(text)
+    if failed:
+        print(f"crt: {len(failed)} of {len(results)} cases failed: {', '.join(r['name'] + ' ' + r['precision'] for r in failed)} (see the table)", file=sys.stderr)
+        raise TrainingFailed
+
+
+def _write_report(path: Path, text: str) -> None:
+    from crt.files import write_atomic
+
+    if path.is_dir() or path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CRTError(f"--out {path} exists and is not a regular file: give a file path for the report")
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise CRTError(f"cannot write the report to {path} ({e.strerror}): give --out a path in a folder you can write to") from None
 
 
 def cmd_download(args: argparse.Namespace) -> None:

@@ -164,7 +164,7 @@ def _detect_kind(directory: Path) -> str:
         nested = sorted(p.parent for files in WORD_FILES.values() for p in directory.glob(f"*/{files['train']}"))
         hint = f"; found them in {nested[0]}, pass that as --data-dir" if nested else "; point --data-dir at the folder that holds them"
         raise CRTError(f"{directory} has no word-level corpus files (expected {expected}){hint}")
-    raise CRTError(f"{directory} holds both PTB and WikiText files: pass kind='ptb' or kind='wikitext' (or --data ptb / wikitext-2)")
+    raise CRTError(f"{directory} holds both PTB and WikiText files: say which with --data ptb or --data wikitext-2 (load_words: kind='ptb' or 'wikitext')")
 
 
 def _read_lines_chunked(path: Path) -> Iterator[str]:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import shutil
 import socket
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from crt.errors import CRTError
+from crt.files import umask_mode
 
 TIMEOUT_S = 30.0
 _BLOCK = 1 << 20
@@ -145,14 +148,46 @@ def download(name: str, directory: str | Path) -> Path:
     """
     if name not in SOURCES:
         raise CRTError(f"unknown corpus {name!r} to download: use one of {', '.join(SOURCES)}")
+    if not str(directory).strip():
+        raise CRTError(f"the folder to put {name} in is empty: give --dir a folder path")
     directory = Path(directory).expanduser()
     if all((directory / f).is_file() for f in _outputs(name)):
+        _check_present(name, directory)
         return directory
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CRTError(f"cannot create {directory} for {name} ({e.strerror or e}): pass a writable --data-dir") from None
+        raise CRTError(f"cannot create {directory} for {name} ({e.strerror or e}): pass a writable --dir") from None
+    try:
+        return _download_all(name, directory)
+    except BaseException:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)  # the folders this call made: a failure leaves the disk as it was
+        raise
 
+
+def _check_present(name: str, directory: Path) -> None:
+    """Files already there: each must be the published one (md5), else an error. Files taken
+    from a zip cannot be checked (the published md5 is the archive's); a warning says so."""
+    for remote in SOURCES[name]:
+        if remote.members:
+            empty = [m for m in remote.members if (directory / m).stat().st_size == 0]
+            if empty:
+                raise CRTError(f"{directory / empty[0]} is empty: it is not {name}; remove it and run again to download it")
+            warnings.warn(f"{name} files are already in {directory}, not checked: the published md5 is of {remote.filename}, which is not kept", stacklevel=2)
+            continue
+        md5 = hashlib.md5()
+        with open(directory / remote.filename, "rb") as f:
+            while block := f.read(_BLOCK):
+                md5.update(block)
+        if md5.hexdigest() != remote.md5:
+            raise CRTError(f"{directory / remote.filename} is already there but is not the published {name} file (md5 {md5.hexdigest()}, "
+                           f"expected {remote.md5}): move it away and run again to download it")
+
+
+def _download_all(name: str, directory: Path) -> Path:
+    """Fetch and verify every file of `name`, then move them all into place."""
     temps: list[Path] = []
     try:
         ready: dict[str, Path] = {}  # final file name -> verified temp file
@@ -163,10 +198,10 @@ def download(name: str, directory: str | Path) -> Path:
             else:
                 ready[remote.filename] = tmp
         for fname, tmp in ready.items():
-            os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a corpus is ordinary shared data
+            umask_mode(tmp)  # mkstemp makes owner-only files; a corpus is ordinary shared data
             os.replace(tmp, directory / fname)  # atomic on one filesystem: the file is whole or absent
     except OSError as e:  # network errors became CRTErrors already: this is the local disk
-        raise CRTError(f"cannot write {name} into {directory} ({e.strerror or e}): pass a writable --data-dir with free space") from None
+        raise CRTError(f"cannot write {name} into {directory} ({e.strerror or e}): pass a writable --dir with free space") from None
     finally:
         for tmp in temps:  # archives and anything left by a failure; moved files are gone already
             tmp.unlink(missing_ok=True)

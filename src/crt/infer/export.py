@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crt.errors import CRTError
 from crt.layers import NCGRU
+from crt.files import umask_mode
 
 TOLERANCE = 1e-4  # max |difference| of fp32 logits and state, runtime vs PyTorch
 
@@ -276,6 +277,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
         save_file({f"state_in_{i}": s.contiguous() for i, s in enumerate(step.initial)}, str(state_path))
         # every file checked: move them into place (rename is atomic on one filesystem)
         for f in Path(tmp).iterdir():
+            umask_mode(f)
             os.replace(f, out.parent / f.name)
     if int8:
         result["int8_path"] = out.parent / f"{out.stem}.int8.{fmt}"

@@ -62,7 +62,13 @@ def prompt_ids(prompt: str, vocab: Vocab, chars: bool) -> list[int]:
         if start not in vocab.stoi:
             raise CRTError(f"an empty prompt starts after {start!r} (the start of a line), which this model's vocabulary lacks: give --prompt some text")
         return [vocab.stoi[start]]
-    return vocab.encode(list(prompt) if chars else prompt.split())
+    tokens = list(prompt) if chars else prompt.split()
+    unknown = next((t for t in tokens if t not in vocab.stoi), None)
+    if unknown is not None:
+        what = "character" if chars else "word"
+        fix = f"replace it with {UNK}" if UNK in vocab.stoi and not chars else f"use only {what}s seen in the training data"
+        raise CRTError(f"the prompt's {what} {unknown!r} is not in the model's vocabulary ({len(vocab)} tokens): {fix}")
+    return vocab.encode(tokens)
 
 
 def detokenize(ids: list[int], vocab: Vocab, chars: bool) -> str:

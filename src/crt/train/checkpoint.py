@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from crt.errors import CRTError
+from crt.files import umask_mode, write_atomic
 from crt.train.rundir import remove_debris
 
 WEIGHTS, CONFIG, TRAINER, LATEST = "model.safetensors", "config.json", "trainer.pt", "latest"
@@ -80,18 +81,6 @@ def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
     return [], []
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is meant to be read
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, Any], trainer: dict[str, Any], keep: int = 2) -> Path:
     """Save model weights, `meta` (config, vocab, ...) and `trainer` (optimizer, RNG, ...)."""
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -104,6 +93,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, 
         labels = {k: _labels_sha256(meta[k]) for k in ("vocab", "classes") if k in meta}
         meta = {**meta, "step": step, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), TRAINER: _sha256(tmp / TRAINER), **labels}}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
+        for f in (tmp, *tmp.iterdir()):
+            umask_mode(f)
         if final.exists():  # re-saving a step (after a resume): swap, then remove the old copy
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

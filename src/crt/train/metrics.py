@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from crt.train.checkpoint import write_atomic
+from crt.files import write_atomic
 
 
 class MetricsLog:
