@@ -28,3 +28,39 @@ def interrupted_copy(run: Path, to: Path, kept_step: int, dropped_step: int) -> 
     shutil.rmtree(to / "checkpoints" / f"step-{dropped_step:07d}")
     (to / "checkpoints" / "latest").write_text(f"step-{kept_step:07d}\n")
     return to
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `crt ARGS` in this process (no interpreter start-up per call): (exit status, stdout,
+    stderr). An exception escaping `main` is a traceback a user would have seen: it fails the test."""
+    from crt.cli.main import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def refused(result: tuple[int, str, str], *needles: str) -> str:
+    """`result` (from `cli`) is one line on stderr starting `crt: error:`, exit 2, naming every needle."""
+    rc, _, err = result
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith("crt: warning:")]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("crt: error:") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under root with its mode and content (files) or type: to assert that nothing changed."""
+    import stat
+
+    found = {}
+    for p in sorted(Path(root).rglob("*")):
+        st = p.lstat()
+        content = p.read_bytes() if stat.S_ISREG(st.st_mode) else os.readlink(p).encode() if stat.S_ISLNK(st.st_mode) else b""
+        found[str(p.relative_to(root))] = (st.st_mode, content)
+    return found

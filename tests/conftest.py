@@ -23,3 +23,33 @@ def wikitext2_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"../shared/data/wikitext-2 not found: {path} holds the WikiText-2 files on the project machines")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """Three finished 4-step runs, trained once per session (tests copy them before changing
+    anything): `words` (a word corpus, stream protocol), `chars` (a character file with a
+    byte-order mark and CRLF line ends) and `synthetic` (the recall task, document protocol)."""
+    from crt.config import ModelConfig, TrainConfig
+    from crt.train.loop import train
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    words = root / "words-data"
+    words.mkdir()
+    for split, n in (("train", 200), ("valid", 20), ("test", 20)):
+        (words / f"ptb.{split}.txt").write_text("the cat sat on the mat\na dog ran far away\n" * n)
+    chars = root / "chars.txt"
+    chars.write_bytes("\ufeff".encode() + b"hello world\r\nthis is a text\r\n" * 200)
+    model = dict(d_model=32, n_layer=1, n_head=4, d_ff=64, segment_len=8)
+    run = dict(batch_size=4, bptt_segments=2, max_steps=4, warmup_steps=1, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=5)
+    data = {
+        "words": dict(data="words", data_dir=str(words)),
+        "chars": dict(data="chars", data_dir=str(chars)),
+        "synthetic": dict(data="synthetic", synth_train_docs=40, synth_valid_docs=5, synth_test_docs=5, synth_filler=4, bptt_segments=0),
+    }
+    runs = {}
+    for name, fields in data.items():
+        t = TrainConfig(**{**run, **fields, "out_dir": str(root / name)})
+        runs[name] = Path(train(ModelConfig(**model), t, progress=False)["run_dir"])
+    runs["words_data"], runs["chars_data"] = words, chars
+    return runs
