@@ -178,7 +178,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CRTError(f"{folder / CONFIG} is not valid JSON ({e}); the checkpoint is damaged") from None
     # a language model records its vocabulary, a classifier its class names
     if not isinstance(meta, dict) or not {"model", "train", "sha256"} <= set(meta) or not {"vocab", "classes"} & set(meta) \
-            or not isinstance(meta["sha256"], dict) or not isinstance(meta["model"], dict):
+            or not all(isinstance(meta[k], dict) for k in ("model", "train", "sha256")):
         raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/sha256/vocab or classes)")
     for key, size in (("vocab", "vocab_size"), ("classes", "num_classes")):
         if key not in meta:
