@@ -64,3 +64,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
         content = p.read_bytes() if stat.S_ISREG(st.st_mode) else os.readlink(p).encode() if stat.S_ISLNK(st.st_mode) else b""
         found[str(p.relative_to(root))] = (st.st_mode, content)
     return found
+
+
+def in_process(capsys, *args: str):
+    """`cli`, shaped like the CompletedProcess of `run_cli` (returncode, stdout, stderr)."""
+    from types import SimpleNamespace
+
+    rc, out, err = cli(capsys, *args)
+    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)

@@ -8,7 +8,7 @@ import pytest
 
 from crt.analysis import bench
 from crt.config import load_preset
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import in_process, one_line_error
 
 
 def tiny_case(name: str, precision: str = "fp32", **model) -> dict:
@@ -74,13 +74,15 @@ def test_diagonal_case_times_both_schedules_and_they_agree():
     assert f"| 6 x 4 | {d['sequential_s']:.3f} | {d['diagonal_s']:.3f} | {d['speedup']:.2f}x |" in text
 
 
-def test_bench_rejects_unknown_precision(tmp_path):
-    one_line_error(run_cli("bench", "--precision", "fp8", cwd=tmp_path), "fp8")
+def test_bench_rejects_unknown_precision(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(in_process(capsys, "bench", "--precision", "fp8"), "fp8")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("x_transformers") is not None, reason="the peer libraries are installed")
-def test_bench_peers_without_the_extra_is_a_clear_error(tmp_path):
-    one_line_error(run_cli("bench", "--peers", cwd=tmp_path), "pip install")
+def test_bench_peers_without_the_extra_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(in_process(capsys, "bench", "--peers"), "pip install")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("x_transformers") is None or importlib.util.find_spec("recurrent_memory_transformer_pytorch") is None,

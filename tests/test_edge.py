@@ -12,7 +12,7 @@ from crt.infer.quantize import quantize_int8
 from crt.errors import CRTError
 from crt.models import build_model
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import in_process, one_line_error
 
 V, L = 41, 6
 BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L)
@@ -168,34 +168,35 @@ def test_int8_quantizes_linear_gru_and_embedding_layers(arch):
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is left fp32
 
 
-def test_cli_generate_score_eval_int8_and_export(tmp_path):
+def test_cli_generate_score_eval_int8_and_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     tiny = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--max-steps", "3", "--eval-every", "0", "--no-progress", "--no-stages",
             "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5"]
-    assert run_cli("train", "--preset", "synthetic-crt", *tiny, "--out-dir", "r", cwd=tmp_path).returncode == 0
-    greedy = run_cli("generate", "--checkpoint", "r", "--prompt", "<doc> k3 v7", "--max-new-tokens", "9", "--temperature", "0", cwd=tmp_path)
+    assert in_process(capsys, "train", "--preset", "synthetic-crt", *tiny, "--out-dir", "r").returncode == 0
+    greedy = in_process(capsys, "generate", "--checkpoint", "r", "--prompt", "<doc> k3 v7", "--max-new-tokens", "9", "--temperature", "0")
     assert greedy.returncode == 0, greedy.stderr
     words = greedy.stdout.split()
     assert words[:3] == ["<doc>", "k3", "v7"] and len(greedy.stdout[:-1].replace("\n", " <eos> ").split()) == 12
-    sampled = [run_cli("generate", "--checkpoint", "r", "--max-new-tokens", "20", "--seed", str(s), cwd=tmp_path).stdout for s in (1, 1, 2)]
+    sampled = [in_process(capsys, "generate", "--checkpoint", "r", "--max-new-tokens", "20", "--seed", str(s)).stdout for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
     (tmp_path / "text.txt").write_text("<doc> k1 v2 <sep> f3 <q> k1 v2\n" * 40)
-    score = run_cli("score", "--checkpoint", "r", "text.txt", "--report-every", "100", cwd=tmp_path)
+    score = in_process(capsys, "score", "--checkpoint", "r", "text.txt", "--report-every", "100")
     assert score.returncode == 0, score.stderr
     lines = score.stdout.strip().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("tokens 359 ") and "ppl" in lines[-1] and "peak RSS" in lines[-1]
-    ev = run_cli("eval", "--checkpoint", "r", "--int8", cwd=tmp_path)
+    ev = in_process(capsys, "eval", "--checkpoint", "r", "--int8")
     assert ev.returncode == 0 and "int8 (dynamic, CPU)" in ev.stdout and "% vs fp32" in ev.stdout, ev.stderr
-    exp = run_cli("export", "--checkpoint", "r", "--format", "pt2", "--out", "e/step.pt2", cwd=tmp_path)
+    exp = in_process(capsys, "export", "--checkpoint", "r", "--format", "pt2", "--out", "e/step.pt2")
     assert exp.returncode == 0, exp.stderr
     assert (tmp_path / "e" / "step.pt2").is_file() and (tmp_path / "e" / "step.pt2.state.safetensors").is_file()
     assert (tmp_path / "e" / "step.int8.pt2").is_file() and "same argmax at" in exp.stdout and "Failed to load" not in exp.stderr
     # bad input: one line, exit 2
     (tmp_path / "odd.txt").write_text("<doc> zebra\n")
-    one_line_error(run_cli("score", "--checkpoint", "r", "odd.txt", cwd=tmp_path), "odd.txt line 1", "zebra")
-    one_line_error(run_cli("score", "--checkpoint", "r", "missing.txt", cwd=tmp_path), "missing.txt")
-    one_line_error(run_cli("generate", "--checkpoint", "r", "--prompt", "zebra", cwd=tmp_path), "zebra")
-    one_line_error(run_cli("generate", "--checkpoint", "r", "--top-p", "0", cwd=tmp_path), "--top-p")
-    assert run_cli("generate", "--checkpoint", "r", "--prompt", "  ", "--max-new-tokens", "2", cwd=tmp_path).returncode == 0  # blank: starts after <eos>
+    one_line_error(in_process(capsys, "score", "--checkpoint", "r", "odd.txt"), "odd.txt line 1", "zebra")
+    one_line_error(in_process(capsys, "score", "--checkpoint", "r", "missing.txt"), "missing.txt")
+    one_line_error(in_process(capsys, "generate", "--checkpoint", "r", "--prompt", "zebra"), "zebra")
+    one_line_error(in_process(capsys, "generate", "--checkpoint", "r", "--top-p", "0"), "--top-p")
+    assert in_process(capsys, "generate", "--checkpoint", "r", "--prompt", "  ", "--max-new-tokens", "2").returncode == 0  # blank: starts after <eos>
     (tmp_path / "empty.txt").write_text("")
-    one_line_error(run_cli("score", "--checkpoint", "r", "empty.txt", cwd=tmp_path), "nothing to score")
-    one_line_error(run_cli("export", "--checkpoint", "r", "--format", "pt2", "--out", "e", cwd=tmp_path), "is a folder")
+    one_line_error(in_process(capsys, "score", "--checkpoint", "r", "empty.txt"), "nothing to score")
+    one_line_error(in_process(capsys, "export", "--checkpoint", "r", "--format", "pt2", "--out", "e"), "is a folder")

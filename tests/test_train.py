@@ -16,7 +16,7 @@ from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
-from cli_helpers import interrupted_copy, one_line_error, run_cli
+from cli_helpers import cli, in_process, interrupted_copy, one_line_error, refused, run_cli
 
 SMALL_MODEL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, dropout=0.1, emb_dropout=0.1)
 SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10, synth_filler=12)
@@ -249,10 +249,11 @@ def stage_records(run: Path) -> list[tuple[int, int]]:
     return [(r["step"], r["stage"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "stage"]
 
 
-def test_curriculum_advances_when_the_condition_holds_and_ends_when_the_last_one_does(tmp_path):
+def test_curriculum_advances_when_the_condition_holds_and_ends_when_the_last_one_does(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     # ppl <= 1e9 holds at the first validation (step 2); recall >= 0 too
     preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', 'synth_filler = 9\nsteps = 10\nadvance = "recall >= 0"')
-    proc = run_cli("train", "--preset", preset, "--no-progress", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "-- stage 2 of 2 (synth_filler = 9), from step 3: valid ppl <= 1e9 held" in proc.stdout
     assert stage_records(tmp_path / "r") == [(2, 2)]
@@ -261,9 +262,10 @@ def test_curriculum_advances_when_the_condition_holds_and_ends_when_the_last_one
     assert "passed 2/2" in proc.stdout and "valid recall" in proc.stdout and "test recall" in proc.stdout and " of 10" in proc.stdout  # 5 documents x 2 pairs
 
 
-def test_curriculum_fails_a_stage_at_its_step_limit(tmp_path):
+def test_curriculum_fails_a_stage_at_its_step_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     preset = staged(tmp_path, 'steps = 6\nadvance = "recall >= 1.01"', 'synth_filler = 9\nsteps = 10')
-    proc = run_cli("train", "--preset", preset, "--no-progress", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     failure = [line for line in proc.stderr.splitlines() if "failed" in line]
@@ -273,14 +275,15 @@ def test_curriculum_fails_a_stage_at_its_step_limit(tmp_path):
     assert ckpt.meta["step"] == 6 and ckpt.meta["stage"] == 0  # the failed stage's last checkpoint is kept
     # a stage without a condition simply runs its steps, and the next one follows
     preset = staged(tmp_path, "steps = 3", "synth_filler = 9\nsteps = 2")
-    proc = run_cli("train", "--preset", preset, "--no-progress", "--out-dir", "plain", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--preset", preset, "--no-progress", "--out-dir", "plain")
     assert proc.returncode == 0, proc.stderr
     assert stage_records(tmp_path / "plain") == [(3, 2)] and load_checkpoint(tmp_path / "plain").meta["step"] == 5
 
 
-def test_explicit_flags_beat_the_stages(tmp_path):
+def test_explicit_flags_beat_the_stages(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     preset = staged(tmp_path, "steps = 3", "synth_filler = 9\nbptt_segments = 2\nsteps = 30")
-    proc = run_cli("train", "--preset", preset, "--no-progress", "--synth-filler", "5", "--max-steps", "7", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--preset", preset, "--no-progress", "--synth-filler", "5", "--max-steps", "7")
     assert proc.returncode == 1  # stopped by --max-steps before the curriculum was done: said, not hidden
     assert "--synth-filler given" in proc.stderr and "stopped at max_steps = 7 in stage 2 of 2" in proc.stderr
     ckpt = load_checkpoint(tmp_path / "r")
@@ -288,15 +291,16 @@ def test_explicit_flags_beat_the_stages(tmp_path):
     assert ckpt.meta["step"] == 7 and t.synth_filler == 5 and t.bptt_segments == 2
 
 
-def test_resume_continues_the_right_stage_exactly(tmp_path):
+def test_resume_continues_the_right_stage_exactly(tmp_path, capsys, monkeypatch):
     """Interrupted inside stage 1 and inside stage 2, the resumed runs retrace the uninterrupted one."""
+    monkeypatch.chdir(tmp_path)
     preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', 'synth_filler = 9\nsteps = 6')
-    proc = run_cli("train", "--preset", preset, "--no-progress", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     full = losses(tmp_path / "r")
     assert len(full) == 8 and stage_records(tmp_path / "r") == [(2, 2)]
     # a curriculum that has ended is not trained further by a resume: it is reported again
-    proc = run_cli("train", "--resume", str(tmp_path / "r"), "--no-progress", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--resume", str(tmp_path / "r"), "--no-progress")
     assert proc.returncode == 0 and "passed 2/2" in proc.stdout and losses(tmp_path / "r") == full, proc.stderr
     for kept, dropped in ((2, 4), (4, 6)):  # step 2 ends stage 1 (its checkpoint starts stage 2); step 4 is inside stage 2
         run = interrupted_copy(tmp_path / "r", tmp_path / f"cut{kept}", kept, dropped)
@@ -306,13 +310,14 @@ def test_resume_continues_the_right_stage_exactly(tmp_path):
                 import shutil
 
                 shutil.rmtree(run / "checkpoints" / name)
-        proc = run_cli("train", "--resume", str(run), "--no-progress", cwd=tmp_path)
+        proc = in_process(capsys, "train", "--resume", str(run), "--no-progress")
         assert proc.returncode == 0, proc.stderr
         assert "stage 2 of 2" in proc.stdout
         assert losses(run)[kept:] == pytest.approx(full[kept:], rel=0, abs=0)
 
 
-def test_curriculum_tables_are_checked(tmp_path):
+def test_curriculum_tables_are_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from crt.config import load_curriculum
 
     bad = tmp_path / "bad.toml"
@@ -329,7 +334,7 @@ def test_curriculum_tables_are_checked(tmp_path):
         bad.write_text(text)
         with pytest.raises(CRTError, match=needle):
             load_curriculum(str(bad))
-    one_line_error(run_cli("train", "--preset", str(bad), "--no-progress", cwd=tmp_path), "expects an integer")
+    one_line_error(in_process(capsys, "train", "--preset", str(bad), "--no-progress"), "expects an integer")
     # the embedded default's two models share one curriculum
     crt, transformer = load_curriculum("synthetic-crt"), load_curriculum("synthetic-transformer")
     assert crt == transformer and len(crt) == 3 and all(s.advance for s in crt)
@@ -342,33 +347,35 @@ def test_cli_default_runs_both_models(tmp_path):
     assert "crt" in table and "transformer" in table
 
 
-def test_protocol_and_loss_errors_are_one_line(tmp_path):
+def test_protocol_and_loss_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     ptb = tmp_path / "ptb"
     ptb.mkdir()
     for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
         (ptb / name).write_text("a b c d e f g h\n" * 50)
     words = ["--preset", "ptb-crt-35", "--data-dir", str(ptb), "--max-steps", "1", "--no-progress"]
-    one_line_error(run_cli("train", *words, "--protocol", "document", cwd=tmp_path), "running text", "--protocol stream")
-    one_line_error(run_cli("train", *words, "--loss", "answers", cwd=tmp_path), "marks none", "--loss all")
-    one_line_error(run_cli("train", *TINY, "--protocol", "documents", cwd=tmp_path), "unknown protocol")
-    one_line_error(run_cli("train", *TINY, "--loss", "some", cwd=tmp_path), "unknown loss")
-    one_line_error(run_cli("train", *TINY, "--protocol", "stream", "--bptt-segments", "0", cwd=tmp_path), "stream protocol needs K >= 1")
-    one_line_error(run_cli("train", *TINY, "--eval-batch-size", "0", cwd=tmp_path), "eval_batch_size")
-    one_line_error(run_cli("train", *TINY, "--batch-size", "100", cwd=tmp_path), "exceeds the 60 training documents")
+    refused(cli(capsys, "train", *words, "--protocol", "document"), "running text", "--protocol stream")
+    refused(cli(capsys, "train", *words, "--loss", "answers"), "marks none", "--loss all")
+    refused(cli(capsys, "train", *TINY, "--protocol", "documents"), "unknown protocol")
+    refused(cli(capsys, "train", *TINY, "--loss", "some"), "unknown loss")
+    refused(cli(capsys, "train", *TINY, "--protocol", "stream", "--bptt-segments", "0"), "stream protocol needs K >= 1")
+    refused(cli(capsys, "train", *TINY, "--eval-batch-size", "0"), "eval_batch_size")
+    refused(cli(capsys, "train", *TINY, "--batch-size", "100"), "exceeds the 60 training documents")
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    one_line_error(run_cli("train", "--preset", "nope", cwd=tmp_path), "unknown preset")
-    one_line_error(run_cli("train", "--d-modle", "3", cwd=tmp_path), "--d-modle")
-    one_line_error(run_cli("train", "--d-model", "wide", cwd=tmp_path), "wide")
-    one_line_error(run_cli("train", "--segment-len", "0", *TINY[2:6], cwd=tmp_path), "segment_len")
-    one_line_error(run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path), "missing")
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(cli(capsys, "train", "--preset", "nope"), "unknown preset")
+    refused(cli(capsys, "train", "--d-modle", "3"), "--d-modle")
+    refused(cli(capsys, "train", "--d-model", "wide"), "wide")
+    refused(cli(capsys, "train", "--segment-len", "0", *TINY[2:6]), "segment_len")
+    refused(cli(capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "missing")), "missing")
     (tmp_path / "empty").mkdir()
     for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
         (tmp_path / "empty" / name).write_text("" if name == "ptb.train.txt" else "a b\n")
-    one_line_error(run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "empty"), cwd=tmp_path), "has no words")
-    one_line_error(run_cli("eval", "--checkpoint", str(tmp_path / "nothing"), cwd=tmp_path), "does not exist")
-    one_line_error(run_cli("data", "download", "ptb", "--dir", str(tmp_path / "dl"), cwd=tmp_path), "could not download")
+    refused(cli(capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(tmp_path / "empty")), "has no words")
+    refused(cli(capsys, "eval", "--checkpoint", str(tmp_path / "nothing")), "does not exist")
+    refused(cli(capsys, "data", "download", "ptb", "--dir", str(tmp_path / "dl")), "could not download")
     assert not any((tmp_path / "dl").glob("*")) if (tmp_path / "dl").exists() else True
 
 
@@ -380,19 +387,20 @@ def write_ptb(folder: Path, words: list[str], lines: int = 60) -> Path:
     return folder
 
 
-def test_cli_eval_rejects_another_vocabulary_and_damage(tmp_path):
+def test_cli_eval_rejects_another_vocabulary_and_damage(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     a = write_ptb(tmp_path / "a", ["the", "cat", "sat", "on", "a", "mat"])
     b = write_ptb(tmp_path / "b", ["dogs", "bark", "at", "night", "and", "day"])
     model = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "2"]
-    proc = run_cli("train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2",
-                   "--eval-every", "0", "--no-progress", "--out-dir", "r", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert run_cli("eval", "--checkpoint", "r", cwd=tmp_path).returncode == 0
-    one_line_error(run_cli("eval", "--checkpoint", "r", "--data-dir", str(b), cwd=tmp_path), "vocabulary")
+    rc, out, err = cli(capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2",
+                   "--eval-every", "0", "--no-progress", "--out-dir", "r")
+    assert rc == 0, err
+    assert cli(capsys, "eval", "--checkpoint", "r")[0] == 0
+    refused(cli(capsys, "eval", "--checkpoint", "r", "--data-dir", str(b)), "vocabulary")
     # a corrupted checkpoint through the CLI: one line, and the file is left as it was
     weights = next((tmp_path / "r" / "checkpoints").glob("step-*/model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    one_line_error(run_cli("eval", "--checkpoint", "r", cwd=tmp_path), "corrupted or truncated")
+    refused(cli(capsys, "eval", "--checkpoint", "r"), "corrupted or truncated")
     assert weights.stat().st_size == 100
 
 

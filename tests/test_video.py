@@ -28,7 +28,7 @@ from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.video import classify, evaluate_clips
 
-from cli_helpers import interrupted_copy, one_line_error, run_cli
+from cli_helpers import in_process, interrupted_copy, one_line_error
 
 MSR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video"
 SMALL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, num_classes=5)
@@ -361,27 +361,28 @@ def test_video_resume_equals_uninterrupted(tmp_path):
 VIDEO_TINY = ["--d-model", "32", "--d-ff", "64", "--max-steps", "3", "--eval-every", "0", "--no-progress", "--batch-size", "8"]
 
 
-def test_cli_video_train_eval_and_errors(tmp_path):
-    proc = run_cli("train", "--preset", "synthetic-video-crvit", *VIDEO_TINY, "--out-dir", "v", cwd=tmp_path)
+def test_cli_video_train_eval_and_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = in_process(capsys, "train", "--preset", "synthetic-video-crvit", *VIDEO_TINY, "--out-dir", "v")
     assert proc.returncode == 0, proc.stderr
     assert "mean per-class" in proc.stdout and "crvit" in proc.stdout
     assert (tmp_path / "v" / "curves.png").stat().st_size > 0
-    proc = run_cli("eval", "--checkpoint", "v", "--split", "test", cwd=tmp_path)
+    proc = in_process(capsys, "eval", "--checkpoint", "v", "--split", "test")
     assert proc.returncode == 0, proc.stderr
     assert "top-1 acc" in proc.stdout and "mean per-class acc" in proc.stdout
     assert (tmp_path / "v" / "confusion-test.png").stat().st_size > 0
-    proc = run_cli("eval", "--checkpoint", "v", "--confusion", "cm.png", cwd=tmp_path)
+    proc = in_process(capsys, "eval", "--checkpoint", "v", "--confusion", "cm.png")
     assert proc.returncode == 0 and (tmp_path / "cm.png").stat().st_size > 0
-    proc = run_cli("train", "--resume", "v", "--max-steps", "4", "--no-progress", cwd=tmp_path)
+    proc = in_process(capsys, "train", "--resume", "v", "--max-steps", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(tmp_path / "v").meta["step"] == 4
     # bad inputs: one line, exit 2
-    one_line_error(run_cli("train", "--preset", "msr-crvit", "--data-dir", str(tmp_path / "missing"), *VIDEO_TINY, cwd=tmp_path), "MSR Action3D not found")
-    one_line_error(run_cli("train", "--preset", "synthetic-video-crvit", "--arch", "crt", *VIDEO_TINY, cwd=tmp_path), "--arch crvit")
-    one_line_error(run_cli("train", "--preset", "synthetic-video-crvit", "--readout", "last", *VIDEO_TINY, cwd=tmp_path), "readout")
-    one_line_error(run_cli("train", "--preset", "synthetic-crt", "--arch", "crvit", *VIDEO_TINY, cwd=tmp_path), "--task video")
-    one_line_error(run_cli("flops", "--preset", "msr-crvit", cwd=tmp_path), "frame-sequence classifier")
-    one_line_error(run_cli("eval", "--checkpoint", "v", "--int8", cwd=tmp_path), "--int8")
+    one_line_error(in_process(capsys, "train", "--preset", "msr-crvit", "--data-dir", str(tmp_path / "missing"), *VIDEO_TINY), "MSR Action3D not found")
+    one_line_error(in_process(capsys, "train", "--preset", "synthetic-video-crvit", "--arch", "crt", *VIDEO_TINY), "--arch crvit")
+    one_line_error(in_process(capsys, "train", "--preset", "synthetic-video-crvit", "--readout", "last", *VIDEO_TINY), "readout")
+    one_line_error(in_process(capsys, "train", "--preset", "synthetic-crt", "--arch", "crvit", *VIDEO_TINY), "--task video")
+    one_line_error(in_process(capsys, "flops", "--preset", "msr-crvit"), "frame-sequence classifier")
+    one_line_error(in_process(capsys, "eval", "--checkpoint", "v", "--int8"), "--int8")
 
 
 def test_video_presets_share_the_width_of_their_baselines():
