@@ -1,6 +1,7 @@
 """`crt`: train, evaluate and fetch data from the command line.
 
-Every user error ends in one line on stderr and exit status 2, never a traceback.
+Every user error ends in one line on stderr and exit status 2, never a traceback; exit 1 means
+the job ran and did not succeed (a curriculum not completed, a benchmark case that failed).
 """
 
 from __future__ import annotations

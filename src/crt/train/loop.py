@@ -292,8 +292,9 @@ def train(
         out by `without_fields`); None or []: one plain stage of max_steps. When resuming, None
         takes the stages recorded in the checkpoint. `max_steps` caps the whole run.
     resume: continue a checkpoint's run so that the loss trajectory equals that of an
-        uninterrupted run, in the stage it had reached (same configs required; only the
-        stopping budget may grow).
+        uninterrupted run, in the stage it had reached. The fields in FIXED_ON_RESUME must not
+        change. In the run's own folder, unless tcfg.out_dir differs from the run's: then in
+        that new folder (`crt.train.rundir.RunFolder`), the original left as it was.
     corpus: the data of the first stage, if already loaded (a Corpus for task lm, VideoData for
         task video; else from tcfg).
     progress: a tqdm bar on a terminal (tqdm leaves it out when stderr is not one).
