@@ -174,3 +174,22 @@ def test_the_first_record_after_a_resume_averages_the_same_steps(tmp_path):
     shutil.rmtree(cut / "checkpoints" / "step-0000008")
     train(m, t, resume=load_checkpoint(cut / "checkpoints" / "step-0000003"), progress=False)
     assert train_records(cut) == train_records(full) and [s for s, _ in train_records(full)] == [4, 8]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    """SIGTERM (a scheduler's stop) and Ctrl-C unwind the run: a folder nothing can resume from is removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "crt", "train", *TINY, "--max-steps", "100000", "--out-dir", "r"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / "metrics.jsonl").exists() and time.time() < deadline:  # claimed: training has started
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "crt: interrupted" and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
