@@ -105,3 +105,17 @@ def test_latest_naming_nothing_and_a_truncated_weights_file(capsys, run):
     weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     check_refused(capsys, run, "corrupted or truncated")
+
+
+@pytest.mark.parametrize("stages", [5, [{"bogus": 1}], [{"changes": {}, "steps": "x"}], [{"changes": {}, "steps": 10, "advance": "bogus"}]])
+def test_malformed_stages(capsys, run, stages):
+    edit_config(run, lambda m: m.__setitem__("stages", stages))
+    check_refused(capsys, run, "stage")
+
+
+def test_a_stage_index_out_of_range_and_a_latest_that_is_not_text(capsys, run):
+    edit_config(run, lambda m: m.__setitem__("stage", "x"))
+    check_refused(capsys, run, "stage 'x'", "damaged")
+    edit_config(run, lambda m: m.__setitem__("stage", 0))
+    (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00")
+    check_refused(capsys, run, "latest does not name a checkpoint folder")

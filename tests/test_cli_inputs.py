@@ -176,3 +176,29 @@ def test_download_refuses_what_it_cannot_verify_and_leaves_no_folders(tmp_path, 
     (tmp_path / "afile").write_text("x")
     refused(cli(capsys, "data", "download", "ptb", "--dir", "afile/sub"), "--dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "fake"]
+
+
+def test_extreme_numbers(tmp_path, monkeypatch, capsys, tiny_runs):
+    monkeypatch.chdir(tmp_path)
+    huge = str(10**400)
+    refused(cli(capsys, "train", *SMALL, "--batch-size", huge), "batch_size=")
+    refused(cli(capsys, "flops", "--d-model", huge), "out of range")
+    refused(cli(capsys, "train", *SMALL, "--d-model", "1000000", "--d-ff", "100000000000"), "out of memory", "lower the sizes")
+    refused(cli(capsys, "generate", "--checkpoint", str(tiny_runs["words"]), "--seed", str(2**64)), "--seed")
+    refused(cli(capsys, "generate", "--checkpoint", str(tiny_runs["words"]), "--seed", "-1"), "--seed")
+    for flags in (("--temperature", "1e-300"), ("--top-p", "1e-300")):  # tiny but valid: the most likely token
+        rc, out, err = cli(capsys, "generate", "--checkpoint", str(tiny_runs["words"]), "--max-new-tokens", "3", *flags)
+        assert rc == 0, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preset_structure_and_unknown_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for text in ("stage = 5\n", "model = 5\n", "stage = [1, 2]\n"):
+        (tmp_path / "p.toml").write_text(text)
+        refused(cli(capsys, "flops", "--preset", "p.toml"), "must be tables")
+    (tmp_path / "p.toml").write_text(PRESET.read_text().replace("steps = 1500\n", "steps = 1500.0\n", 1))
+    from crt.config import load_curriculum
+
+    assert load_curriculum(str(tmp_path / "p.toml"))[0].steps == 1500  # a whole float, as for every field
+    refused(cli(capsys, "train", *SMALL, "--data", "nonsense"), "unknown data 'nonsense'")

@@ -60,3 +60,21 @@ def test_a_good_export_replaces_only_its_own_files_with_ordinary_modes(capsys, w
     assert sorted(p.name for p in work.iterdir()) == ["m.onnx", "m.onnx.state.safetensors"]
     assert (work / "m.onnx").read_bytes() != b"an older export"
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in work.iterdir()} == dict.fromkeys(["m.onnx", "m.onnx.state.safetensors"], 0o644)
+
+
+def test_export_never_writes_into_the_checkpoint_it_reads(capsys, work, tiny_runs):
+    import shutil
+
+    run = shutil.copytree(tiny_runs["words"], work / "run")
+    before = snapshot(run)
+    for out in (run / "checkpoints" / "step-0000004" / "model.safetensors", run / "checkpoints" / "m.onnx"):
+        refused(export(capsys, run, out), "inside the checkpoint folder")
+    assert snapshot(run) == before
+
+
+def test_a_failed_export_removes_the_folders_it_made(capsys, work, tiny_runs, monkeypatch):
+    import crt.infer.export as ex
+
+    monkeypatch.setattr(ex, "_check", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # interrupted mid-way
+    rc, _, err = export(capsys, tiny_runs["words"], work / "new" / "deep" / "m.onnx")
+    assert rc == 130 and list(work.iterdir()) == [], err

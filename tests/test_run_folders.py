@@ -193,3 +193,32 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "crt: interrupted" and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_odd_out_dir_spellings(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "train", *TINY, "--max-steps", "1", "--out-dir", "foo/../bar")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bar"]  # no stray foo/
+    monkeypatch.chdir(tmp_path / "bar")
+    assert cli(capsys, "train", *TINY, "--max-steps", "1", "--out-dir", ".")[0] == 0  # "." holds a run: the next name beside it
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bar", "bar-2"]
+    refused(cli(capsys, "train", *TINY, "--max-steps", "1", "--out-dir", "/"), "root folder")
+    refused(cli(capsys, "train", *TINY, "--max-steps", "1", "--out-dir", "a\0b"), "NUL")
+    # the run's own folder, however spelled, continues in place
+    for spelling in ("bar/", "./bar", str(tmp_path / "bar")):
+        assert cli(capsys, "train", "--resume", "bar", "--out-dir", spelling, "--max-steps", "2", "--no-progress")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bar", "bar-2"] and load_checkpoint(tmp_path / "bar").meta["step"] == 2
+    refused(cli(capsys, "train", "--resume", "bar", "--no-stages", "--max-steps", "3"), "--no-stages with --resume")
+
+
+def test_a_failed_run_keeps_the_users_own_files(tmp_path, monkeypatch):
+    import crt.train.segments as segments
+
+    real = segments.F.cross_entropy
+    monkeypatch.setattr(segments.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    (tmp_path / "mine" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "mine" / "tensorboard" / "events.user").write_text("precious")
+    with pytest.raises(CRTError, match="new run folder was removed"):
+        train(*configs(tmp_path / "mine"), progress=False)
+    assert (tmp_path / "mine" / "tensorboard" / "events.user").read_text() == "precious" and not (tmp_path / "mine" / "metrics.jsonl").exists()

@@ -210,6 +210,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise CRTError(f"unknown {name} {value!r} (--{name.replace('_', '-')}): use one of {', '.join(allowed)}")
+        data = {"lm": ("synthetic", "ptb", "wikitext-2", "wikitext-103", "words", "chars"), "video": ("msr-action3d", "smarthome", "synthetic-video")}[self.task]
+        if self.data not in data:
+            raise CRTError(f"unknown data {self.data!r} for task {self.task} (--data): use one of {', '.join(data)}")
         check_ranges(self, _TRAIN_RANGES)
         if self.min_lr > self.lr:
             raise CRTError(f"min_lr={self.min_lr} exceeds lr={self.lr}: the cosine decays from lr down to min_lr, so give --min-lr <= --lr")
@@ -221,7 +224,7 @@ class TrainConfig:
 # Allowed ranges: field -> (low, high, rule). A bound of None is open-ended; "(" / ")" exclude
 # the bound, "[" / "]" include it. Floats must also be finite.
 _MODEL_RANGES = {
-    "vocab_size": "[0,", "d_ff": "[1,", "dropout": "[0,1)", "emb_dropout": "[0,1)", "attn_dropout": "[0,1)",
+    "vocab_size": "[0,", "d_model": "[1,", "n_layer": "[1,", "n_head": "[1,", "segment_len": "[1,", "d_ff": "[1,", "dropout": "[0,1)", "emb_dropout": "[0,1)", "attn_dropout": "[0,1)",
     "d_memory": "[0,", "ncgru_negative": "[-1,", "mem_tokens": "[0,", "num_classes": "[0,",
 }
 _TRAIN_RANGES = {
@@ -243,9 +246,10 @@ def check_ranges(cfg: Any, ranges: dict[str, str]) -> None:
         lo, hi = interval[1:-1].split(",") if interval[-1] in ")]" else (interval[1:-1], "")
         above = value > float(lo) if interval[0] == "(" else value >= float(lo)
         below = not hi or (value < float(hi) if interval[-1] == ")" else value <= float(hi))
-        if not (math.isfinite(value) and above and below):
+        sane = math.isfinite(value) if isinstance(value, float) else abs(value) <= 2**53  # beyond, no count is meant (and floats lose it)
+        if not (sane and above and below):
             rule = f"in {interval[0]}{lo}, {hi}{interval[-1]}" if hi else f"{'>' if interval[0] == '(' else '>='} {lo}"
-            kind = "a finite number " if isinstance(value, float) else ""
+            kind = "a finite number " if isinstance(value, float) else "at most 2**53 and "
             raise CRTError(f"{name}={value!r} (--{name.replace('_', '-')}) is out of range: it must be {kind}{rule}")
 
 
@@ -360,6 +364,9 @@ def _read_preset(name_or_path: str) -> dict[str, Any]:
     unknown = set(doc) - {"model", "train", "stage"}
     if unknown:
         raise CRTError(f"preset {name_or_path!r} has unknown tables {sorted(unknown)}: only [model], [train] and [[stage]] are allowed")
+    stages = doc.get("stage", [])
+    if not all(isinstance(doc.get(t, {}), dict) for t in ("model", "train")) or not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+        raise CRTError(f"preset {name_or_path!r}: [model] and [train] must be tables and each stage a [[stage]] table")
     tables = [("model", doc.get("model", {}), MODEL_FIELDS), ("train", doc.get("train", {}), TRAIN_FIELDS)]
     tables += [("stage", stage, {*TRAIN_FIELDS, "steps", "advance", "name"}) for stage in doc.get("stage", [])]
     for table, values, known in tables:
@@ -437,6 +444,8 @@ def load_curriculum(name_or_path: str) -> list[Stage]:
         table = dict(table)
         steps, advance, name = table.pop("steps", None), table.pop("advance", ""), table.pop("name", "")
         where = f"preset {name_or_path!r}, stage {i}"
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise CRTError(f"{where}: give its step limit as steps = N (N >= 1)")
         if not isinstance(advance, str) or not isinstance(name, str):
@@ -469,8 +478,22 @@ def stages_to_list(stages: list[Stage]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(s) for s in stages]
 
 
-def stages_from_list(items: list[dict[str, Any]]) -> list[Stage]:
-    return [Stage(**item) for item in items]
+def stages_from_list(items: Any) -> list[Stage]:
+    """The stages a checkpoint recorded, checked (a damaged config.json is an error, not a crash later)."""
+    keys = {f.name for f in fields(Stage)}
+    ok = isinstance(items, list) and all(isinstance(i, dict) and set(i) <= keys and {"changes", "steps"} <= set(i) for i in items)
+    stages = []
+    for item in items if ok else []:
+        ok = ok and isinstance(item["changes"], dict) and isinstance(item["steps"], int) and not isinstance(item["steps"], bool) and item["steps"] >= 1 \
+            and isinstance(item.get("advance", ""), str) and isinstance(item.get("name", ""), str) and set(item["changes"]) <= set(TRAIN_FIELDS)
+        if ok:
+            if item.get("advance"):
+                parse_condition(item["advance"])
+            _, checked = apply_overrides(ModelConfig(), TrainConfig(), item["changes"])
+            stages.append(Stage({k: getattr(checked, k) for k in item["changes"]}, item["steps"], item.get("advance", ""), item.get("name", "")))
+    if not ok:
+        raise CRTError("checkpoint config's stages are not a list of stages (changes, steps, advance, name): the checkpoint is damaged")
+    return stages
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     pinned = set(overrides) & set(TRAIN_FIELDS)
     if args.resume:
         ckpt = load_checkpoint(args.resume)
+        if args.stages is not None:
+            raise CRTError(f"--{'' if args.stages else 'no-'}stages with --resume: a resumed run keeps the curriculum it was trained with; drop the flag")
         changed = sorted(k for k in overrides if k in MODEL_FIELDS)
         if changed:
             raise CRTError(f"cannot change model fields {changed} when resuming: start a new run instead")
@@ -98,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     rows = []
     for name, mcfg, tcfg in jobs:
         print(f"== training {mcfg.arch} ({name}) -> {tcfg.out_dir}", flush=True)
-        stages = _pin(load_curriculum(name), pinned) if args.stages else []
+        stages = _pin(load_curriculum(name), pinned) if args.stages is not False else []
         rows.append(train(mcfg, tcfg, stages, progress=not args.no_progress))
     print()
     print_table(rows)
@@ -230,6 +232,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from crt.infer import generate, load_language_model
     from crt.infer.text import detokenize, prompt_ids
 
+    if not 0 <= args.seed < 2**63:
+        raise CRTError(f"--seed {args.seed}: give a seed in 0 .. 2**63 - 1")
     if args.max_new_tokens < 0 or not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise CRTError("need --max-new-tokens >= 0, --temperature >= 0 (0: greedy), --top-k >= 0 (0: all) and 0 < --top-p <= 1")
     model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
@@ -272,6 +276,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     suffix = Path(args.out).suffix.lower()
     if suffix in (".onnx", ".pt2") and suffix != "." + args.format:
         raise CRTError(f"--out {args.out} names a {suffix[1:]} file but --format is {args.format}: make them agree")
+    from crt.train.checkpoint import resolve
+
+    source = resolve(args.checkpoint).resolve()
+    if Path(args.out).resolve().parent in (source, source.parent):
+        raise CRTError(f"--out {args.out} is inside the checkpoint folder it exports from: write the program somewhere else")
     model, _, mcfg, _ = load_language_model(args.checkpoint)
     try:
         r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)
@@ -395,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", help="preset name or path to a .toml file")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder) in the stage its checkpoint belongs to")
-    p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=None,
                    help="train through the preset's [[stage]] tables, a curriculum: each stage changes some training fields and ends when its validation condition holds (default); "
                    "--no-stages trains [train]'s fields alone for max_steps steps. Fields given as flags hold in every stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -490,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingFailed:
         return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        print(f"crt: error: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): lower the sizes you asked for "
+              "(model width, batch, documents, tokens)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("crt: interrupted", file=sys.stderr)
         return 130

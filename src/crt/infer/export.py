@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -224,61 +225,67 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
     for target in targets:  # a file we write may replace an earlier export, never a device, a pipe or a link
         if target.is_symlink() or (target.exists() and not target.is_file()):
             raise CRTError(f"{target} exists and is not a regular file (a device, a pipe, a link?): export writes only files; give --out another path")
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(out.parent, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
         raise CRTError(f"cannot write to {out.parent} ({e.strerror}): give --out a path in a folder you can write to") from None
-    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays as it was
-    _freeze_cayley(model)
-    step = SegmentStep(model, batch_size)
-    cfg = model.cfg
-    segment_len = cfg.eval_segment_len or cfg.segment_len
-    segments = _segments(step, check_segments, cfg.vocab_size, segment_len)
-    reference = _reference(step, segments)
-    example = (segments[0], *step.initial)
-    result: dict[str, object] = {"path": out, "int8_path": None}
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / out.name
-        if fmt == "onnx":
-            _write_onnx(step, example, tmp_out)
-            result["max_difference"] = _check("the ONNX export (onnxruntime)", reference, _run_loop(_onnx_session(tmp_out), step, segments), tolerance)
-            if int8:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
+    try:
+        model = copy.deepcopy(model).cpu().eval()  # the caller's model stays as it was
+        _freeze_cayley(model)
+        step = SegmentStep(model, batch_size)
+        cfg = model.cfg
+        segment_len = cfg.eval_segment_len or cfg.segment_len
+        segments = _segments(step, check_segments, cfg.vocab_size, segment_len)
+        reference = _reference(step, segments)
+        example = (segments[0], *step.initial)
+        result: dict[str, object] = {"path": out, "int8_path": None}
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / out.name
+            if fmt == "onnx":
+                _write_onnx(step, example, tmp_out)
+                result["max_difference"] = _check("the ONNX export (onnxruntime)", reference, _run_loop(_onnx_session(tmp_out), step, segments), tolerance)
+                if int8:
+                    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                import onnx
+                    import onnx
 
-                # the exporter's intermediate shape annotations trip onnxruntime's own shape
-                # inference; without them it infers every shape afresh
-                graph = onnx.load(str(tmp_out))
-                del graph.graph.value_info[:]
-                stripped, tmp_int8 = Path(tmp) / "stripped.onnx", Path(tmp) / (out.stem + ".int8.onnx")
-                onnx.save(graph, str(stripped))
-                root = logging.getLogger()
-                level = root.level
-                root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
-                try:
-                    quantize_dynamic(str(stripped), str(tmp_int8), weight_type=QuantType.QInt8)
-                except Exception as e:  # one line for the user, whatever onnxruntime raised
-                    raise CRTError(f"onnxruntime could not quantize the ONNX step to int8 ({str(e).splitlines()[0][:200]}): try --no-int8; nothing was written") from None
-                finally:
-                    root.setLevel(level)
-                stripped.unlink()
-                result.update(_int8_report(reference, _run_loop(_onnx_session(tmp_int8), step, segments)))
-        else:
-            result["max_difference"] = _check("the torch.export program", reference, _run_loop(_write_pt2(step, example, tmp_out), step, segments), tolerance)
-            if int8:
-                int8_step = SegmentStep(_torchao_int8(model), batch_size)
-                runtime = _run_loop(_write_pt2(int8_step, example, Path(tmp) / (out.stem + ".int8.pt2"), "the int8 copy of "), step, segments)
-                _check("the int8 torch.export program", _reference(int8_step, segments), runtime, tolerance)
-                result.update(_int8_report(reference, runtime))
-        state_path = Path(tmp) / (out.name + ".state.safetensors")
-        save_file({f"state_in_{i}": s.contiguous() for i, s in enumerate(step.initial)}, str(state_path))
-        # every file checked: move them into place (rename is atomic on one filesystem)
-        for f in Path(tmp).iterdir():
-            umask_mode(f)
-            os.replace(f, out.parent / f.name)
+                    # the exporter's intermediate shape annotations trip onnxruntime's own shape
+                    # inference; without them it infers every shape afresh
+                    graph = onnx.load(str(tmp_out))
+                    del graph.graph.value_info[:]
+                    stripped, tmp_int8 = Path(tmp) / "stripped.onnx", Path(tmp) / (out.stem + ".int8.onnx")
+                    onnx.save(graph, str(stripped))
+                    root = logging.getLogger()
+                    level = root.level
+                    root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
+                    try:
+                        quantize_dynamic(str(stripped), str(tmp_int8), weight_type=QuantType.QInt8)
+                    except Exception as e:  # one line for the user, whatever onnxruntime raised
+                        raise CRTError(f"onnxruntime could not quantize the ONNX step to int8 ({str(e).splitlines()[0][:200]}): try --no-int8; nothing was written") from None
+                    finally:
+                        root.setLevel(level)
+                    stripped.unlink()
+                    result.update(_int8_report(reference, _run_loop(_onnx_session(tmp_int8), step, segments)))
+            else:
+                result["max_difference"] = _check("the torch.export program", reference, _run_loop(_write_pt2(step, example, tmp_out), step, segments), tolerance)
+                if int8:
+                    int8_step = SegmentStep(_torchao_int8(model), batch_size)
+                    runtime = _run_loop(_write_pt2(int8_step, example, Path(tmp) / (out.stem + ".int8.pt2"), "the int8 copy of "), step, segments)
+                    _check("the int8 torch.export program", _reference(int8_step, segments), runtime, tolerance)
+                    result.update(_int8_report(reference, runtime))
+            state_path = Path(tmp) / (out.name + ".state.safetensors")
+            save_file({f"state_in_{i}": s.contiguous() for i, s in enumerate(step.initial)}, str(state_path))
+            # every file checked: move them into place (rename is atomic on one filesystem)
+            for f in Path(tmp).iterdir():
+                umask_mode(f)
+                os.replace(f, out.parent / f.name)
+    except BaseException:
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)  # the folders this export made: a failure leaves none
+        raise
     if int8:
         result["int8_path"] = out.parent / f"{out.stem}.int8.{fmt}"
     result["state_path"] = out.parent / (out.name + ".state.safetensors")

@@ -22,7 +22,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # [B, V]
+    logits = logits.double()  # float64: a tiny temperature or top_p stays representable
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # [B, V]; the top logit is 0, so dividing cannot overflow it
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, -math.inf)

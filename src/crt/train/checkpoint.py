@@ -122,7 +122,12 @@ def resolve(path: str | Path) -> Path:
         return path
     for root in (path / "checkpoints", path):
         if (root / LATEST).is_file():
-            name = (root / LATEST).read_text().strip()
+            try:
+                name = (root / LATEST).read_text(encoding="utf-8").strip()
+            except (UnicodeDecodeError, OSError):
+                name = ""
+            if not name or "/" in name or name in (".", ".."):
+                raise CRTError(f"{root / LATEST} does not name a checkpoint folder (it is damaged): pass a checkpoints/step-N folder directly")
             if (root / name / CONFIG).is_file():
                 return root / name
             raise CRTError(f"{root / LATEST} names {name}, which is missing: pass a checkpoints/step-N folder directly")
@@ -190,4 +195,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if (recorded is not None and recorded != _labels_sha256(labels)) or len(labels) != meta["model"].get(size, len(labels)):
             raise CRTError(f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
                            f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited")
+    from crt.config import stages_from_list
+
+    stages = stages_from_list(meta.get("stages", []))
+    stage = meta.get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < max(1, len(stages)):
+        raise CRTError(f"{folder / CONFIG}: its stage {stage!r} is not one of its {len(stages)} stages; the checkpoint is damaged")
     return Checkpoint(folder, meta)

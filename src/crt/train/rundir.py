@@ -35,7 +35,14 @@ def claim_run_dir(out_dir: str | Path) -> tuple[Path, Path | None]:
     Returns (folder, created): created is the topmost folder this call made (the folder itself
     or an ancestor; None if it existed), so a run that fails before its first checkpoint can
     remove what it made. A new run never writes into a folder that holds another run."""
-    base = Path(out_dir)
+    text = str(out_dir)
+    base = Path(os.path.normpath(os.path.expanduser(text)))  # "runs/a/../b" is runs/b: no stray runs/a
+    if not base.name or base.name == "..":
+        base = Path(os.path.abspath(base))
+    if not base.name:
+        raise CRTError(f"--out-dir {text} is the root folder: give a folder below it for the run")
+    if "\0" in text:
+        raise CRTError("--out-dir contains a NUL character: give a plain folder path")
     path, n = base, 1
     while True:
         if not (path / "checkpoints").exists():
@@ -118,7 +125,9 @@ class RunFolder:
             path, created = claim_run_dir(train_cfg.out_dir)
         else:
             own = resume.path.parent.parent if resume.path.parent.name == "checkpoints" else None
-            if train_cfg.out_dir != resume.train_config(in_stage=False).out_dir:
+            recorded = resume.train_config(in_stage=False).out_dir
+            here = own is not None and os.path.realpath(os.path.expanduser(train_cfg.out_dir)) == os.path.realpath(own)
+            if train_cfg.out_dir != recorded and not here:
                 path, created = claim_run_dir(train_cfg.out_dir)
                 source = own / METRICS if own is not None else None
             elif own is not None:
@@ -130,11 +139,12 @@ class RunFolder:
             lock = RunLock(path)
         except BaseException:
             if claimed:
-                _remove_claim(path, created)
+                _remove_claim(path, created, tensorboard=False)
             raise
+        made_tensorboard = not (path / "tensorboard").exists()
         remove_debris(path / "checkpoints")
         folder = cls(path, claimed, created, train_cfg.out_dir, MetricsLog(path, resume_step=step if resume is not None else None, source=source))
-        folder.lock = lock
+        folder.lock, folder.made_tensorboard = lock, made_tensorboard
         return folder
 
     def __enter__(self) -> RunFolder:
@@ -144,16 +154,17 @@ class RunFolder:
         self.metrics.close()
         self.lock.release()
         if exc_type is not None and self.claimed and not self.saved:
-            _remove_claim(self.path, self.created)
+            _remove_claim(self.path, self.created, tensorboard=self.made_tensorboard)
 
 
-def _remove_claim(path: Path, created: Path | None) -> None:
+def _remove_claim(path: Path, created: Path | None, tensorboard: bool) -> None:
     """Undo a claim: the folders the claim made, else only what a run writes in the folder."""
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
     (path / METRICS).unlink(missing_ok=True)
-    shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    if tensorboard:  # only if this run made it: a folder of the user's is theirs
+        shutil.rmtree(path / "tensorboard", ignore_errors=True)
     try:
         (path / "checkpoints").rmdir()  # only if empty
     except OSError:
