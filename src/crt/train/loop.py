@@ -220,8 +220,6 @@ class DocumentTask(LMTask):
         super().__init__(mcfg, tcfg, device, corpus)
         if not self.corpus.documents:
             raise CRTError(f"--protocol document needs a corpus of separate documents, and {self.corpus.name} is running text: use --protocol stream")
-        if tcfg.bptt_segments < 0:
-            raise CRTError(f"bptt_segments={tcfg.bptt_segments}: use K >= 1, or 0 to back-propagate through the whole document")
         self.docs = self.corpus.documents["train"]
         self.per_epoch = len(self.docs) // tcfg.batch_size
         if self.per_epoch < 1:
