@@ -145,8 +145,8 @@ class ModelConfig:
 class TrainConfig:
     # --- data ---
     task: str = "lm"  # lm (language modelling) | video (frame-sequence classification)
-    data: str = "synthetic"  # lm: synthetic | ptb | wikitext-2 | wikitext-103 | words | chars; video: msr-action3d | smarthome | synthetic-video
-    data_dir: str = ""  # directory of the corpus files (a text file for chars; for msr-action3d the folder holding the archive, the archive, or its unpacked folder)
+    data: str = "synthetic"  # lm: synthetic | mqar | passkey | facts | ptb | wikitext-2 | wikitext-103 | words | chars; video: msr-action3d | smarthome | synthetic-video
+    data_dir: str = ""  # directory of the corpus files (a text file for chars; for facts the PTB or WikiText folder whose text hides the facts; for msr-action3d the folder holding the archive, the archive, or its unpacked folder)
     map_unk: bool = False  # map valid/test words unseen in train to <unk> instead of failing
     # --- synthetic recall corpus (data=synthetic) ---
     synth_pairs: int = 2  # key->value pairs that open each document
@@ -155,9 +155,18 @@ class TrainConfig:
     synth_filler: int = 32  # filler tokens between the pairs and the queries
     synth_filler_vocab: int = 32  # distinct filler tokens
     synth_query_rounds: int = 1  # each round queries every pair once
-    synth_train_docs: int = 4000
+    synth_train_docs: int = 4000  # documents per split, for every generated task (synthetic, mqar, passkey, facts)
     synth_valid_docs: int = 200
     synth_test_docs: int = 200
+    # --- long-range memory tasks (data = mqar | passkey | facts; crt.data.memory_tasks) ---
+    task_segment: int = 0  # the segment grid mqar and facts are laid on (their distances count these segments); 0: the model's segment_len
+    mqar_pairs: int = 4  # P key-value pairs per document
+    mqar_gap: int = 1  # G: whole segments of filler between the pairs' segment and the first query; -1: none (queries follow the pairs)
+    mqar_vocab: int = 32  # key-value vocabulary: keys are its first half, values its second (chance 2 / mqar_vocab)
+    passkey_digits: int = 4  # digits to keep (chance 0.1 a digit)
+    passkey_distance: int = 32  # D: filler tokens between the passkey and its query
+    facts_count: int = 4  # facts per document (bAbI QA1: the answer is the asked person's last location, chance 1/6)
+    facts_length: int = 256  # tokens of real text per document that the facts are hidden in
     # --- video (task = video) ---
     video_max_frames: int = 64  # frames per clip at most (evenly spaced); 0: all
     video_normalise: bool = True  # skeletons: centre on the clip's centroid, unit RMS joint distance
@@ -210,7 +219,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise CRTError(f"unknown {name} {value!r} (--{name.replace('_', '-')}): use one of {', '.join(allowed)}")
-        data = {"lm": ("synthetic", "ptb", "wikitext-2", "wikitext-103", "words", "chars"), "video": ("msr-action3d", "smarthome", "synthetic-video")}[self.task]
+        data = {"lm": ("synthetic", "mqar", "passkey", "facts", "ptb", "wikitext-2", "wikitext-103", "words", "chars"), "video": ("msr-action3d", "smarthome", "synthetic-video")}[self.task]
         if self.data not in data:
             raise CRTError(f"unknown data {self.data!r} for task {self.task} (--data): use one of {', '.join(data)}")
         check_ranges(self, _TRAIN_RANGES)
@@ -230,6 +239,8 @@ _MODEL_RANGES = {
 _TRAIN_RANGES = {
     "synth_pairs": "[1,", "synth_keys": "[1,", "synth_values": "[1,", "synth_filler": "[0,", "synth_filler_vocab": "[1,",
     "synth_query_rounds": "[1,", "synth_train_docs": "[1,", "synth_valid_docs": "[1,", "synth_test_docs": "[1,",
+    "task_segment": "[0,", "mqar_pairs": "[1,", "mqar_gap": "[-1,", "mqar_vocab": "[2,", "passkey_digits": "[1,", "passkey_distance": "[0,",
+    "facts_count": "[1,", "facts_length": "[1,",
     "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
     "video_classes": "[2,", "video_noise": "[0,",
     "batch_size": "[1,", "bptt_segments": "[0,", "max_steps": "[1,", "max_tokens": "[0,", "lr": "(0,", "min_lr": "[0,",
@@ -307,6 +318,8 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str,
     return dataclasses.replace(model, **m), dataclasses.replace(train, **t)
 
 
+GENERATED_DATA = ("synthetic", "mqar", "passkey", "facts")  # corpora built from a seed (facts: from a seed and real text)
+
 # Fields that only some models or tasks read: field -> (who reads it, test on the configs).
 _CRT_MEMORY = ("crt", "crvit")
 _USED_BY = {
@@ -322,8 +335,12 @@ _USED_BY = {
     "num_classes": ("nothing: the classes are set from the data", lambda m, t: False),
     "frame_shape": ("nothing: the frame shape is set from the data", lambda m, t: False),
     **{f: ("data = synthetic", lambda m, t: t.data == "synthetic") for f in TRAIN_FIELDS if f.startswith("synth_")},
+    **{f"synth_{s}_docs": ("the generated tasks (synthetic, mqar, passkey, facts)", lambda m, t: t.data in GENERATED_DATA) for s in ("train", "valid", "test")},
+    "synth_filler_vocab": ("data = synthetic, mqar or passkey", lambda m, t: t.data in ("synthetic", "mqar", "passkey")),
+    "task_segment": ("data = mqar or facts", lambda m, t: t.data in ("mqar", "facts")),
+    **{f: (f"data = {f.split('_')[0]}", lambda m, t, f=f: t.data == f.split("_")[0]) for f in TRAIN_FIELDS if f.split("_")[0] in ("mqar", "passkey", "facts")},
     **{f: ("task = video", lambda m, t: t.task == "video") for f in TRAIN_FIELDS if f.startswith("video_")},
-    "map_unk": ("word corpora", lambda m, t: t.data in ("ptb", "wikitext-2", "wikitext-103", "words")),
+    "map_unk": ("word corpora", lambda m, t: t.data in ("ptb", "wikitext-2", "wikitext-103", "words", "facts")),
 }
 
 

@@ -108,6 +108,7 @@ KNOWN_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "wikitext-103": 267_735}
 def with_vocab(mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> ModelConfig:
     """mcfg with vocab_size set from the data its preset names (synthetic or a known corpus), without loading it."""
     from crt.config import VIDEO_ARCHS
+    from crt.data.memory_tasks import mqar_vocab, passkey_vocab
     from crt.data.synthetic import synthetic_vocab
 
     if mcfg.arch in VIDEO_ARCHS:
@@ -115,6 +116,10 @@ def with_vocab(mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> ModelConfig:
     if not mcfg.vocab_size:
         if tcfg.data == "synthetic":
             mcfg.vocab_size = len(synthetic_vocab(tcfg.synth_keys, tcfg.synth_values, tcfg.synth_filler_vocab))
+        elif tcfg.data == "mqar":
+            mcfg.vocab_size = len(mqar_vocab(tcfg.mqar_vocab, tcfg.synth_filler_vocab))
+        elif tcfg.data == "passkey":
+            mcfg.vocab_size = len(passkey_vocab(tcfg.synth_filler_vocab))
         elif tcfg.data in KNOWN_VOCAB:
             mcfg.vocab_size = KNOWN_VOCAB[tcfg.data]
         else:

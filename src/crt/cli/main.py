@@ -20,7 +20,7 @@ from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, app
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
-EVAL_FIELDS = ("data_dir", "video_max_frames", "map_unk", "protocol", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
+EVAL_FIELDS = ("data_dir", "mqar_gap", "passkey_distance", "facts_length", "video_max_frames", "map_unk", "protocol", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
 EXPORT_MAX_BATCH, EXPORT_MAX_CHECK = 4096, 1000  # bounds of `crt export`: beyond them the check alone would take gigabytes
 _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_video(ckpt, mcfg, tcfg, args)
     if args.confusion:
         raise CRTError("--confusion is for video classifiers: a language model has no confusion matrix; drop it")
-    corpus = load_corpus(tcfg)
+    corpus = load_corpus(tcfg, mcfg.segment_len)
     vocab = Vocab.from_list(ckpt.meta["vocab"])
     if vocab.itos != corpus.vocab.itos:
         raise CRTError(

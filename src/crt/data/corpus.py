@@ -139,6 +139,12 @@ class Corpus:
     answers: dict[str, torch.Tensor] = field(default_factory=dict)
     documents: dict[str, Documents] = field(default_factory=dict)
 
+    @classmethod
+    def from_documents(cls, name: str, vocab: Vocab, documents: dict[str, Documents]) -> "Corpus":
+        """A corpus of documents (split -> Documents): its streams are the documents concatenated."""
+        streams = {split: docs.stream() for split, docs in documents.items()}
+        return cls(name=name, vocab=vocab, answers={s: a for s, (_, a) in streams.items()}, documents=documents, **{s: t for s, (t, _) in streams.items()})
+
     def split(self, name: str) -> torch.Tensor:
         if name not in SPLITS:
             raise CRTError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")

@@ -38,6 +38,17 @@ def doc_length(pairs: int, filler: int, query_rounds: int = 1) -> int:
     return 2 * pairs + 3 * pairs * query_rounds + filler + 3
 
 
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise a CRTError with the message of the first failed (condition, message) check."""
+    for ok, msg in checks:
+        if not ok:
+            raise CRTError(msg)
+
+
+def doc_count_checks(train_docs: int, valid_docs: int, test_docs: int) -> list[tuple[bool, str]]:
+    return [(n >= 1, f"{s}_docs must be >= 1, got {n}: set --synth-{s}-docs") for s, n in (("train", train_docs), ("valid", valid_docs), ("test", test_docs))]
+
+
 def synthetic_vocab(keys: int, values: int, filler_vocab: int) -> Vocab:
     """<eos> <doc> <q> <sep>, then k0.., v0.., f0.. (fixed order, so ids depend only on the sizes)."""
     return Vocab(
@@ -45,10 +56,10 @@ def synthetic_vocab(keys: int, values: int, filler_vocab: int) -> Vocab:
     )
 
 
-def _generator(seed: int, split: str) -> torch.Generator:
-    # One independent stream per (seed, split): hashing both gives unrelated seeds, so valid/test
-    # never replay train's documents and seed 1's train is not seed 0's valid.
-    digest = hashlib.sha256(f"crt.synthetic:{seed}:{split}".encode()).digest()
+def split_generator(seed: int, split: str, task: str = "synthetic") -> torch.Generator:
+    """One independent random stream per (task, seed, split): hashing all three gives unrelated
+    seeds, so valid/test never replay train's documents and seed 1's train is not seed 0's valid."""
+    digest = hashlib.sha256(f"crt.{task}:{seed}:{split}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -117,14 +128,10 @@ def make_synthetic(
         (query_rounds >= 1, f"synthetic query_rounds must be >= 1, got {query_rounds}: set --synth-query-rounds"),
         (filler_vocab >= 1, f"synthetic filler_vocab must be >= 1, got {filler_vocab}: set --synth-filler-vocab"),
     ]
-    checks += [(n >= 1, f"synthetic {s}_docs must be >= 1, got {n}: set --synth-{s}-docs") for s, n in (("train", train_docs), ("valid", valid_docs), ("test", test_docs))]
-    for ok, msg in checks:
-        if not ok:
-            raise CRTError(msg)
+    require(checks + doc_count_checks(train_docs, valid_docs, test_docs))
 
-    streams, answers, documents = {}, {}, {}
+    documents = {}
     for split, docs in (("train", train_docs), ("valid", valid_docs), ("test", test_docs)):
-        tokens, marks = _make_split(docs, pairs, keys, values, filler, filler_vocab, query_rounds, _generator(seed, split))
+        tokens, marks = _make_split(docs, pairs, keys, values, filler, filler_vocab, query_rounds, split_generator(seed, split))
         documents[split] = Documents(tokens, torch.full((docs,), tokens.shape[1]), marks)
-        streams[split], answers[split] = documents[split].stream()
-    return Corpus(name="synthetic", vocab=synthetic_vocab(keys, values, filler_vocab), answers=answers, documents=documents, **streams)
+    return Corpus.from_documents("synthetic", synthetic_vocab(keys, values, filler_vocab), documents)

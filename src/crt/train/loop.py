@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from crt.config import VIDEO_ARCHS, ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
 from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
+from crt.data.memory_tasks import make_facts, make_mqar, make_passkey
 from crt.errors import CRTError
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
@@ -28,8 +29,24 @@ from crt.train.rundir import RunFolder
 from crt.train.segments import training_window, window_loss
 
 
-def load_corpus(t: TrainConfig) -> Corpus:
-    """The corpus a TrainConfig names (data + data_dir + options)."""
+def load_corpus(t: TrainConfig, segment_len: int = 0) -> Corpus:
+    """The corpus a TrainConfig names (data + data_dir + options).
+
+    segment_len: the model's segment length, the grid mqar and facts are laid on unless
+    t.task_segment names another.
+    """
+    docs = dict(train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs, test_docs=t.synth_test_docs, seed=t.seed)
+    segment = t.task_segment or segment_len
+    if t.data in ("mqar", "facts") and not segment:
+        raise CRTError(f"data={t.data} is laid on a segment grid: give --task-segment (or load it with the model's segment_len)")
+    if t.data == "mqar":
+        return make_mqar(pairs=t.mqar_pairs, gap=t.mqar_gap, vocab=t.mqar_vocab, segment=segment, filler_vocab=t.synth_filler_vocab, **docs)
+    if t.data == "passkey":
+        return make_passkey(digits=t.passkey_digits, distance=t.passkey_distance, filler_vocab=t.synth_filler_vocab, **docs)
+    if t.data == "facts":
+        if not t.data_dir:
+            raise CRTError("data=facts hides its facts in real text: give --data-dir the folder of PTB or WikiText-2 (`crt data download ptb --dir DIR`)")
+        return make_facts(load_words(t.data_dir, map_unk=t.map_unk), count=t.facts_count, length=t.facts_length, segment=segment, **docs)
     if t.data == "synthetic":
         return make_synthetic(
             pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
@@ -43,7 +60,7 @@ def load_corpus(t: TrainConfig) -> Corpus:
         return load_words(t.data_dir, kind=kind, map_unk=t.map_unk)
     if t.data == "chars":
         return load_chars(t.data_dir)
-    raise CRTError(f"unknown data {t.data!r}: use synthetic, ptb, wikitext-2, wikitext-103, words or chars")
+    raise CRTError(f"unknown data {t.data!r}: use synthetic, mqar, passkey, facts, ptb, wikitext-2, wikitext-103, words or chars")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,7 +95,8 @@ def count_parameters(model: nn.Module) -> int:
 
 # Training fields a resumed run keeps: they decide its data, its batches and its carried state.
 FIXED_ON_RESUME = ("task", "data", "seed", "batch_size", "protocol", "synth_pairs", "synth_keys", "synth_values", "synth_filler", "synth_filler_vocab",
-                   "synth_query_rounds", "synth_train_docs", "synth_valid_docs", "synth_test_docs", "video_normalise", "video_motion", "video_size",
+                   "synth_query_rounds", "synth_train_docs", "synth_valid_docs", "synth_test_docs", "task_segment", "mqar_pairs", "mqar_gap",
+                   "mqar_vocab", "passkey_digits", "passkey_distance", "facts_count", "facts_length", "video_normalise", "video_motion", "video_size",
                    "video_protocol", "video_classes", "video_noise")
 
 
@@ -133,7 +151,7 @@ class LMTask:
         if tcfg.loss not in ("all", "answers"):
             raise CRTError(f"unknown loss {tcfg.loss!r}: use all (every token) or answers (the answer tokens the task marks)")
         self.tcfg, self.device = tcfg, device
-        self.corpus = corpus = corpus or load_corpus(tcfg)
+        self.corpus = corpus = corpus or load_corpus(tcfg, mcfg.segment_len)
         if tcfg.loss == "answers" and not corpus.answers:
             raise CRTError(f"--loss answers needs a task that marks its answers, and {corpus.name} marks none: use --loss all")
         for split, n in corpus.unk_mapped.items():
@@ -266,7 +284,7 @@ def make_task(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, data=N
     if tcfg.task == "lm":
         if mcfg.arch in VIDEO_ARCHS:
             raise CRTError(f"{mcfg.arch} classifies frame sequences: train it with --task video")
-        corpus = data or load_corpus(tcfg)
+        corpus = data or load_corpus(tcfg, mcfg.segment_len)
         return (DocumentTask if resolve_protocol(tcfg, corpus) == "document" else StreamTask)(mcfg, tcfg, device, corpus)
     if tcfg.task == "video":
         from crt.train.video import VideoTask
