@@ -109,8 +109,8 @@ def configs(task: str, model: str, knobs: dict, seed: int, runs: Path):
     )
     dists = curriculum(data, fields)
     quarter = knobs["steps"] // 4
-    steps = {1: [knobs["steps"]], 2: [2 * quarter], 3: [quarter, quarter]}[len(dists)]  # the last stage takes the rest
-    steps.append(knobs["steps"] - sum(steps)) if len(dists) > 1 else None
+    steps = {1: [], 2: [2 * quarter], 3: [quarter, quarter]}[len(dists)]
+    steps.append(knobs["steps"] - sum(steps))  # the last stage takes the rest
     stages = [Stage({distance_field(data): d}, n) for d, n in zip(dists, steps)]
     if model == "full":  # the whole document in one segment
         from crt.train.loop import load_corpus
