@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from crt.data.corpus import EOS, Corpus, Documents, Vocab
+from crt.data.corpus import EOS, SPLITS, Corpus, Documents, Vocab
 from crt.data.synthetic import doc_count_checks, require, split_generator
 from crt.errors import CRTError
 
@@ -46,7 +46,6 @@ PEOPLE = ("mary", "john", "daniel", "sandra")
 LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 VERBS = ("went", "moved", "journeyed", "travelled")
 FACT_LEN, QUESTION_LEN = 6, 6  # "mary went to the kitchen ." and "where is mary ? kitchen <eos>"
-SPLITS = ("train", "valid", "test")
 
 
 def _doc_counts(train_docs: int, valid_docs: int, test_docs: int) -> dict[str, int]:
