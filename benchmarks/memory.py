@@ -1,6 +1,6 @@
 """How much does a memory hold, and for how long? Every memory model on the same axes.
 
-    python benchmarks/memory.py                       # the default grid: 92 min on 2 CPU cores without facts
+    python benchmarks/memory.py                       # the default grid: ~1.5 h on 2 CPU cores without facts
     python benchmarks/memory.py --plan                # which cells exist, which are done, which are single-seed
     python benchmarks/memory.py --only crt-gru --tasks passkey --max-minutes 30
     python benchmarks/memory.py --set d_model=128 --set steps=3000 --set device=cuda --jobs 1
