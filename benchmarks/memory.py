@@ -113,9 +113,10 @@ def configs(task: str, model: str, knobs: dict, seed: int, runs: Path):
     steps.append(knobs["steps"] - sum(steps))  # the last stage takes the rest
     stages = [Stage({distance_field(data): d}, n) for d, n in zip(dists, steps)]
     if model == "full":  # the whole document in one segment
-        from crt.train.loop import load_corpus
+        from crt.data.memory_tasks import facts_length_of, mqar_length, passkey_length
 
-        m["segment_len"] = int(load_corpus(_small(t, 1), S).documents["train"].lengths.max())
+        m["segment_len"] = {"mqar": lambda: mqar_length(t.mqar_pairs, t.mqar_gap, S), "passkey": lambda: passkey_length(t.passkey_digits, t.passkey_distance),
+                            "facts": lambda: facts_length_of(t.facts_count, t.facts_length)}[data]()
     return ModelConfig(**m), t, stages
 
 

@@ -50,8 +50,7 @@ def load_corpus(t: TrainConfig, segment_len: int = 0) -> Corpus:
     if t.data == "synthetic":
         return make_synthetic(
             pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
-            filler_vocab=t.synth_filler_vocab, query_rounds=t.synth_query_rounds, train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs,
-            test_docs=t.synth_test_docs, seed=t.seed,
+            filler_vocab=t.synth_filler_vocab, query_rounds=t.synth_query_rounds, **docs,
         )
     if not t.data_dir:
         raise CRTError(f"data={t.data} needs --data-dir: the folder of the corpus files (or `crt data download {t.data} --dir DIR`)")
