@@ -10,7 +10,7 @@ import torch
 
 from crt.config import ModelConfig, Stage, TrainConfig
 from crt.data import Corpus, load_words
-from crt.data.memory_tasks import LOCATIONS, PEOPLE, VERBS, make_facts, make_mqar, make_passkey, mqar_length, passkey_length
+from crt.data.memory_tasks import LOCATIONS, PEOPLE, VERBS, make_facts, make_mqar, make_passkey, most_frequent_words, mqar_length, passkey_length
 from crt.errors import CRTError
 from tests.cli_helpers import cli, refused
 
@@ -127,6 +127,26 @@ def test_facts_answers_follow_from_the_facts(tmp_path, count, length, segment):
         answers_seen.add(answer)
     assert len(answers_seen) > 1
     assert c.vocab.itos[: len(text.vocab)] == text.vocab.itos  # the text's ids are unchanged
+
+
+def test_most_frequent_words_keeps_the_commonest_and_maps_the_rest_to_unk(tmp_path):
+    text = _text(tmp_path)
+    kept = most_frequent_words(text, 10)
+    counts = torch.bincount(text.train, minlength=len(text.vocab))
+    assert len(kept.vocab) == 11 and kept.vocab.itos[-1] == "<unk>" and "<eos>" in kept.vocab  # <eos> kept however rare
+    kept_ids = [text.vocab.stoi[w] for w in kept.vocab.itos if w not in ("<eos>", "<unk>")]
+    dropped = [i for i in range(len(text.vocab)) if text.vocab.itos[i] not in kept.vocab]
+    assert len(kept_ids) == 9 and min(counts[kept_ids]) >= max(counts[dropped])  # the commonest 9 words besides <eos>
+    for split in ("train", "valid", "test"):
+        old, new = text.split(split), kept.split(split)
+        assert len(old) == len(new)
+        same = [text.vocab.itos[o] == kept.vocab.itos[n] for o, n in zip(old.tolist(), new.tolist())]
+        assert all(s or kept.vocab.itos[n] == "<unk>" for s, n in zip(same, new.tolist()))  # every word kept or <unk>
+        if split == "train":
+            assert sum(same) == int(counts[kept_ids].sum() + counts[text.vocab.stoi["<eos>"]])  # exactly the kept words' occurrences
+    assert most_frequent_words(text, len(text.vocab)) is text  # nothing to drop
+    c = make_facts(kept, count=2, length=40, segment=8, train_docs=5, valid_docs=2, test_docs=2)
+    assert c.vocab.itos[:11] == kept.vocab.itos and set(c.vocab.itos) == {*kept.vocab.itos, *PEOPLE, *LOCATIONS, *VERBS, "to", "the", ".", "where", "is", "?"}
 
 
 def test_facts_refuses_text_too_short_and_no_room(tmp_path):

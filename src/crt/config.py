@@ -167,6 +167,7 @@ class TrainConfig:
     passkey_distance: int = 32  # D: filler tokens between the passkey and its query
     facts_count: int = 4  # facts per document (bAbI QA1: the answer is the asked person's last location, chance 1/6)
     facts_length: int = 256  # tokens of real text per document that the facts are hidden in
+    facts_words: int = 0  # keep the text's N most frequent training words, the rest become <unk> (a smaller softmax); 0: all of them
     # --- video (task = video) ---
     video_max_frames: int = 64  # frames per clip at most (evenly spaced); 0: all
     video_normalise: bool = True  # skeletons: centre on the clip's centroid, unit RMS joint distance
@@ -240,7 +241,7 @@ _TRAIN_RANGES = {
     "synth_pairs": "[1,", "synth_keys": "[1,", "synth_values": "[1,", "synth_filler": "[0,", "synth_filler_vocab": "[1,",
     "synth_query_rounds": "[1,", "synth_train_docs": "[1,", "synth_valid_docs": "[1,", "synth_test_docs": "[1,",
     "task_segment": "[0,", "mqar_pairs": "[1,", "mqar_gap": "[-1,", "mqar_vocab": "[2,", "passkey_digits": "[1,", "passkey_distance": "[0,",
-    "facts_count": "[1,", "facts_length": "[1,",
+    "facts_count": "[1,", "facts_length": "[1,", "facts_words": "[0,",
     "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
     "video_classes": "[2,", "video_noise": "[0,",
     "batch_size": "[1,", "bptt_segments": "[0,", "max_steps": "[1,", "max_tokens": "[0,", "lr": "(0,", "min_lr": "[0,",

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from crt.data.corpus import EOS, SPLITS, Corpus, Documents, Vocab
+from crt.data.corpus import EOS, SPLITS, UNK, Corpus, Documents, Vocab
 from crt.data.synthetic import doc_count_checks, require, split_generator
 from crt.errors import CRTError
 
@@ -178,6 +178,26 @@ def facts_vocab(text: Vocab) -> Vocab:
 def facts_length_of(count: int, length: int) -> int:
     """Tokens per fact document: the text, its facts and the question with its answer."""
     return length + FACT_LEN * count + QUESTION_LEN
+
+
+def most_frequent_words(text: Corpus, words: int) -> Corpus:
+    """The text with only its `words` most frequent training words kept and every other word
+    mapped to <unk> (appended if the text lacks it); ids in order of frequency. The text's
+    <eos> is always kept, so sentence boundaries survive. A text with at most `words` words
+    comes back unchanged."""
+    if words >= len(text.vocab):
+        return text
+    counts = torch.bincount(text.split("train"), minlength=len(text.vocab))  # [V]
+    if EOS in text.vocab:
+        counts[text.vocab.stoi[EOS]] = counts.max() + 1
+    keep = counts.argsort(descending=True, stable=True)[:words]  # [words] old ids, most frequent first
+    itos = [text.vocab.itos[i] for i in keep.tolist()]
+    unk = itos.index(UNK) if UNK in itos else len(itos)
+    if unk == len(itos):
+        itos.append(UNK)
+    remap = torch.full((len(text.vocab),), unk, dtype=torch.long)  # [V] old id -> new id
+    remap[keep] = torch.arange(len(keep))
+    return Corpus(text.name, Vocab(itos), **{split: remap[text.split(split)] for split in SPLITS})
 
 
 def make_facts(

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from crt.config import VIDEO_ARCHS, ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
 from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
-from crt.data.memory_tasks import make_facts, make_mqar, make_passkey
+from crt.data.memory_tasks import make_facts, make_mqar, make_passkey, most_frequent_words
 from crt.errors import CRTError
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
@@ -46,7 +46,8 @@ def load_corpus(t: TrainConfig, segment_len: int = 0) -> Corpus:
     if t.data == "facts":
         if not t.data_dir:
             raise CRTError("data=facts hides its facts in real text: give --data-dir the folder of PTB or WikiText-2 (`crt data download ptb --dir DIR`)")
-        return make_facts(load_words(t.data_dir, map_unk=t.map_unk), count=t.facts_count, length=t.facts_length, segment=segment, **docs)
+        text = load_words(t.data_dir, map_unk=t.map_unk)
+        return make_facts(most_frequent_words(text, t.facts_words) if t.facts_words else text, count=t.facts_count, length=t.facts_length, segment=segment, **docs)
     if t.data == "synthetic":
         return make_synthetic(
             pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
@@ -95,7 +96,7 @@ def count_parameters(model: nn.Module) -> int:
 # Training fields a resumed run keeps: they decide its data, its batches and its carried state.
 FIXED_ON_RESUME = ("task", "data", "seed", "batch_size", "protocol", "synth_pairs", "synth_keys", "synth_values", "synth_filler", "synth_filler_vocab",
                    "synth_query_rounds", "synth_train_docs", "synth_valid_docs", "synth_test_docs", "task_segment", "mqar_pairs", "mqar_gap",
-                   "mqar_vocab", "passkey_digits", "passkey_distance", "facts_count", "facts_length", "video_normalise", "video_motion", "video_size",
+                   "mqar_vocab", "passkey_digits", "passkey_distance", "facts_count", "facts_length", "facts_words", "video_normalise", "video_motion", "video_size",
                    "video_protocol", "video_classes", "video_noise")
 
 
