@@ -20,7 +20,6 @@ For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -193,10 +192,10 @@ def main() -> None:
         return child(args)
 
     from crt.analysis.machine import describe
+    from crt.analysis.results import header, write_results
+    from crt.checkpoint import load_checkpoint
     from crt.infer.export import export
     from crt.infer.quantize import quantize_int8
-    from crt.files import write_atomic
-    from crt.train.checkpoint import load_checkpoint
     from crt.train.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
@@ -232,10 +231,7 @@ def main() -> None:
 
     a, b = args.rss_tokens
     lines = [
-        "# Edge inference: latency, streaming, memory, int8",
-        "",
-        f"Command: `{command}`. Date: {datetime.date.today()}. Machine: {describe()}; {args.threads} torch thread(s).",
-        "",
+        *header("Edge inference: latency, streaming, memory, int8", command, f"{describe()}; {args.threads} torch thread(s)"),
         f"Generation: greedy, {args.gen_tokens} tokens after a 20-token PTB prompt, batch 1, per-token latency = sampling + feeding the token back "
         "(every model incremental: one position per token through the layers, `crt.infer.open_stream`). "
         f"Streaming: `crt score`'s path over {len(stream_data):,} PTB test tokens (whole segments, state carried). Perplexity: PTB test, `crt eval`'s path.",
@@ -268,7 +264,7 @@ def main() -> None:
         for k, v in size.items():
             lines.append(f"| {name} | {k} | {v / 2**20:.2f} |")
     out = Path(args.out)
-    write_atomic(out, "\n".join(lines) + "\n")
+    write_results(out, lines)
     print("\n".join(lines))
 
 

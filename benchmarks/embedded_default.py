@@ -14,7 +14,6 @@ machine, versions and date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from crt.analysis.machine import describe
+from crt.analysis.results import header, write_results
 from crt.cli.main import DEFAULT_PRESETS
 from crt.config import apply_overrides, load_curriculum, load_preset, without_fields
-from crt.files import write_atomic
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
@@ -86,12 +84,10 @@ def main() -> None:
     torch.set_num_threads(max(args.threads))
     mcfg, tcfg = load_preset(presets[0])
     chance = 1 / tcfg.synth_values
+    title = "Embedded default: CRT vs the segment Transformer on the synthetic recall corpus" if presets == list(DEFAULT_PRESETS) else "The synthetic recall corpus: " + ", ".join(presets)
     lines = [
-        "# Embedded default: CRT vs the segment Transformer on the synthetic recall corpus" if presets == list(DEFAULT_PRESETS) else "# The synthetic recall corpus: " + ", ".join(presets)
-        + "".join(f", {item}" for item in args.set),
-        "",
-        f"Command: `{command}` (each preset trained as `crt train --preset NAME --seed S` trains it, torch limited to the thread count). Date: {datetime.date.today()}.",
-        f"Machine: {describe()}.",
+        *header(title + "".join(f", {item}" for item in args.set), command),
+        "Each preset trained as `crt train --preset NAME --seed S` trains it, torch limited to the thread count.",
         "",
         "| preset | model | seed | threads | params | steps | stages began at step | curriculum | wall time (s) | valid recall | test recall |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |",
@@ -137,7 +133,7 @@ def main() -> None:
         f"Curriculum ({presets[0]}'s, shared by every preset of this table): {plan}. Presets in `src/crt/configs/`.",
     ]
     out = Path(args.out)
-    write_atomic(out, "\n".join(lines) + "\n")
+    write_results(out, lines)
     print("\n".join(lines))
     print(f"\nwritten to {out}", file=sys.stderr)
 

@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shlex
@@ -163,8 +162,9 @@ def run_cell(task: str, model_name: str, knobs: dict, seed: int, runs: str, thre
     """Train and score one cell (in a worker process); its record."""
     torch.set_num_threads(threads)
     from crt.analysis.machine import cpu_name
+    from crt.data.load import load_corpus
     from crt.train.documents import evaluate_documents
-    from crt.train.loop import load_corpus, train
+    from crt.train.loop import train
 
     mcfg, tcfg, stages = configs(task, model_name, knobs, seed, Path(runs))
     log = Path(tcfg.out_dir + ".log")
@@ -195,20 +195,16 @@ def run_cell(task: str, model_name: str, knobs: dict, seed: int, runs: str, thre
 
 def load_trained(task: str, model_name: str, knobs: dict, seed: int, runs: Path):
     """The trained model of a finished cell, from its run folder, and its TrainConfig."""
-    from crt.config import ModelConfig
-    from crt.models import build_model
-    from crt.train.checkpoint import load_checkpoint
+    from crt.checkpoint import load_model
 
     _, tcfg, _ = configs(task, model_name, knobs, seed, runs)
-    ckpt = load_checkpoint(tcfg.out_dir)
-    model = build_model(ModelConfig(**ckpt.meta["model"])).to(tcfg.device)
-    ckpt.load_weights(model)
+    model, _ = load_model(tcfg.out_dir, tcfg.device)
     return model, tcfg
 
 
 def rescore(cells: dict[str, dict], knobs: dict, runs: Path) -> None:
     """Add recall by query to finished MQAR cells that lack it (cells run before it was recorded)."""
-    from crt.train.loop import load_corpus
+    from crt.data.load import load_corpus
 
     for r in cells.values():
         if r["data"] == "mqar" and r["knobs"] == knobs and "recall_by_query" not in r:
@@ -340,6 +336,7 @@ def floats_text(rows: dict, model: str) -> str:
 
 def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
     from crt.analysis.machine import describe
+    from crt.analysis.results import header
 
     mine = [r for r in cells.values() if r["knobs"] == knobs]
     rows: dict[tuple[str, str], list[dict]] = {}
@@ -350,10 +347,9 @@ def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
     total = len(plan(knobs, [], []))
     machines = sorted({r["machine"] for r in mine})
     lines = [
-        "# Memory capacity: how much a memory holds, and for how long",
-        "",
-        f"Command: `{command}`. Written {datetime.date.today()} from {len(mine)} finished cells of {total} in the default grid "
-        f"(`docs/results/memory-cells.jsonl`; `--plan` lists the missing ones). Machine of this report: {describe()}; cells ran on: {'; '.join(machines)}, "
+        *header("Memory capacity: how much a memory holds, and for how long", command, f"{describe()} (this report); the cells ran on {'; '.join(machines)}"),
+        f"Written from {len(mine)} finished cells of {total} in the default grid "
+        f"(`docs/results/memory-cells.jsonl`; `--plan` lists the missing ones), "
         f"{sum(r['train_s'] for r in mine) / 60:.0f} cell-minutes of training in all (two cells at a time with `--jobs 2`). "
         "What the numbers say, against Zoology's and the RMT/ARMT papers' findings: README, section Memory capacity; how the benchmark was made: `memory-notes.md`.",
         "",

@@ -5,10 +5,10 @@ import importlib.util
 import math
 
 import pytest
+from cli_helpers import in_process, one_line_error
 
 from crt.analysis import bench
 from crt.config import load_preset
-from cli_helpers import in_process, one_line_error
 
 
 def tiny_case(name: str, precision: str = "fp32", **model) -> dict:

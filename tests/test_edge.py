@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cli_helpers import in_process, one_line_error
 
 from crt.config import ModelConfig
+from crt.errors import CRTError
 from crt.infer.export import export
 from crt.infer.quantize import quantize_int8
-from crt.errors import CRTError
 from crt.models import build_model
-
-from cli_helpers import in_process, one_line_error
 
 V, L = 41, 6
 BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L)
@@ -26,7 +25,7 @@ def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
 def torch_segments(model, segments: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     from torch.utils._pytree import tree_flatten
 
-    from crt.train.segments import iter_segments
+    from crt.state import iter_segments
 
     with torch.no_grad():
         steps = iter_segments(model, torch.cat(segments, dim=1), model.init_state(segments[0].shape[0], evaluation=True), segments[0].shape[1])

@@ -15,8 +15,8 @@ from crt.layers import AssociativeMemory
 from crt.models import build_model
 from crt.models.diagonal import DiagonalARMT
 from crt.models.rmt import RMTState
+from crt.state import iter_segments
 from crt.train.evaluate import evaluate
-from crt.train.segments import iter_segments
 
 
 def stream(model, x, segment_len=L):

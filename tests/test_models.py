@@ -12,9 +12,8 @@ from crt.config import ModelConfig
 from crt.errors import CRTError
 from crt.models import build_model
 from crt.models.crt import CRTState
-from crt.state import detach, reset_rows
+from crt.state import detach, iter_segments, reset_rows
 from crt.train.evaluate import evaluate
-from crt.train.segments import iter_segments
 
 V, L = 37, 8
 

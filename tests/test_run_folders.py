@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from cli_helpers import cli, interrupted_copy, refused, run_cli, snapshot
 
+from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, TrainConfig
 from crt.errors import CRTError
-from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.rundir import RunLock, claim_run_dir

@@ -9,8 +9,8 @@ from crt.config import ModelConfig
 from crt.errors import CRTError
 from crt.infer import ARMTStream, CRTStream, RMTStream, TransformerStream, XLStream, generate, open_stream, sample, score_stream
 from crt.models import build_model
+from crt.state import iter_segments
 from crt.train.evaluate import evaluate
-from crt.train.segments import iter_segments
 
 V, L = 23, 5
 BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L, dropout=0.1, emb_dropout=0.1)

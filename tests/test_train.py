@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, in_process, interrupted_copy, one_line_error, refused, run_cli
 
+from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset, preset_names
 from crt.errors import CRTError
 from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
-
-from cli_helpers import cli, in_process, interrupted_copy, one_line_error, refused, run_cli
 
 SMALL_MODEL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, dropout=0.1, emb_dropout=0.1)
 SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10, synth_filler=12)
@@ -149,7 +148,7 @@ def test_weights_with_shared_buffers_and_tied_tensors_round_trip(tmp_path):
     (the tied one once), load back exactly, and a file from save_model still loads."""
     from safetensors.torch import load_file, save_model
 
-    from crt.train.checkpoint import load_weights, save_weights
+    from crt.checkpoint import load_weights, save_weights
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="crt", vocab_size=20, d_model=16, n_layer=1, n_head=2, d_ff=32, segment_len=4))
@@ -419,7 +418,7 @@ def test_default_demo_answers_are_out_of_segment_reach():
     than its value (the grid starts at each document), and in the last stage at least two whole
     segments of filler lie between a pair and its query: only a memory can beat chance."""
     from crt.config import load_curriculum, stage_config
-    from crt.train.loop import load_corpus
+    from crt.data.load import load_corpus
 
     for name in ("synthetic-crt", "synthetic-transformer"):
         m, base = load_preset(name)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import in_process, interrupted_copy, one_line_error
 
+from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, apply_overrides, load_preset
 from crt.data.video import (
     MSR_ARCHIVE,
@@ -23,12 +25,9 @@ from crt.data.video import (
 )
 from crt.errors import CRTError
 from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.video import classify, evaluate_clips
-
-from cli_helpers import in_process, interrupted_copy, one_line_error
 
 MSR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video"
 SMALL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, num_classes=5)

@@ -9,8 +9,7 @@
 from crt.config import ModelConfig, TrainConfig
 from crt.errors import CRTError
 from crt.models import build_model
-from crt.state import detach, reset_rows
-from crt.train.segments import iter_segments
+from crt.state import detach, iter_segments, reset_rows
 
 __version__ = "0.1.0"
 __all__ = ["CRTError", "ModelConfig", "TrainConfig", "build_model", "detach", "iter_segments", "reset_rows"]

@@ -31,12 +31,12 @@ import torch.nn as nn
 
 from crt.analysis.flops import count_flops, with_vocab
 from crt.analysis.machine import peak_rss_mib
-from crt.errors import CRTError
+from crt.analysis.results import header
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
-from crt.runtime import keep_freed_memory
-from crt.state import detach
-from crt.train.evaluate import autocast
-from crt.train.segments import iter_segments, window_loss
+from crt.errors import CRTError
+from crt.runtime import autocast, keep_freed_memory
+from crt.state import detach, iter_segments
+from crt.train.segments import window_loss
 
 DIAGONAL_PRESET = "ptb-armt-35"  # the ARMT that --diagonal runs (with its layer count set by the flag)
 DEFAULT_PRESETS = ("ptb-transformer-70", "ptb-crt-70", "ptb-crt-35", "ptb-crt-17", "ptb-crt-ncgru-35", "ptb-xl-35")
@@ -380,11 +380,7 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
     diagonal = [r for r in results if "seq_runs" in r]
     results = [r for r in results if "seq_runs" not in r]
     lines = [
-        "# Speed: tokens/s, peak memory and MFU",
-        "",
-        f"Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.",
-        f"Machine: {machine}.",
-        "",
+        *header("Speed: tokens/s, peak memory and MFU", command, machine),
         notes,
         "",
         "| model | precision | params | train tokens/s | infer tokens/s | peak memory (MiB) | train MFLOP/token | MFU |",

@@ -16,7 +16,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_curriculum, load_preset, preset_names, stages_from_list
+from crt.config import (
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    field_help,
+    load_curriculum,
+    load_preset,
+    preset_names,
+    stages_from_list,
+)
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
@@ -65,7 +77,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from crt.train.checkpoint import load_checkpoint
+    from crt.checkpoint import load_checkpoint
     from crt.train.loop import train
 
     overrides = _overrides(args, list(MODEL_FIELDS) + list(TRAIN_FIELDS))
@@ -141,12 +153,12 @@ def _pin(stages, pinned: set[str]):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from crt.checkpoint import load_checkpoint, load_model
     from crt.data import Vocab
-    from crt.models import build_model
-    from crt.train.checkpoint import load_checkpoint
+    from crt.data.load import load_corpus
     from crt.train.documents import evaluate_documents
     from crt.train.evaluate import evaluate
-    from crt.train.loop import load_corpus, resolve_device, resolve_protocol
+    from crt.train.loop import resolve_protocol
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
@@ -166,9 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CRTError(
             f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
         )
-    device = resolve_device(tcfg.device)
-    model = build_model(mcfg.validate()).to(device)
-    ckpt.load_weights(model)
+    model, _ = load_model(ckpt, tcfg.device, mcfg)
     seg = mcfg.eval_segment_len or mcfg.segment_len
     if resolve_protocol(tcfg, corpus) == "document":
         if not corpus.documents:
@@ -210,16 +220,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Namespace) -> None:
-    from crt.models import build_model
-    from crt.train.loop import resolve_device
-    from crt.train.video import evaluate_clips, load_video_data, plot_confusion
+    from crt.checkpoint import load_model
+    from crt.data.load import load_video_data
+    from crt.train.video import evaluate_clips, plot_confusion
 
     data = load_video_data(tcfg, mcfg.segment_len)
     if data.classes != ckpt.meta.get("classes"):
         raise CRTError(f"checkpoint classes differ from those of {tcfg.data} {tcfg.data_dir}: evaluate on the data the model was trained on")
-    device = resolve_device(tcfg.device)
-    model = build_model(mcfg.validate()).to(device)
-    ckpt.load_weights(model)
+    model, _ = load_model(ckpt, tcfg.device, mcfg)
     r = evaluate_clips(model, getattr(data, args.split), len(data.classes), tcfg.eval_batch_size, tcfg.video_max_frames, tcfg.precision)
     out = Path(args.confusion) if args.confusion else ckpt.path.parent.parent / f"confusion-{args.split}.png"
     plot_confusion(r["confusion"], data.classes, out, title=f"{mcfg.arch} on {data.name} {args.split}")
@@ -276,7 +284,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     suffix = Path(args.out).suffix.lower()
     if suffix in (".onnx", ".pt2") and suffix != "." + args.format:
         raise CRTError(f"--out {args.out} names a {suffix[1:]} file but --format is {args.format}: make them agree")
-    from crt.train.checkpoint import resolve
+    from crt.checkpoint import resolve
 
     source = resolve(args.checkpoint).resolve()
     if Path(args.out).resolve().parent in (source, source.parent):
@@ -312,7 +320,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from crt.analysis import bench
     from crt.analysis.machine import describe
-    from crt.train.loop import load_corpus, resolve_device
+    from crt.data.load import load_corpus
+    from crt.runtime import resolve_device
 
     for flag in ("threads", "steps", "repeats", "rounds", "infer_batch", "infer_tokens"):
         if getattr(args, flag) < 1:

@@ -37,8 +37,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crt.errors import CRTError
-from crt.layers import NCGRU
 from crt.files import umask_mode
+from crt.layers import NCGRU
 
 TOLERANCE = 1e-4  # max |difference| of fp32 logits and state, runtime vs PyTorch
 
@@ -248,9 +248,8 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
                 _write_onnx(step, example, tmp_out)
                 result["max_difference"] = _check("the ONNX export (onnxruntime)", reference, _run_loop(_onnx_session(tmp_out), step, segments), tolerance)
                 if int8:
-                    from onnxruntime.quantization import QuantType, quantize_dynamic
-
                     import onnx
+                    from onnxruntime.quantization import QuantType, quantize_dynamic
 
                     # the exporter's intermediate shape annotations trip onnxruntime's own shape
                     # inference; without them it infers every shape afresh

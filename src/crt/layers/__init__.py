@@ -3,9 +3,9 @@
 from crt.layers.associative import AssociativeMemory
 from crt.layers.attention import CausalSelfAttention, KVCache
 from crt.layers.block import Block
+from crt.layers.embedding import TokenEmbedding
 from crt.layers.feedforward import FeedForward
 from crt.layers.gru import GRU
-from crt.layers.embedding import TokenEmbedding
 from crt.layers.init import init_weights
 from crt.layers.ncgru import NCGRU
 from crt.layers.positional import AbsolutePositions, LearnedPositions, RecurrentPositions, Rotary, apply_rotary, sinusoidal_table

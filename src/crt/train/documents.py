@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 
 from crt.data.corpus import Documents
-from crt.train.evaluate import IGNORE, Tally, autocast
-from crt.train.segments import iter_segments, window_loss
+from crt.runtime import autocast
+from crt.state import iter_segments
+from crt.train.evaluate import IGNORE, Tally
+from crt.train.segments import window_loss
 
 
 def document_batch(docs: Documents, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crt.train.segments import IGNORE, iter_segments
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or CUDA when precision is bf16, else a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+from crt.runtime import autocast
+from crt.state import iter_segments
+from crt.train.segments import IGNORE
 
 
 def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = None):

@@ -14,63 +14,19 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from crt.checkpoint import Checkpoint, save_checkpoint
 from crt.config import VIDEO_ARCHS, ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
-from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
-from crt.data.memory_tasks import make_facts, make_mqar, make_passkey, most_frequent_words
+from crt.data import Corpus, Vocab, batchify
+from crt.data.load import load_corpus
 from crt.errors import CRTError
 from crt.models import build_model
-from crt.runtime import keep_freed_memory
+from crt.runtime import autocast, keep_freed_memory, resolve_device
 from crt.state import detach
-from crt.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crt.train.documents import document_batch, document_loss, evaluate_documents
-from crt.train.evaluate import IGNORE, autocast, evaluate
+from crt.train.evaluate import IGNORE, evaluate
 from crt.train.metrics import plot_curves
 from crt.train.rundir import RunFolder
 from crt.train.segments import training_window, window_loss
-
-
-def load_corpus(t: TrainConfig, segment_len: int = 0) -> Corpus:
-    """The corpus a TrainConfig names (data + data_dir + options).
-
-    segment_len: the model's segment length, the grid mqar and facts are laid on unless
-    t.task_segment names another.
-    """
-    docs = dict(train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs, test_docs=t.synth_test_docs, seed=t.seed)
-    segment = t.task_segment or segment_len
-    if t.data in ("mqar", "facts") and not segment:
-        raise CRTError(f"data={t.data} is laid on a segment grid: give --task-segment (or load it with the model's segment_len)")
-    if t.data == "mqar":
-        return make_mqar(pairs=t.mqar_pairs, gap=t.mqar_gap, vocab=t.mqar_vocab, segment=segment, filler_vocab=t.synth_filler_vocab, **docs)
-    if t.data == "passkey":
-        return make_passkey(digits=t.passkey_digits, distance=t.passkey_distance, filler_vocab=t.synth_filler_vocab, **docs)
-    if t.data == "facts":
-        if not t.data_dir:
-            raise CRTError("data=facts hides its facts in real text: give --data-dir the folder of PTB or WikiText-2 (`crt data download ptb --dir DIR`)")
-        text = load_words(t.data_dir, map_unk=t.map_unk)
-        return make_facts(most_frequent_words(text, t.facts_words) if t.facts_words else text, count=t.facts_count, length=t.facts_length, segment=segment, **docs)
-    if t.data == "synthetic":
-        return make_synthetic(
-            pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
-            filler_vocab=t.synth_filler_vocab, query_rounds=t.synth_query_rounds, **docs,
-        )
-    if not t.data_dir:
-        raise CRTError(f"data={t.data} needs --data-dir: the folder of the corpus files (or `crt data download {t.data} --dir DIR`)")
-    if t.data in ("ptb", "wikitext-2", "wikitext-103", "words"):
-        kind = {"ptb": "ptb", "words": "auto"}.get(t.data, "wikitext")
-        return load_words(t.data_dir, kind=kind, map_unk=t.map_unk)
-    if t.data == "chars":
-        return load_chars(t.data_dir)
-    raise CRTError(f"unknown data {t.data!r}: use synthetic, mqar, passkey, facts, ptb, wikitext-2, wikitext-103, words or chars")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CRTError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise CRTError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from crt.checkpoint import remove_debris
 from crt.errors import CRTError
 
 try:
@@ -84,22 +85,6 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None
-
-
-def remove_debris(ckpt_root: Path, keep: Path | None = None) -> None:
-    """Remove what interrupted saves left in checkpoints/: `.step-N.*.tmp` folders (each a full
-    copy of the weights and the optimizer), `step-N.old` folders and `.latest.*.tmp` files.
-    Only the process holding the run's lock calls this, so none of them is being written."""
-    if not ckpt_root.is_dir():
-        return
-    for p in ckpt_root.iterdir():
-        stale = (p.name.startswith(".step-") and p.name.endswith(".tmp")) or (p.name.startswith("step-") and p.name.endswith(".old")) \
-            or (p.name.startswith(".latest.") and p.name.endswith(".tmp"))
-        if stale and p != keep:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
 
 
 class RunFolder:

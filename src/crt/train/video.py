@@ -18,33 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crt.config import VIDEO_ARCHS, ModelConfig, TrainConfig
-from crt.data.video import (
-    ClipSet,
-    VideoData,
-    augment_skeleton,
-    load_msr_action3d,
-    load_smarthome,
-    make_synthetic_video,
-    pad_clips,
-    sample_frames,
-)
+from crt.data.load import load_video_data
+from crt.data.video import ClipSet, VideoData, augment_skeleton, pad_clips, sample_frames
 from crt.errors import CRTError
 from crt.state import detach
-
-VIDEO_DATA = ("msr-action3d", "smarthome", "synthetic-video")
-
-
-def load_video_data(t: TrainConfig, segment_len: int) -> VideoData:
-    """The clips a TrainConfig names (data + data_dir + video options)."""
-    if t.data == "synthetic-video":
-        return make_synthetic_video(classes=t.video_classes, frames_per_segment=segment_len, noise=t.video_noise, seed=t.seed)
-    if t.data not in VIDEO_DATA:
-        raise CRTError(f"data={t.data!r} is not a video dataset: use one of {', '.join(VIDEO_DATA)} with --task video")
-    if not t.data_dir:
-        raise CRTError(f"data={t.data} needs --data-dir: the folder holding the clips")
-    if t.data == "msr-action3d":
-        return load_msr_action3d(t.data_dir, normalise=t.video_normalise, motion=t.video_motion)
-    return load_smarthome(t.data_dir, protocol=t.video_protocol, size=t.video_size, max_frames=t.video_max_frames)
 
 
 def classify(model: nn.Module, frames: torch.Tensor, lengths: torch.Tensor, segment_len: int, bptt_segments: int = 0) -> torch.Tensor:
@@ -77,7 +54,7 @@ def batches(clips: ClipSet, batch_size: int, max_frames: int):
 def evaluate_clips(model: nn.Module, clips: ClipSet, n_classes: int, batch_size: int = 32, max_frames: int = 64, precision: str = "fp32") -> dict[str, Any]:
     """loss (mean cross-entropy), acc (top-1), mean_class_acc (mean of per-class recalls over
     the classes present), confusion [true, predicted] counts, clips."""
-    from crt.train.evaluate import autocast
+    from crt.runtime import autocast
 
     device = next(model.parameters()).device
     was_training = model.training
