@@ -53,21 +53,17 @@ def full_context_rss(n_tokens: int, chunk: int = 35) -> None:
     """A 3-layer width-128 decoder with rotary positions whose key/value cache keeps every token
     (what a full-context Transformer needs to stream): fed in chunks of `chunk` tokens."""
     from crt.config import ModelConfig
-    from crt.layers import KVCache
     from crt.models import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="transformer", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=512, segment_len=chunk, positions="rotary")).eval()
-    caches = [KVCache() for _ in model.blocks]
+    segment = model.open_segment(model.init_state(1))  # a segment that never closes: its caches keep every token
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for start in range(0, n_tokens, chunk):
             tokens = torch.randint(10_000, (1, min(chunk, n_tokens - start)), generator=g)
-            h = model.drop(model.tokens(tokens))
-            rotary = model.positions.rotary(tokens.shape[1], h.device, offset=start)
-            for block, cache in zip(model.blocks, caches):
-                h = block(h, rotary=rotary, cache=cache)
-            model.tokens.unembed(model.ln_f(h))
+            x, attn_kwargs = model.positions(model.tokens(tokens), offset=start)  # [1, T, D]
+            model.tokens.unembed(model.trunk(x, attn_kwargs, segment.layers))
 
 
 def child(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from crt.layers.gru import GRU
 from crt.layers.init import init_weights
 from crt.layers.ncgru import NCGRU
 from crt.layers.positional import AbsolutePositions, LearnedPositions, RecurrentPositions, Rotary, apply_rotary, sinusoidal_table
+from crt.layers.trunk import SegmentCache, SegmentTrunk
 
 __all__ = [
     "AbsolutePositions",
@@ -22,6 +23,8 @@ __all__ = [
     "NCGRU",
     "RecurrentPositions",
     "Rotary",
+    "SegmentCache",
+    "SegmentTrunk",
     "TokenEmbedding",
     "apply_rotary",
     "init_weights",

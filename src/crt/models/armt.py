@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, AssociativeMemory, Block, TokenEmbedding, init_weights
+from crt.layers import AbsolutePositions, AssociativeMemory, Block, SegmentCache, TokenEmbedding, init_weights
 
 
 class ARMTState(NamedTuple):
@@ -107,12 +107,41 @@ class ARMT(nn.Module):
         """Logits of the segment's tokens from the last layer's output h [B, T+k, D]: [B, T, V]."""
         return self.tokens.unembed(self.ln_f(h[:, : -self.cfg.mem_tokens]))  # [B, T, V]
 
+    def run_layers(self, h: torch.Tensor, state: ARMTState, attn_kwargs: dict, write: bool = True, caches: list | None = None) -> tuple[torch.Tensor, ARMTState]:
+        """Every layer over h [B, S, D] -> its output [B, S, D] and the state the memory tokens
+        wrote (write=False: h holds no memory tokens and the state comes back unchanged).
+        caches: one KVCache per layer when streaming."""
+        As, zs = [], []
+        for l, layer in enumerate(self.layers):
+            kwargs = attn_kwargs if caches is None else {**attn_kwargs, "cache": caches[l]}
+            h, A, z = layer(h, state.A[:, l].to(h.dtype), state.z[:, l].to(h.dtype), write=write, **kwargs)  # [B, S, D]
+            As.append(A.to(state.A.dtype))
+            zs.append(z.to(state.z.dtype))
+        return h, ARMTState(torch.stack(As, dim=1), torch.stack(zs, dim=1))
+
     def forward(self, tokens: torch.Tensor, state: ARMTState) -> tuple[torch.Tensor, ARMTState]:
         # tokens: [B, T]; state: ARMTState
         h, attn_kwargs = self.embed(tokens)  # [B, T+k, D]
-        As, zs = [], []
-        for l, layer in enumerate(self.layers):
-            h, A, z = layer(h, state.A[:, l].to(h.dtype), state.z[:, l].to(h.dtype), **attn_kwargs)  # [B, T+k, D]
-            As.append(A.to(state.A.dtype))
-            zs.append(z.to(state.z.dtype))
-        return self.head(h), ARMTState(torch.stack(As, dim=1), torch.stack(zs, dim=1))
+        h, state = self.run_layers(h, state, attn_kwargs)  # [B, T+k, D]
+        return self.head(h), state
+
+    # --- streaming: each position reads every layer's memory of the previous segment and goes
+    # through the block with the segment's keys and values cached; when the segment closes, the
+    # k memory tokens are fed the same way and their outputs write each layer's memory.
+
+    def _advance(self, segment: SegmentCache, u: torch.Tensor, write: bool = False) -> tuple[torch.Tensor, ARMTState]:
+        u, attn_kwargs = self.positions(u, offset=segment.offset)  # [B, T, D]
+        segment.offset += u.shape[1]
+        return self.run_layers(self.drop(u), segment.state, attn_kwargs, write, segment.layers)
+
+    def open_segment(self, state: ARMTState) -> SegmentCache:
+        return SegmentCache(self.cfg.n_layer, state)
+
+    def step(self, segment: SegmentCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] after the segment's earlier ones -> logits [B, V] for the next token."""
+        h, _ = self._advance(segment, self.tokens(tokens.view(-1, 1)))  # [B, 1, D]
+        return self.tokens.unembed(self.ln_f(h))[:, 0]  # [B, V]
+
+    def close_segment(self, segment: SegmentCache) -> ARMTState:
+        P = self.memory_tokens.expand(segment.state.A.shape[0], -1, -1)  # [B, k, D]
+        return self._advance(segment, P.to(segment.state.A.dtype), write=True)[1]

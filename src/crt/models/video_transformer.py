@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, Block, init_weights
+from crt.layers import AbsolutePositions, SegmentTrunk, init_weights
 from crt.layers.frames import FrameEncoder, parse_frame_shape, pool_frames
 
 
@@ -25,7 +25,7 @@ class PooledState(NamedTuple):
     count: torch.Tensor  # [B, 1]  frames so far
 
 
-class VideoTransformer(nn.Module):
+class VideoTransformer(SegmentTrunk):
     """d_model, n_layer, n_head, d_ff, dropout, positions, segment_len from `cfg`, as for the
     language-model Transformer; frame_shape, patch_size, frame_layers, num_classes as CR-ViT's."""
 
@@ -37,9 +37,7 @@ class VideoTransformer(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.positions = AbsolutePositions(cfg.position_encoding, max(cfg.segment_len, cfg.eval_segment_len), D, cfg.n_head)
-        self.drop = nn.Dropout(cfg.emb_dropout)
-        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(D)
+        self.build_trunk(cfg)
         self.apply(init_weights)  # the sequence model as the language-model Transformer's
         # frame encoder and classifier built after, with torch's initialisation, exactly as in CR-ViT
         self.frames = FrameEncoder(parse_frame_shape(cfg.frame_shape), D, cfg.n_head, cfg.d_ff, cfg.patch_size, cfg.frame_layers, cfg.dropout)
@@ -52,8 +50,6 @@ class VideoTransformer(nn.Module):
     def forward(self, frames: torch.Tensor, state: PooledState, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, PooledState]:
         # frames: [B, T, *frame_shape]; valid: bool [B, T] (a prefix per row) or None
         h, attn_kwargs = self.positions(self.frames(frames))  # [B, T, D]
-        h = self.drop(h)
-        for block in self.blocks:
-            h = block(h, **attn_kwargs)  # [B, T, D] causal: padding at the end changes no valid frame
-        total, count = pool_frames(state.total, state.count, self.ln_f(h), valid)  # [B, D], [B, 1]
+        h = self.trunk(h, attn_kwargs)  # [B, T, D] causal: padding at the end changes no valid frame
+        total, count = pool_frames(state.total, state.count, h, valid)  # [B, D], [B, 1]
         return self.head(total / count.clamp(min=1)), PooledState(total, count)  # [B, C]
