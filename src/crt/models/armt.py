@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, AssociativeMemory, Block, SegmentCache, TokenEmbedding, init_weights
+from crt.layers import AbsolutePositions, AssociativeMemory, Block, SegmentCache, TokenEmbedding, blocks_flops, init_weights
 
 
 class ARMTState(NamedTuple):
@@ -106,6 +106,21 @@ class ARMT(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the segment's tokens from the last layer's output h [B, T+k, D]: [B, T, V]."""
         return self.tokens.unembed(self.ln_f(h[:, : -self.cfg.mem_tokens]))  # [B, T, V]
+
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head: the blocks over the tokens
+        and the k memory tokens, and every layer's associative reads and writes (crt.analysis.flops)."""
+        D, N, k, H, d_key = cfg.d_model, cfg.n_layer, cfg.mem_tokens, cfg.assoc_heads, cfg.assoc_dim
+        S = T + k
+        parts = blocks_flops(N, S, D, cfg.d_ff)
+        d_phi = 2 * cfg.assoc_nu * d_key // H  # feature width per head
+        # per head the memory is A [d_phi, D/H]; a lookup is phi A (d_phi x D/H) and phi . z (d_phi)
+        lookup = 2 * H * d_phi * (D // H + 1)
+        read = S * (2 * D * d_key + lookup)  # W_q, then every position looks up
+        write = k * (2 * D * d_key + 2 * D * D + 2 * D * H + lookup + 2 * H * d_phi * (D // H))  # W_k, W_v, gate, v_old, k (v - v_old)^T
+        parts["associative memory"] = N * (read + write)
+        return parts
 
     def run_layers(self, h: torch.Tensor, state: ARMTState, attn_kwargs: dict, write: bool = True, caches: list | None = None) -> tuple[torch.Tensor, ARMTState]:
         """Every layer over h [B, S, D] -> its output [B, S, D] and the state the memory tokens

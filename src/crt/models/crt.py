@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import GRU, NCGRU, AbsolutePositions, RecurrentPositions, SegmentCache, SegmentTrunk, TokenEmbedding, init_weights
+from crt.layers import GRU, NCGRU, AbsolutePositions, RecurrentPositions, SegmentCache, SegmentTrunk, TokenEmbedding, blocks_flops, gru_flops, init_weights
 
 
 class CRTState(NamedTuple):
@@ -159,6 +159,20 @@ class CRT(SegmentTrunk):
             memory = _at_last_valid(out, n_valid if cfg.memory_reads == "tokens" else n_valid.clamp(max=1), m_prev)  # [B, d_m]
         # The state stays in the dtype init_state gave it, whatever autocast computed in.
         return h_tokens, CRTState(memory.to(state.memory.dtype), positions_state)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head (crt.analysis.flops): the
+        blocks over T tokens and the memory token, W_m, the memory RNN over its reads and the
+        positional GRU over every position."""
+        D, d_m = cfg.d_model, cfg.memory_dim
+        S = T + (cfg.memory_position != "none")  # + the memory token
+        parts = blocks_flops(cfg.n_layer, S, D, cfg.d_ff)
+        parts["memory projection"] = 2 * d_m * D if cfg.memory_position != "none" else 0.0
+        parts["memory RNN"] = gru_flops(D, d_m, T if cfg.memory_reads == "tokens" else 1)
+        if cfg.position_encoding == "recurrent":
+            parts["positional RNN"] = gru_flops(D, D, S)
+        return parts
 
     def memory_token(self, state: CRTState, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W_m m_{n-1} + b_m: [B, 1, D]."""

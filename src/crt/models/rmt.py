@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, SegmentCache, SegmentTrunk, TokenEmbedding, init_weights
+from crt.layers import AbsolutePositions, SegmentCache, SegmentTrunk, TokenEmbedding, blocks_flops, init_weights
 
 
 class RMTState(NamedTuple):
@@ -76,6 +76,13 @@ class RMT(SegmentTrunk):
         logits = self.tokens.unembed(h[:, first : first + T])  # [B, T, V]
         new_memory = h[:, -k:]  # [B, k, D]  the write copy's outputs
         return logits, RMTState(new_memory.to(state.memory.dtype))
+
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head: the blocks over the
+        tokens and the read and write copies (crt.analysis.flops)."""
+        copies = 1 if cfg.rmt_placement == "write" else 2
+        return blocks_flops(cfg.n_layer, T + copies * cfg.mem_tokens, cfg.d_model, cfg.d_ff)
 
     def write_tokens(self, memory: torch.Tensor) -> torch.Tensor:
         """What follows the segment and becomes the next memory: the memory again, or the write slots. [B, k, D]"""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, SegmentCache, SegmentTrunk, TokenEmbedding, init_weights
+from crt.layers import AbsolutePositions, SegmentCache, SegmentTrunk, TokenEmbedding, blocks_flops, init_weights
 from crt.state import EmptyState
 
 
@@ -41,6 +41,11 @@ class Transformer(SegmentTrunk):
         # tokens: [B, T]
         x, attn_kwargs = self.positions(self.tokens(tokens))  # [B, T, D]
         return self.tokens.unembed(self.trunk(x, attn_kwargs)), state  # [B, T, V]
+
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head (crt.analysis.flops)."""
+        return blocks_flops(cfg.n_layer, T, cfg.d_model, cfg.d_ff)
 
     # --- streaming: one token at a time, the segment's keys and values cached (crt.infer.stream)
 

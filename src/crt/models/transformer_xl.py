@@ -168,6 +168,20 @@ class TransformerXL(SegmentTrunk):
         state = self.remember(state, hids)
         return logits, XLState(state.mems.detach(), state.valid)
 
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head (crt.analysis.flops): every
+        layer attends over M memory and T segment keys, with P relative encodings."""
+        D, N = cfg.d_model, cfg.n_layer
+        M = (cfg.eval_mem_len or cfg.mem_len or cfg.segment_len) if evaluation else (cfg.mem_len or cfg.segment_len)
+        K = M + T  # keys: memory then segment
+        P = K if cfg.clamp_len < 0 else min(K, cfg.clamp_len + 1)  # distinct relative encodings
+        return {
+            "attention projections": N * 2 * D * D * (T + 2 * K + P + T),  # W_q on T, W_k and W_v on M + T, W_R on P encodings, W_o on T
+            "attention scores and sums": N * 2 * T * D * (2 * K + P),  # (q+u) k^T: T x K, (q+v) (W_R R)^T: T x P, A V: T x K
+            "feed-forward": N * 2 * T * 2 * D * cfg.d_ff,
+        }
+
     def remember(self, state: XLState, hids: torch.Tensor) -> XLState:
         """The last M of [old memory ; a segment's layer inputs hids [B, L, T, D]]: the first T
         of the M + T positions are dropped."""
