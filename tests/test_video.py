@@ -129,11 +129,11 @@ def test_frame_shape_and_patch_size_are_validated():
 
 
 def test_crvit_shares_the_crt_core():
-    """CR-ViT's sequence model is the CRT module itself, without a token embedding or LM head."""
-    from crt.models.crt import CRT
+    """CR-ViT's sequence model is the core under the CRT language model, without a token embedding or LM head."""
+    from crt.models.crt import CRT, CRTCore
 
     model = video_model("crvit")
-    assert isinstance(model.core, CRT)
+    assert isinstance(model.core, CRTCore) and issubclass(CRT, CRTCore) and not isinstance(model.core, CRT)
     assert model.core.tokens is None  # no token embedding or LM head: the frames are its inputs
 
 

@@ -30,8 +30,10 @@ class CRTState(NamedTuple):
     positions: torch.Tensor  # [B, D]  r_{n-1}, hidden state of the recurrent positional GRU (zeros if unused)
 
 
-class CRT(SegmentTrunk):
-    """CRT language model. Every constructor choice comes from `cfg` (see `ModelConfig`):
+class CRTCore(SegmentTrunk):
+    """CRT over input vectors: memory token, positions, the shallow transformer and the memory
+    RNN. The language model (`CRT`) feeds it token embeddings, CR-ViT frame vectors. Every
+    constructor choice comes from `cfg` (see `ModelConfig`):
 
     d_model, n_layer, n_head, d_ff, dropout, emb_dropout, attn_dropout: the shallow transformer.
     segment_len / eval_segment_len: the longest segment it is fed (sizes learned positions).
@@ -53,8 +55,8 @@ class CRT(SegmentTrunk):
         cfg.validate()
         self.cfg = cfg
         D, d_m = cfg.d_model, cfg.memory_dim
-        # vocab_size 0: a core without token embedding or LM head, fed vectors through `encode`
-        # (CR-ViT's frames, crt/models/crvit.py)
+        # The language model's token embedding (vocab_size 0: none, CR-ViT's core) is registered
+        # here, first, so parameter names and the order init_weights draws in stay the LM's.
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights) if cfg.vocab_size else None
         self.memory_in = nn.Linear(d_m, D)  # m_{n-1} -> memory token
         self.build_trunk(cfg)
@@ -100,11 +102,6 @@ class CRT(SegmentTrunk):
         memory = self.memory_init.expand(batch_size, -1)  # [B, d_m]
         positions = torch.zeros(batch_size, self.cfg.d_model, device=device)  # [B, D]
         return CRTState(memory, positions)
-
-    def forward(self, tokens: torch.Tensor, state: CRTState) -> tuple[torch.Tensor, CRTState]:
-        # tokens: [B, T] with T <= segment length; state: CRTState
-        h, state = self.encode(self.tokens(tokens), state)  # [B, T, D]
-        return self.tokens.unembed(h), state  # [B, T, V]
 
     def encode(self, x: torch.Tensor, state: CRTState, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, CRTState]:
         """One segment of input vectors -> final-layer outputs and the next state.
@@ -205,13 +202,13 @@ class CRT(SegmentTrunk):
         segment.offset += u.shape[1]
         return self.trunk(u, attn_kwargs, segment.layers)
 
-    def step(self, segment: SegmentCache, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B] after the segment's earlier ones -> logits [B, V] for the next token."""
-        h = self._advance(segment, self.tokens(tokens.view(-1, 1)))  # [B, 1, D]
+    def advance(self, segment: SegmentCache, x: torch.Tensor) -> torch.Tensor:
+        """One input vector x [B, 1, D] after the segment's earlier ones -> its output [B, 1, D]."""
+        h = self._advance(segment, x)  # [B, 1, D]
         if self.cfg.memory_reads == "tokens":
             segment.memory = self.memory_rnn(h, segment.memory.to(h.dtype))[1]  # [B, d_m]  m <- RNN step(h_t, m)
         segment.last_h = h
-        return self.tokens.unembed(h)[:, 0]  # [B, V]
+        return h
 
     def close_segment(self, segment: SegmentCache) -> CRTState:
         """m_n from what the memory RNN read (an appended memory token is fed first), and r_n."""
@@ -224,6 +221,19 @@ class CRT(SegmentTrunk):
             memory = self.memory_rnn(reads, state.memory)[1]  # [B, d_m]
         carry = cfg.position_encoding == "recurrent" and cfg.carry_rpe
         return CRTState(memory.to(state.memory.dtype), segment.r.to(state.positions.dtype) if carry else state.positions)
+
+
+class CRT(CRTCore):
+    """The CRT language model: `CRTCore` over token embeddings, read out by the (tied) LM head."""
+
+    def forward(self, tokens: torch.Tensor, state: CRTState) -> tuple[torch.Tensor, CRTState]:
+        # tokens: [B, T] with T <= segment length; state: CRTState
+        h, state = self.encode(self.tokens(tokens), state)  # [B, T, D]
+        return self.tokens.unembed(h), state  # [B, T, V]
+
+    def step(self, segment: SegmentCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] after the segment's earlier ones -> logits [B, V] for the next token."""
+        return self.tokens.unembed(self.advance(segment, self.tokens(tokens.view(-1, 1))))[:, 0]  # [B, V]
 
 
 def _at_last_valid(seq: torch.Tensor, n: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:

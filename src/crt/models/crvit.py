@@ -3,7 +3,7 @@
 Each frame becomes one vector (an MLP of the joint coordinates for skeletons, a small ViT for
 RGB frames); the frame vectors run through the CRT core one segment of F frames at a time,
 exactly as CRT runs through tokens (memory token, recurrent positions, shallow transformer,
-memory RNN: the same `CRT` module, fed vectors through `CRT.encode`); the class is read from
+memory RNN: `CRTCore`, the module under the CRT language model, fed vectors through `encode`); the class is read from
 
     readout = memory:  m_N                          the final memory vector
               mean:    (1/T) sum_t h_t              the mean of every frame's output
@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from crt.config import ModelConfig
 from crt.layers.frames import FrameEncoder, parse_frame_shape, pool_frames
-from crt.models.crt import CRT, CRTState
+from crt.models.crt import CRTCore, CRTState
 
 
 class CRViTState(NamedTuple):
@@ -47,7 +47,7 @@ class CRViT(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.frames = FrameEncoder(parse_frame_shape(cfg.frame_shape), D, cfg.n_head, cfg.d_ff, cfg.patch_size, cfg.frame_layers, cfg.dropout)
-        self.core = CRT(cfg)  # vocab_size 0: no token embedding, no LM head
+        self.core = CRTCore(cfg)  # vocab_size 0: no token embedding, no LM head
         width = {"memory": cfg.memory_dim, "mean": D, "both": cfg.memory_dim + D}[cfg.readout]
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, cfg.num_classes))
 
