@@ -139,7 +139,7 @@ def step_latencies(model, int8_model, tmp: Path, threads: int, n: int = 100) -> 
         return statistics.median(times[10:]) * 1e3
 
     step = SegmentStep(model)
-    L = model.cfg.eval_segment_len or model.cfg.segment_len
+    L = model.cfg.eval_segment
     tokens = torch.randint(model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
     state = step.initial
     out: dict[str, float | str] = {}

@@ -14,7 +14,7 @@ from crt.config import load_preset
 def tiny_case(name: str, precision: str = "fp32", **model) -> dict:
     mcfg, tcfg = load_preset(name)
     mcfg = dataclasses.replace(mcfg, vocab_size=50, d_model=16, n_layer=1, n_head=2, d_ff=32, **model)
-    mcfg.mem_len = mcfg.mem_len or mcfg.segment_len
+    mcfg.mem_len = mcfg.memory_len
     tcfg = dataclasses.replace(tcfg, batch_size=2)
     return {
         "name": name, "precision": precision, "model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "device": "cpu",

@@ -345,7 +345,7 @@ def make_cases(
         mcfg, tcfg = load_preset(name)
         mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
         mcfg = with_vocab(mcfg, tcfg, name)
-        mcfg.mem_len = mcfg.mem_len or mcfg.segment_len
+        mcfg.mem_len = mcfg.memory_len
         mcfg.validate()
         if tcfg.bptt_segments < 1:
             raise CRTError(f"preset {name} back-propagates through whole documents (bptt_segments = 0), and crt bench times windows of K >= 1 segments: "

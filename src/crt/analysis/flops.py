@@ -63,7 +63,7 @@ def count_flops(cfg: ModelConfig, evaluation: bool = False) -> FlopCount:
     model = MODELS[cfg.validate().arch]
     if not hasattr(model, "flops"):
         raise CRTError(f"{cfg.arch} has no FLOP count: FLOP counts cover the language models only")
-    T = (cfg.eval_segment_len or cfg.segment_len) if evaluation else cfg.segment_len
+    T = cfg.eval_segment if evaluation else cfg.segment_len
     parts = dict.fromkeys(PARTS, 0.0)
     parts.update(model.flops(cfg, T, evaluation))
     parts["LM head"] = 2 * T * cfg.d_model * cfg.vocab_size
@@ -75,9 +75,9 @@ KNOWN_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "wikitext-103": 267_735}
 
 def with_vocab(mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> ModelConfig:
     """mcfg with vocab_size set from the data its preset names (synthetic or a known corpus), without loading it."""
-    from crt.config import VIDEO_ARCHS
     from crt.data.memory_tasks import mqar_vocab, passkey_vocab
     from crt.data.synthetic import synthetic_vocab
+    from crt.models import VIDEO_ARCHS
 
     if mcfg.arch in VIDEO_ARCHS:
         raise CRTError(f"preset {name} is a frame-sequence classifier ({mcfg.arch}): FLOP counts and speed benchmarks cover the language models only; pick an LM preset")

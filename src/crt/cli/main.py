@@ -179,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
         )
     model, _ = load_model(ckpt, tcfg.device, mcfg)
-    seg = mcfg.eval_segment_len or mcfg.segment_len
+    seg = mcfg.eval_segment
     if resolve_protocol(tcfg, corpus) == "document":
         if not corpus.documents:
             raise CRTError(f"--protocol document needs a corpus of separate documents, and {corpus.name} is running text: use --protocol stream")
@@ -231,7 +231,7 @@ def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Names
     r = evaluate_clips(model, getattr(data, args.split), len(data.classes), tcfg.eval_batch_size, tcfg.video_max_frames, tcfg.precision)
     out = Path(args.confusion) if args.confusion else ckpt.path.parent.parent / f"confusion-{args.split}.png"
     plot_confusion(r["confusion"], data.classes, out, title=f"{mcfg.arch} on {data.name} {args.split}")
-    print(f"{mcfg.arch} {ckpt.path} on {data.name} {args.split} ({r['clips']} clips, segments of {mcfg.eval_segment_len or mcfg.segment_len} frames, state carried)")
+    print(f"{mcfg.arch} {ckpt.path} on {data.name} {args.split} ({r['clips']} clips, segments of {mcfg.eval_segment} frames, state carried)")
     print(f"loss {r['loss']:.4f}  top-1 acc {r['acc']:.4f}  mean per-class acc {r['mean_class_acc']:.4f}")
     print(f"confusion matrix: {out}")
 
@@ -292,7 +292,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, _, mcfg, _ = load_language_model(args.checkpoint)
     r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)  # out of memory: main() says so
     size = r["path"].stat().st_size / 2**20
-    print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment_len or mcfg.segment_len}], *state) -> (logits, *state)")
+    print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment}], *state) -> (logits, *state)")
     print(f"checked over {args.check_segments} segments: max |difference| from PyTorch {r['max_difference']:.2e}")
     if r["int8_path"]:
         print(f"int8 -> {r['int8_path']} ({r['int8_path'].stat().st_size / 2**20:.2f} MiB): max |logit difference| from fp32 {r['int8_max_difference']:.3f}, "

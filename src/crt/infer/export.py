@@ -237,7 +237,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
         _freeze_cayley(model)
         step = SegmentStep(model, batch_size)
         cfg = model.cfg
-        segment_len = cfg.eval_segment_len or cfg.segment_len
+        segment_len = cfg.eval_segment
         segments = _segments(step, check_segments, cfg.vocab_size, segment_len)
         reference = _reference(step, segments)
         example = (segments[0], *step.initial)

@@ -37,7 +37,7 @@ class Stream:
         if not all(callable(getattr(model, m, None)) for m in STEP_METHODS):
             raise CRTError(f"{type(model).__name__} has no token-by-token stream; stream a language model (crt, transformer, transformer_xl, rmt, armt)")
         self.model, self.cfg = model.eval(), model.cfg
-        self.segment_len = self.cfg.eval_segment_len or self.cfg.segment_len
+        self.segment_len = self.cfg.eval_segment
         self.state = model.init_state(batch_size, evaluation=True)
         self._open()
 

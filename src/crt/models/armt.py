@@ -70,9 +70,22 @@ class ARMT(nn.Module):
     tie_weights: share the LM head with the token embedding.
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("learned", "sinusoidal", "rotary")
+    OPTIONS = dict.fromkeys(("mem_tokens", "assoc_dim", "assoc_heads", "assoc_nu", "assoc_correction", "assoc_floor"))
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return [
+            (cfg.mem_tokens >= 1, f"mem_tokens={cfg.mem_tokens}: armt needs at least one memory token (--mem-tokens)"),
+            (cfg.assoc_dim >= 1 and cfg.assoc_nu >= 1 and cfg.assoc_heads >= 1, "assoc_dim, assoc_nu and assoc_heads must be >= 1"),
+            (cfg.assoc_heads < 1 or (cfg.assoc_dim % cfg.assoc_heads == 0 and cfg.d_model % cfg.assoc_heads == 0),
+             f"assoc_heads={cfg.assoc_heads} must divide assoc_dim={cfg.assoc_dim} and d_model={cfg.d_model}"),
+        ]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D, k = cfg.d_model, cfg.mem_tokens
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)

@@ -50,9 +50,24 @@ class CRTCore(SegmentTrunk):
     tie_weights: share the LM head with the token embedding.
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("recurrent", "sinusoidal", "learned", "rotary", "none")
+    OPTIONS = {
+        **dict.fromkeys(("memory_position", "memory_init", "memory_cell", "memory_reads", "d_memory", "carry_rpe")),
+        **dict.fromkeys(("ncgru_negative", "ncgru_orthogonal_reset"), ("memory_cell = ncgru", lambda cfg: cfg.memory_cell == "ncgru")),
+    }
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        checks = [(cfg.memory_reads != "memory_token" or cfg.memory_position == "append",
+                   "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask")]
+        if cfg.memory_cell == "ncgru":
+            checks.append((cfg.ncgru_negative <= cfg.memory_dim, f"ncgru_negative={cfg.ncgru_negative} exceeds the memory width {cfg.memory_dim}: use -1 (half) or 0..{cfg.memory_dim}"))
+        return checks
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D, d_m = cfg.d_model, cfg.memory_dim
         # The language model's token embedding (vocab_size 0: none, CR-ViT's core) is registered

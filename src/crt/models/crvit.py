@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers.frames import FrameEncoder, parse_frame_shape, pool_frames
+from crt.layers.frames import FRAME_OPTIONS, FrameEncoder, check_frame_options, parse_frame_shape, pool_frames
 from crt.models.crt import CRTCore, CRTState
 
 
@@ -39,9 +39,23 @@ class CRViT(nn.Module):
     """Every choice comes from `cfg` (see `ModelConfig`): the CRT fields for the core;
     frame_shape, patch_size, frame_layers for the frame encoder; readout; num_classes."""
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    TASK = "video"
+    POSITIONS = CRTCore.POSITIONS
+    OPTIONS = {**CRTCore.OPTIONS, **dict.fromkeys((*FRAME_OPTIONS, "readout"))}
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return [
+            *check_frame_options(cfg),
+            (cfg.memory_position != "append", "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding"),
+            (cfg.memory_reads != "memory_token", "crvit: memory_reads=memory_token needs an appended memory token; use tokens or last_token"),
+            *(c for c in CRTCore.check_options(cfg) if "ncgru" in c[1]),
+        ]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         if cfg.num_classes < 1 or not cfg.frame_shape:
             raise ValueError("crvit needs num_classes and frame_shape (set from the data by crt train)")
         self.cfg = cfg

@@ -44,9 +44,17 @@ class RMT(SegmentTrunk):
     tie_weights: share the LM head with the token embedding.
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("learned", "sinusoidal", "rotary")
+    OPTIONS = dict.fromkeys(("mem_tokens", "rmt_placement"))
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return [(cfg.mem_tokens >= 1, f"mem_tokens={cfg.mem_tokens}: rmt needs at least one memory token (--mem-tokens)")]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D, k = cfg.d_model, cfg.mem_tokens
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)

@@ -24,9 +24,17 @@ class Transformer(SegmentTrunk):
     tie_weights: share the LM head with the token embedding.
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("learned", "sinusoidal", "rotary")
+    OPTIONS: dict = {}
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return []
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D = cfg.d_model
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)

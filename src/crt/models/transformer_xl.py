@@ -139,12 +139,18 @@ class TransformerXL(SegmentTrunk):
     same_length: every query attends to the last M keys only (see `attention_mask`).
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("relative",)
+    OPTIONS = dict.fromkeys(("mem_len", "clamp_len", "same_length", "eval_mem_len"))
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return []  # mem_len, eval_mem_len and clamp_len are range-checked with every config
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
-        self.mem_len = cfg.mem_len or cfg.segment_len
-        self.eval_mem_len = cfg.eval_mem_len or self.mem_len
         D = cfg.d_model
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
         self.build_trunk(cfg, nn.ModuleList(
@@ -155,7 +161,7 @@ class TransformerXL(SegmentTrunk):
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> XLState:
         """Empty memory: M = eval_mem_len if evaluation else mem_len slots, none valid."""
-        M = self.eval_mem_len if evaluation else self.mem_len
+        M = self.cfg.eval_memory_len if evaluation else self.cfg.memory_len
         w = self.ln_f.weight
         mems = w.new_zeros(batch_size, self.cfg.n_layer, M, self.cfg.d_model)  # [B, L, M, D]
         return XLState(mems, torch.zeros(batch_size, M, dtype=torch.bool, device=w.device))  # valid: [B, M]
@@ -173,7 +179,7 @@ class TransformerXL(SegmentTrunk):
         """Forward FLOPs of one segment of T tokens beside the LM head (crt.analysis.flops): every
         layer attends over M memory and T segment keys, with P relative encodings."""
         D, N = cfg.d_model, cfg.n_layer
-        M = (cfg.eval_mem_len or cfg.mem_len or cfg.segment_len) if evaluation else (cfg.mem_len or cfg.segment_len)
+        M = cfg.eval_memory_len if evaluation else cfg.memory_len
         K = M + T  # keys: memory then segment
         P = K if cfg.clamp_len < 0 else min(K, cfg.clamp_len + 1)  # distinct relative encodings
         return {

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from crt.config import ModelConfig
 from crt.layers import AbsolutePositions, SegmentTrunk, init_weights
-from crt.layers.frames import FrameEncoder, parse_frame_shape, pool_frames
+from crt.layers.frames import FRAME_OPTIONS, FrameEncoder, check_frame_options, parse_frame_shape, pool_frames
 
 
 class PooledState(NamedTuple):
@@ -29,9 +29,18 @@ class VideoTransformer(SegmentTrunk):
     """d_model, n_layer, n_head, d_ff, dropout, positions, segment_len from `cfg`, as for the
     language-model Transformer; frame_shape, patch_size, frame_layers, num_classes as CR-ViT's."""
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    TASK = "video"
+    POSITIONS = ("learned", "sinusoidal", "rotary")
+    OPTIONS = dict.fromkeys(FRAME_OPTIONS)
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return check_frame_options(cfg)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         if cfg.num_classes < 1 or not cfg.frame_shape:
             raise ValueError("video_transformer needs num_classes and frame_shape (set from the data by crt train)")
         self.cfg = cfg

@@ -72,7 +72,7 @@ def evaluate_documents(model: nn.Module, docs: Documents, batch_size: int = 100,
     segment_len: tokens per call; default the model's evaluation segment length.
     """
     cfg = model.cfg
-    segment_len = segment_len or cfg.eval_segment_len or cfg.segment_len
+    segment_len = segment_len or cfg.eval_segment
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

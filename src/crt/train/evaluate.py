@@ -81,7 +81,7 @@ def evaluate(
     max_tokens: score only the first max_tokens + 1 tokens of data (0: all).
     """
     cfg = model.cfg
-    segment_len = segment_len or cfg.eval_segment_len or cfg.segment_len
+    segment_len = segment_len or cfg.eval_segment
     if max_tokens:
         data = data[: max_tokens + 1]
         answers = answers[: max_tokens + 1] if answers is not None else None

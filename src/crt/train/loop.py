@@ -15,11 +15,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from crt.checkpoint import Checkpoint, save_checkpoint
-from crt.config import VIDEO_ARCHS, ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
+from crt.config import ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
 from crt.data import Corpus, Vocab, batchify
 from crt.data.load import load_corpus
 from crt.errors import CRTError
-from crt.models import build_model
+from crt.models import VIDEO_ARCHS, build_model
 from crt.runtime import autocast, keep_freed_memory, resolve_device
 from crt.state import detach
 from crt.train.documents import document_batch, document_loss, evaluate_documents

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crt.config import VIDEO_ARCHS, ModelConfig, TrainConfig
+from crt.config import ModelConfig, TrainConfig
 from crt.data.load import load_video_data
 from crt.data.video import ClipSet, VideoData, augment_skeleton, pad_clips, sample_frames
 from crt.errors import CRTError
+from crt.models import VIDEO_ARCHS
 from crt.state import detach
 
 
@@ -63,7 +64,7 @@ def evaluate_clips(model: nn.Module, clips: ClipSet, n_classes: int, batch_size:
     loss = 0.0
     for frames, lengths, labels in batches(clips, batch_size, max_frames):
         with autocast(device, precision):
-            logits = classify(model, frames.to(device), lengths, model.cfg.eval_segment_len or model.cfg.segment_len).float().cpu()  # [B, C]
+            logits = classify(model, frames.to(device), lengths, model.cfg.eval_segment).float().cpu()  # [B, C]
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         confusion += torch.bincount(labels * n_classes + logits.argmax(-1), minlength=n_classes**2).view(n_classes, n_classes)
     model.train(was_training)
