@@ -14,15 +14,10 @@ from cli_helpers import in_process, interrupted_copy, one_line_error
 
 from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, apply_overrides, load_preset
-from crt.data.video import (
-    MSR_ARCHIVE,
-    augment_skeleton,
-    load_msr_action3d,
-    load_smarthome,
-    make_synthetic_video,
-    pad_clips,
-    sample_frames,
-)
+from crt.data.clips import pad_clips, sample_frames
+from crt.data.rgb import load_smarthome
+from crt.data.skeletons import MSR_ARCHIVE, augment_skeleton, load_msr_action3d
+from crt.data.synthetic_video import make_synthetic_video
 from crt.errors import CRTError
 from crt.models import build_model
 from crt.train.loop import train

@@ -7,10 +7,13 @@ a dataset is read one way only.
 from __future__ import annotations
 
 from crt.config import TrainConfig
+from crt.data.clips import VideoData
 from crt.data.corpus import Corpus, load_chars, load_words
 from crt.data.memory_tasks import make_facts, make_mqar, make_passkey, most_frequent_words
+from crt.data.rgb import load_smarthome
+from crt.data.skeletons import load_msr_action3d
 from crt.data.synthetic import make_synthetic
-from crt.data.video import VideoData, load_msr_action3d, load_smarthome, make_synthetic_video
+from crt.data.synthetic_video import make_synthetic_video
 from crt.errors import CRTError
 
 

@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crt.config import ModelConfig, TrainConfig
+from crt.data.clips import ClipSet, VideoData, pad_clips, sample_frames
 from crt.data.load import load_video_data
-from crt.data.video import ClipSet, VideoData, augment_skeleton, pad_clips, sample_frames
+from crt.data.skeletons import augment_skeleton
 from crt.errors import CRTError
 from crt.models import VIDEO_ARCHS
 from crt.state import detach
