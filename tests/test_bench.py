@@ -7,7 +7,7 @@ import math
 import pytest
 from cli_helpers import in_process, one_line_error
 
-from crt.analysis import bench
+from crt.analysis import bench, peers, speed_report
 from crt.config import load_preset
 
 
@@ -39,7 +39,7 @@ def test_report_ratios_come_from_the_results():
 
     results = [row("ptb-crt-35", "fp32", 300.0), row("ptb-transformer-70", "fp32", 100.0), row("ptb-crt-35", "bf16", 450.0),
                {"name": "ptb-xl-35", "precision": "fp32", "error": "RuntimeError: boom"}]
-    text = bench.report(results, "crt bench", "machine", "notes")
+    text = speed_report.report(results, "crt bench", "machine", "notes")
     assert "| CRT L=35 / Transformer L=70 | fp32 | 3.00x | >= 1.5x | met |" in text
     assert "| bf16 / fp32 training, ptb-crt-35 | - | 1.50x | >= 1.8x | not met |" in text
     assert "failed: RuntimeError: boom" in text
@@ -56,7 +56,7 @@ def test_trap_cases_change_only_what_they_test():
         assert {k: v for k, v in case.items() if k not in fields} == {**base, "name": case["name"], "model": case["model"]}
         assert {k: case[k] for k in fields} == fields
         assert case["model"] == {**base["model"], **model}
-    text = bench.report([{"name": c["name"], "precision": "fp32", "params": 1, "train_tokens_per_s": 100.0 * (i + 1), "infer_tokens_per_s": 1.0,
+    text = speed_report.report([{"name": c["name"], "precision": "fp32", "params": 1, "train_tokens_per_s": 100.0 * (i + 1), "infer_tokens_per_s": 1.0,
                           "peak_memory_mib": 1.0, "train_flops_per_token": 1e6, "mfu": 0.1, "matmul_peak_flops": 1e9} for i, c in enumerate(cases)], "c", "m", "n")
     assert "| glibc malloc defaults | 200 | 2.00x |" in text
 
@@ -69,7 +69,7 @@ def test_diagonal_case_times_both_schedules_and_they_agree():
     assert (r["segments"], r["layers"], r["segment_len"]) == (6, 4, 5)
     assert len(r["seq_runs"]) == len(r["diag_runs"]) == 2 and min(r["seq_runs"] + r["diag_runs"]) > 0
     assert r["max_logit_diff"] < 1e-4  # the same model: only float summation order differs
-    text = bench.report([r], "crt bench --diagonal", "machine", "notes")
+    text = speed_report.report([r], "crt bench --diagonal", "machine", "notes")
     d = bench.diagonal_summary(r)
     assert f"| 6 x 4 | {d['sequential_s']:.3f} | {d['diagonal_s']:.3f} | {d['speedup']:.2f}x |" in text
 
@@ -87,8 +87,8 @@ def test_bench_peers_without_the_extra_is_a_clear_error(tmp_path, capsys, monkey
 
 @pytest.mark.skipif(importlib.util.find_spec("x_transformers") is None or importlib.util.find_spec("recurrent_memory_transformer_pytorch") is None,
                     reason="peer libraries not installed (pip install -e '.[bench]')")
-@pytest.mark.parametrize("peer", list(bench.PEERS))
+@pytest.mark.parametrize("peer", list(peers.PEERS))
 def test_peers_run_on_the_state_interface(peer):
-    case = {**tiny_case(bench.PEERS[peer]), "name": peer, "peer": peer}
+    case = {**tiny_case(peers.PEERS[peer]), "name": peer, "peer": peer}
     r = bench.run_case(case)
     assert r["train_tokens_per_s"] > 0 and r["infer_tokens_per_s"] > 0

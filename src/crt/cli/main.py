@@ -320,6 +320,8 @@ def cmd_flops(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from crt.analysis import bench
     from crt.analysis.machine import describe
+    from crt.analysis.rounds import run_rounds
+    from crt.analysis.speed_report import method_notes, report
     from crt.data.load import load_corpus
     from crt.runtime import resolve_device
 
@@ -349,17 +351,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides=_overrides(args, list(MODEL_FIELDS)),
         diagonal=(args.diagonal_segments, args.diagonal_layers) if args.diagonal else None,
     )
-    results = bench.run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
+    results = run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
     failed = [r for r in results if "error" in r]
-    notes = (
-        f"Each (model, precision) ran {args.rounds} times, once per round through the whole list, each time in a fresh process with "
-        f"{args.threads} threads on {device.type}: {args.repeats} timed groups of "
-        f"{args.steps} training steps after one warm-up step (median over all groups of all rounds reported), each step one window of the preset's batch x K segments "
-        f"of random tokens; inference streams {args.infer_tokens:,} tokens of {source} in {args.infer_batch} stream(s), one segment per call, "
-        "state carried (median of the repeats after a warm-up pass). Peak memory: " + (
-            "torch's peak allocation." if device.type == "cuda" else "peak resident set size of the case's process, the runtime included.")
-    )
-    text = bench.report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
+    notes = method_notes(args.rounds, args.threads, device.type, args.repeats, args.steps, args.infer_tokens, source, args.infer_batch)
+    text = report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
     if args.out:
         _write_report(Path(args.out), text)
     print(text)
