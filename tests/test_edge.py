@@ -68,23 +68,6 @@ def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw):
         assert any(i.data_type == 3 for i in __import__("onnx").load(str(r["int8_path"])).graph.initializer)  # INT8 tensors
 
 
-@pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
-def test_pt2_step_loops_like_pytorch(tmp_path, arch):
-    model = model_of(arch)
-    r = export(model, "pt2", tmp_path / "step.pt2", int8=False)
-    assert r["int8_path"] is None and r["max_difference"] <= 1e-4
-    program = torch.export.load(str(tmp_path / "step.pt2")).module()
-    segments = [torch.randint(V, (1, L), generator=torch.Generator().manual_seed(i)) for i in range(6)]
-    state = [torch.from_numpy(s) for s in initial_state(r["state_path"])]
-    with torch.no_grad():
-        for tokens, (logits, next_state) in zip(segments, torch_segments(model, segments)):
-            out = program(tokens, *state)
-            torch.testing.assert_close(out[0], logits, atol=1e-5, rtol=1e-5)
-            for a, b in zip(out[1:], next_state):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-            state = list(out[1:])
-
-
 def test_pt2_int8_program_has_int8_weights_and_tracks_fp32(tmp_path):
     """The int8 pt2 program (torchao's dynamic quantization of the linear layers) loads, holds int8
     weights, reproduces the int8 model (checked inside export) and stays near fp32."""
