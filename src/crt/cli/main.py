@@ -156,9 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from crt.checkpoint import load_checkpoint, load_model
     from crt.data import Vocab
     from crt.data.load import load_corpus
-    from crt.train.documents import evaluate_documents
-    from crt.train.evaluate import evaluate
-    from crt.train.loop import resolve_protocol
+    from crt.train.scoring import split_scorer
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
@@ -179,40 +177,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
         )
     model, _ = load_model(ckpt, tcfg.device, mcfg)
-    seg = mcfg.eval_segment
-    if resolve_protocol(tcfg, corpus) == "document":
-        if not corpus.documents:
-            raise CRTError(f"--protocol document needs a corpus of separate documents, and {corpus.name} is running text: use --protocol stream")
-        if mcfg.eval_stride:
-            raise CRTError("--eval-stride is for the stream protocol: documents are scored segment by segment from a fresh state")
-        if "eval_max_tokens" in overrides:
-            raise CRTError("--eval-max-tokens caps a stream, and this split is scored as documents, each whole: drop it (or give --protocol stream)")
-        docs = corpus.documents[args.split]
-
-        def score(m):
-            return evaluate_documents(m, docs, tcfg.eval_batch_size, precision=tcfg.precision if m is model else "fp32")
-
-        mode = f"{len(docs):,} documents, each from a fresh state, segments of {seg} from its first token"
-    else:
-        data = getattr(corpus, args.split)
-        if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data) and "eval_max_tokens" not in overrides:
-            tcfg.eval_max_tokens = 0  # the run's cap on periodic validation; `crt eval` scores the whole split unless asked
-
-        def score(m):
-            return evaluate(m, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
-                            precision=tcfg.precision if m is model else "fp32", max_tokens=tcfg.eval_max_tokens)
-
-        mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
-        if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data):
-            mode += f"; only the first {tcfg.eval_max_tokens:,} of {len(data) - 1:,} tokens (--eval-max-tokens)"
-    result = score(model)
+    score, mode = split_scorer(corpus, args.split, mcfg, tcfg, cap_given="eval_max_tokens" in overrides)
+    result = score(model, tcfg.precision)
     print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}")
     recall = f"  recall {result['recall']:.3f} of {result['answers']:,} answers" if not math.isnan(result["recall"]) else ""
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + recall)
     if args.int8:
         from crt.infer.quantize import quantize_int8
 
-        q = score(quantize_int8(model))
+        q = score(quantize_int8(model), "fp32")
         print(f"int8 (dynamic, CPU): loss {q['loss']:.4f}  ppl {q['ppl']:.3f}  ({100 * (q['ppl'] / result['ppl'] - 1):+.2f}% vs fp32)")
     unk = corpus.unk_mapped.get(args.split)
     if unk:
