@@ -46,7 +46,16 @@ print(json.dumps({"train": r["train_runs"], "infer": r["infer_runs"], "stream": 
 
 def measure(tree: Path, preset: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(args.threads)}
-    spec = json.dumps({"preset": preset, "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "infer_tokens": args.infer_tokens, "stream_tokens": args.stream_tokens})
+    spec = json.dumps(
+        {
+            "preset": preset,
+            "threads": args.threads,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "infer_tokens": args.infer_tokens,
+            "stream_tokens": args.stream_tokens,
+        }
+    )
     out = subprocess.run([sys.executable, "-c", CHILD, spec], env=env, capture_output=True, text=True, cwd="/")
     if out.returncode:
         sys.exit(f"{tree} {preset} failed:\n{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
@@ -81,9 +90,15 @@ def main() -> None:
                 got = measure(getattr(args, name), preset, args)
                 for k, v in got.items():
                     runs[(name, preset)][k] += v
-                print(f"round {r + 1}/{args.rounds} {name:6} {preset}: " + ", ".join(f"{k} {statistics.median(v):,.0f} tok/s" for k, v in got.items()), file=sys.stderr, flush=True)
-    lines = header("Two source trees side by side: training, segment streaming and token streaming rates",
-                   machine=f"{describe()}; {args.threads} torch threads per measurement")
+                print(
+                    f"round {r + 1}/{args.rounds} {name:6} {preset}: " + ", ".join(f"{k} {statistics.median(v):,.0f} tok/s" for k, v in got.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
+    lines = header(
+        "Two source trees side by side: training, segment streaming and token streaming rates",
+        machine=f"{describe()}; {args.threads} torch threads per measurement",
+    )
     lines += [
         f"Before: `{args.before}`; after: `{args.after}`. {args.rounds} rounds, each preset measured in both trees per round (the order alternating), "
         f"each measurement a fresh process. Train and segment-infer: `crt bench`'s case (fp32, the preset's batch and K, {args.repeats} groups of "

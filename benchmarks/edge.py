@@ -56,7 +56,9 @@ def full_context_rss(n_tokens: int, chunk: int = 35) -> None:
     from crt.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="transformer", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=512, segment_len=chunk, positions="rotary")).eval()
+    model = build_model(
+        ModelConfig(arch="transformer", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=512, segment_len=chunk, positions="rotary")
+    ).eval()
     segment = model.open_segment(model.init_state(1))  # a segment that never closes: its caches keep every token
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -213,7 +215,10 @@ def main() -> None:
         ckpt = load_checkpoint(path)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(int8.state_dict(), Path(tmp) / "int8.pt")
-            size = {"fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size, "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size}
+            size = {
+                "fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size,
+                "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size,
+            }
             for fmt, label in (("onnx", "ONNX step"), ("pt2", "torch.export step (pt2)")):
                 r = export(model, fmt, Path(tmp) / f"step.{fmt}")
                 size[f"fp32 {label}"] = r["path"].stat().st_size
@@ -239,16 +244,30 @@ def main() -> None:
         lines.append(f"| {name} | {arch} | {label} | {med:.2f} | {p95:.2f} | {tps:,.0f} | {p:.2f} | {change:+.2f}% |")
     fp32 = {r[0]: r for r in rows if r[2] == "fp32"}
     lines += ["", "int8 latency as a share of fp32 (median): " + ", ".join(f"{r[0]} {r[3] / fp32[r[0]][3]:.2f}x" for r in rows if r[2] == "int8") + ".", ""]
-    lines += [f"Peak RSS of a fresh process streaming {a:,} and {b:,} tokens (MiB; checkpoints through `crt score`'s path on PTB train):", "",
-              f"| model | {a:,} tokens | {b:,} tokens | change |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        f"Peak RSS of a fresh process streaming {a:,} and {b:,} tokens (MiB; checkpoints through `crt score`'s path on PTB train):",
+        "",
+        f"| model | {a:,} tokens | {b:,} tokens | change |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, (x, y) in rss:
         lines.append(f"| {name} | {x:.0f} | {y:.0f} | {100 * (y / x - 1):+.1f}% |")
-    lines += ["", "Per-token latency of greedy generation (median ms, same settings) for a 3-layer CRT with the PTB vocabulary and d_ff = 4 x width, random weights:", "",
-              "| width | parameters | fp32 | int8 | int8 / fp32 |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "Per-token latency of greedy generation (median ms, same settings) for a 3-layer CRT with the PTB vocabulary and d_ff = 4 x width, random weights:",
+        "",
+        "| width | parameters | fp32 | int8 | int8 / fp32 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for d, n, f, q in sweep:
         lines.append(f"| {d} | {n / 1e6:.1f}M | {f:.2f} | {q:.2f} | {q / f:.2f}x |")
-    lines += ["", "One segment step (batch 1, a whole segment of tokens at once, as `crt score` and an exported program run it), median ms per runtime:", "",
-              "| checkpoint | runtime | fp32 | int8 | int8 / fp32 |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "One segment step (batch 1, a whole segment of tokens at once, as `crt score` and an exported program run it), median ms per runtime:",
+        "",
+        "| checkpoint | runtime | fp32 | int8 | int8 / fp32 |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for name, times in steps:
         for runtime in ("PyTorch eager", "onnxruntime", "AOTInductor"):
             f, q = times[f"{runtime}, fp32"], times[f"{runtime}, int8"]

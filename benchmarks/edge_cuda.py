@@ -137,7 +137,13 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: |",
     ]
     lines += [f"| {m} | {p} | {med:.2f} | {p95:.2f} | {tps:,.0f} |" for m, p, med, p95, tps in fast]
-    lines += ["", "`crt export` of a model on the GPU (the program is traced and checked on a CPU copy):", "", "| arch | format | result |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "`crt export` of a model on the GPU (the program is traced and checked on a CPU copy):",
+        "",
+        "| arch | format | result |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {a} | {f} | {r} |" for a, f, r in exported]
     write_results(args.out, lines)
     print("\n".join(lines))

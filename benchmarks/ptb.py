@@ -76,13 +76,24 @@ def run_row(name: str, preset: str, overrides: dict, args: argparse.Namespace, c
     test = evaluate(model, corpus.test, tcfg.eval_batch_size, stride=mcfg.eval_stride, precision=tcfg.precision)
     train_rates = [r["tokens_per_s"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
     return {
-        "name": name, "preset": preset, "overrides": overrides, "model": to_dict(mcfg),
-        "train": {k: v for k, v in to_dict(tcfg).items() if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "precision", "device", "seed")},
-        "params": summary["params"], "tokens_seen": summary["tokens_seen"], "wall_s": wall,
+        "name": name,
+        "preset": preset,
+        "overrides": overrides,
+        "model": to_dict(mcfg),
+        "train": {
+            k: v
+            for k, v in to_dict(tcfg).items()
+            if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "precision", "device", "seed")
+        },
+        "params": summary["params"],
+        "tokens_seen": summary["tokens_seen"],
+        "wall_s": wall,
         "train_tokens_per_s": statistics.median(train_rates[1:] or train_rates),  # the first interval includes warm-up
         "train_flops_per_token": count_flops(mcfg).train_per_token,
         "eval_flops_per_token": count_flops(mcfg, evaluation=True).forward_per_token,
-        "valid_ppl": summary["valid_ppl"], "test_ppl": test["ppl"], "run_dir": summary["run_dir"],
+        "valid_ppl": summary["valid_ppl"],
+        "test_ppl": test["ppl"],
+        "run_dir": summary["run_dir"],
     }
 
 

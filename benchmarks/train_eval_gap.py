@@ -65,7 +65,9 @@ def main() -> None:
     print(f"{args.run}: step {ckpt.meta['step']}, {mcfg.arch}")
     print(f"logged training loss, last 100 steps: {sum(tail) / len(tail):.3f}")
     blocks = [sum(losses[i : i + 20]) / len(losses[i : i + 20]) for i in range(0, len(losses), 20)]
-    mode = (f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "no updates") + (", dropout on" if args.dropout else ", dropout off")
+    mode = (f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "no updates") + (
+        ", dropout on" if args.dropout else ", dropout off"
+    )
     print(f"{mode}: loss on the training text, per 20 windows from the epoch start: " + ", ".join(f"{b:.3f}" for b in blocks))
 
 

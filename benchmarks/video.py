@@ -31,7 +31,9 @@ PRESETS = ("msr-crvit", "msr-transformer-segment", "msr-transformer-all")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "video"), help="MSR Action3D: the archive, its folder or the unpacked files")
+    parser.add_argument(
+        "--data-dir", default=str(ROOT.parent / "shared" / "data" / "video"), help="MSR Action3D: the archive, its folder or the unpacked files"
+    )
     parser.add_argument("--preset", action="append", help="preset to train; repeat for several (default: the three msr-* presets)")
     parser.add_argument("--max-steps", type=int, help="override every preset's training steps (a quicker, shorter run)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "video.md"), help="Markdown file to write (confusion PNGs go beside it)")

@@ -39,7 +39,15 @@ def initial_state(path) -> list[np.ndarray]:
     return [saved[f"state_in_{i}"] for i in range(len(saved))]
 
 
-ONNX_MODELS = [("crt", {}), ("crt", {"memory_cell": "ncgru"}), ("transformer", {}), ("transformer_xl", {}), ("transformer_xl", {"mem_len": 4, "same_length": True}), ("rmt", {}), ("armt", {})]
+ONNX_MODELS = [
+    ("crt", {}),
+    ("crt", {"memory_cell": "ncgru"}),
+    ("transformer", {}),
+    ("transformer_xl", {}),
+    ("transformer_xl", {"mem_len": 4, "same_length": True}),
+    ("rmt", {}),
+    ("armt", {}),
+]
 
 
 @pytest.mark.parametrize("arch,kw", ONNX_MODELS, ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()))
@@ -106,7 +114,9 @@ def test_onnx_exporter_failure_is_one_clear_error(tmp_path, monkeypatch):
         raise RuntimeError("Failed to decompose the FX graph.\n## Exception summary\nValueError: Cannot view a tensor\nmore detail")
 
     monkeypatch.setattr(torch.onnx, "export", failing)
-    with pytest.raises(CRTError, match=r"torch.onnx could not export transformer_xl \(ValueError: Cannot view a tensor\): try --format pt2; nothing was written") as e:
+    with pytest.raises(
+        CRTError, match=r"torch.onnx could not export transformer_xl \(ValueError: Cannot view a tensor\): try --format pt2; nothing was written"
+    ) as e:
         export(model_of("transformer_xl"), "onnx", tmp_path / "x" / "step.onnx")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x").exists()
@@ -152,8 +162,26 @@ def test_int8_quantizes_linear_gru_and_embedding_layers(arch):
 
 def test_cli_generate_score_eval_int8_and_export(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tiny = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--max-steps", "3", "--eval-every", "0", "--no-progress", "--no-stages",
-            "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5"]
+    tiny = [
+        "--d-model",
+        "32",
+        "--n-layer",
+        "1",
+        "--d-ff",
+        "64",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--no-stages",
+        "--synth-train-docs",
+        "60",
+        "--synth-valid-docs",
+        "5",
+        "--synth-test-docs",
+        "5",
+    ]
     assert in_process(capsys, "train", "--preset", "synthetic-crt", *tiny, "--out-dir", "r").returncode == 0
     greedy = in_process(capsys, "generate", "--checkpoint", "r", "--prompt", "<doc> k3 v7", "--max-new-tokens", "9", "--temperature", "0")
     assert greedy.returncode == 0, greedy.stderr

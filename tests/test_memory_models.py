@@ -26,8 +26,6 @@ def stream(model, x, segment_len=L):
     return torch.cat(out, dim=1), state  # [B, N, V]
 
 
-
-
 def test_rmt_write_only_memory_never_reaches_a_prediction():
     """placement=write puts the memory after the segment: it is written, but no token attends to it."""
     model = model_of(tiny("rmt", rmt_placement="write"))
@@ -224,5 +222,3 @@ def test_diagonal_step_batches_the_layers():
             DiagonalARMT(model)._cells(0, n_layer - 1, h.expand(n_layer, -1, -1, -1), state.A.movedim(1, 0), state.z.movedim(1, 0), attn_kwargs)
         calls[n_layer] = count.calls
     assert calls[4] == calls[1] > 0
-
-

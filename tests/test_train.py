@@ -23,8 +23,20 @@ SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10,
 
 def configs(tmp_path: Path, arch="crt", **train_kw):
     m = ModelConfig(arch=arch, **SMALL_MODEL)
-    t = TrainConfig(**{**SMALL_DATA, "protocol": "stream", "batch_size": 4, "bptt_segments": 2, "max_steps": 6, "warmup_steps": 2,
-                       "eval_every": 0, "log_every": 1, "out_dir": str(tmp_path / "run"), **train_kw})
+    t = TrainConfig(
+        **{
+            **SMALL_DATA,
+            "protocol": "stream",
+            "batch_size": 4,
+            "bptt_segments": 2,
+            "max_steps": 6,
+            "warmup_steps": 2,
+            "eval_every": 0,
+            "log_every": 1,
+            "out_dir": str(tmp_path / "run"),
+            **train_kw,
+        }
+    )
     return m, t
 
 
@@ -214,9 +226,32 @@ def test_model_and_train_fields_are_disjoint():
 # ---------------------------------------------------------------- CLI
 
 
-TINY = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",
-        "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5", "--synth-filler", "10",
-        "--max-steps", "3", "--eval-every", "0", "--no-progress", "--no-stages"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--d-ff",
+    "64",
+    "--segment-len",
+    "8",
+    "--batch-size",
+    "4",
+    "--synth-train-docs",
+    "60",
+    "--synth-valid-docs",
+    "5",
+    "--synth-test-docs",
+    "5",
+    "--synth-filler",
+    "10",
+    "--max-steps",
+    "3",
+    "--eval-every",
+    "0",
+    "--no-progress",
+    "--no-stages",
+]
 
 
 def test_cli_train_eval_smoke(tmp_path):
@@ -263,7 +298,7 @@ def test_curriculum_advances_when_the_condition_holds_and_ends_when_the_last_one
 
 def test_curriculum_fails_a_stage_at_its_step_limit(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    preset = staged(tmp_path, 'steps = 6\nadvance = "recall >= 1.01"', 'synth_filler = 9\nsteps = 10')
+    preset = staged(tmp_path, 'steps = 6\nadvance = "recall >= 1.01"', "synth_filler = 9\nsteps = 10")
     proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
@@ -293,7 +328,7 @@ def test_explicit_flags_beat_the_stages(tmp_path, capsys, monkeypatch):
 def test_resume_continues_the_right_stage_exactly(tmp_path, capsys, monkeypatch):
     """Interrupted inside stage 1 and inside stage 2, the resumed runs retrace the uninterrupted one."""
     monkeypatch.chdir(tmp_path)
-    preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', 'synth_filler = 9\nsteps = 6')
+    preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', "synth_filler = 9\nsteps = 6")
     proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     full = losses(tmp_path / "r")
@@ -391,8 +426,9 @@ def test_cli_eval_rejects_another_vocabulary_and_damage(tmp_path, capsys, monkey
     a = write_ptb(tmp_path / "a", ["the", "cat", "sat", "on", "a", "mat"])
     b = write_ptb(tmp_path / "b", ["dogs", "bark", "at", "night", "and", "day"])
     model = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "2"]
-    rc, out, err = cli(capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2",
-                   "--eval-every", "0", "--no-progress", "--out-dir", "r")
+    rc, out, err = cli(
+        capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2", "--eval-every", "0", "--no-progress", "--out-dir", "r"
+    )
     assert rc == 0, err
     assert cli(capsys, "eval", "--checkpoint", "r")[0] == 0
     refused(cli(capsys, "eval", "--checkpoint", "r", "--data-dir", str(b)), "vocabulary")
@@ -407,8 +443,20 @@ def test_ptb_presets_train_a_step_on_real_data(ptb_dir, tmp_path):
     """Each PTB preset builds its model and runs one update on the real corpus."""
     for name in [n for n in preset_names() if n.startswith("ptb-")]:
         m, t = load_preset(name)
-        m, t = apply_overrides(m, t, {"data_dir": str(ptb_dir), "max_steps": 1, "batch_size": 2, "eval_max_tokens": 200,
-                                      "d_model": 32, "d_ff": 64, "n_head": 2, "out_dir": str(tmp_path / name)})
+        m, t = apply_overrides(
+            m,
+            t,
+            {
+                "data_dir": str(ptb_dir),
+                "max_steps": 1,
+                "batch_size": 2,
+                "eval_max_tokens": 200,
+                "d_model": 32,
+                "d_ff": 64,
+                "n_head": 2,
+                "out_dir": str(tmp_path / name),
+            },
+        )
         summary = train(m, t, progress=False)
         assert summary["step"] == 1 and summary["valid_ppl"] > 100  # one step on a 10k vocabulary
 

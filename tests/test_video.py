@@ -344,8 +344,19 @@ def video_losses(run: Path) -> list[float]:
 
 
 def test_video_resume_equals_uninterrupted(tmp_path):
-    m, t = synthetic_run(tmp_path, "synthetic-video-crvit", max_steps=6, eval_every=0, checkpoint_every=3, keep_checkpoints=5,
-                         d_model=32, d_ff=64, dropout=0.1, batch_size=8, video_crop=0.7)
+    m, t = synthetic_run(
+        tmp_path,
+        "synthetic-video-crvit",
+        max_steps=6,
+        eval_every=0,
+        checkpoint_every=3,
+        keep_checkpoints=5,
+        d_model=32,
+        d_ff=64,
+        dropout=0.1,
+        batch_size=8,
+        video_crop=0.7,
+    )
     full = Path(train(m, t, progress=False)["run_dir"])
     cut = interrupted_copy(full, tmp_path / "cut", kept_step=3, dropped_step=6)
     train(m, t, resume=load_checkpoint(cut), progress=False)

@@ -1,9 +1,9 @@
 """crt: the Compact Recurrent Transformer and its baselines, with one explicit-state interface.
 
-    model = crt.build_model(ModelConfig(arch="crt", vocab_size=V))
-    state = model.init_state(batch_size)
-    logits, state = model(tokens, state)
-    state = crt.detach(state)
+model = crt.build_model(ModelConfig(arch="crt", vocab_size=V))
+state = model.init_state(batch_size)
+logits, state = model(tokens, state)
+state = crt.detach(state)
 """
 
 from crt.config import ModelConfig, TrainConfig

@@ -87,8 +87,11 @@ def remove_debris(ckpt_root: Path, keep: Path | None = None) -> None:
     if not ckpt_root.is_dir():
         return
     for p in ckpt_root.iterdir():
-        stale = (p.name.startswith(".step-") and p.name.endswith(".tmp")) or (p.name.startswith("step-") and p.name.endswith(".old")) \
+        stale = (
+            (p.name.startswith(".step-") and p.name.endswith(".tmp"))
+            or (p.name.startswith("step-") and p.name.endswith(".old"))
             or (p.name.startswith(".latest.") and p.name.endswith(".tmp"))
+        )
         if stale and p != keep:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
@@ -197,8 +200,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CRTError(f"{folder / CONFIG} is not valid JSON ({e}); the checkpoint is damaged") from None
     # a language model records its vocabulary, a classifier its class names
-    if not isinstance(meta, dict) or not {"model", "train", "sha256"} <= set(meta) or not {"vocab", "classes"} & set(meta) \
-            or not all(isinstance(meta[k], dict) for k in ("model", "train", "sha256")):
+    if (
+        not isinstance(meta, dict)
+        or not {"model", "train", "sha256"} <= set(meta)
+        or not {"vocab", "classes"} & set(meta)
+        or not all(isinstance(meta[k], dict) for k in ("model", "train", "sha256"))
+    ):
         raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/sha256/vocab or classes)")
     for key, size in (("vocab", "vocab_size"), ("classes", "num_classes")):
         if key not in meta:
@@ -208,8 +215,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CRTError(f"{folder / CONFIG}: its {key} is not a list of distinct strings; the checkpoint is damaged")
         recorded = meta["sha256"].get(key)  # absent in checkpoints written before it was recorded
         if (recorded is not None and recorded != _labels_sha256(labels)) or len(labels) != meta["model"].get(size, len(labels)):
-            raise CRTError(f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
-                           f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited")
+            raise CRTError(
+                f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
+                f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited"
+            )
     from crt.config import stages_from_list
 
     stages = stages_from_list(meta.get("stages", []))

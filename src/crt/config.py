@@ -110,11 +110,15 @@ class ModelConfig:
         need(self.mem_len >= 0 and self.eval_mem_len >= 0, f"mem_len={self.mem_len} and eval_mem_len={self.eval_mem_len} must be >= 0 (0: the default)")
         need(self.clamp_len >= -1, f"clamp_len={self.clamp_len}: use -1 (no clamp) or a distance >= 0")
         model = MODELS[self.arch]
-        need(self.position_encoding in model.POSITIONS, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(model.POSITIONS)}")
+        need(
+            self.position_encoding in model.POSITIONS, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(model.POSITIONS)}"
+        )
         for name, choices in _MODEL_CHOICES.items():  # a misspelt choice is an error whichever model reads it
             need(getattr(self, name) in choices, f"{name}={getattr(self, name)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
-        need(self.eval_stride <= self.eval_segment,
-             f"eval_stride={self.eval_stride} exceeds the evaluation segment length {self.eval_segment}: give --eval-stride <= it (0: non-overlapping segments)")
+        need(
+            self.eval_stride <= self.eval_segment,
+            f"eval_stride={self.eval_stride} exceeds the evaluation segment length {self.eval_segment}: give --eval-stride <= it (0: non-overlapping segments)",
+        )
         check_ranges(self, _MODEL_RANGES)
         for ok, msg in model.check_options(self):
             need(ok, msg)
@@ -186,21 +190,26 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 10
 
-
     def validate(self) -> TrainConfig:
         """Every field within its allowed range (a CRTError naming the field, its value and the
         range): the one place training values are checked, for flags, presets, stages and
         checkpoints alike."""
         choices = {
-            "task": ("lm", "video"), "protocol": ("auto", "stream", "document"), "loss": ("all", "answers"),
-            "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+            "task": ("lm", "video"),
+            "protocol": ("auto", "stream", "document"),
+            "loss": ("all", "answers"),
+            "precision": ("fp32", "bf16"),
+            "device": ("auto", "cpu", "cuda"),
             "video_protocol": ("cross_subject", "cross_view1", "cross_view2"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise CRTError(f"unknown {name} {value!r} (--{name.replace('_', '-')}): use one of {', '.join(allowed)}")
-        data = {"lm": ("synthetic", "mqar", "passkey", "facts", "ptb", "wikitext-2", "wikitext-103", "words", "chars"), "video": ("msr-action3d", "smarthome", "synthetic-video")}[self.task]
+        data = {
+            "lm": ("synthetic", "mqar", "passkey", "facts", "ptb", "wikitext-2", "wikitext-103", "words", "chars"),
+            "video": ("msr-action3d", "smarthome", "synthetic-video"),
+        }[self.task]
         if self.data not in data:
             raise CRTError(f"unknown data {self.data!r} for task {self.task} (--data): use one of {', '.join(data)}")
         check_ranges(self, _TRAIN_RANGES)
@@ -214,23 +223,71 @@ class TrainConfig:
 # Allowed ranges: field -> (low, high, rule). A bound of None is open-ended; "(" / ")" exclude
 # the bound, "[" / "]" include it. Floats must also be finite.
 _MODEL_CHOICES = {
-    "memory_position": ("prepend", "append", "none"), "memory_init": ("learned", "zeros"), "memory_cell": ("gru", "ncgru"),
-    "memory_reads": ("tokens", "memory_token", "last_token"), "rmt_placement": ("read_write", "read", "write"), "readout": ("memory", "mean", "both"),
+    "memory_position": ("prepend", "append", "none"),
+    "memory_init": ("learned", "zeros"),
+    "memory_cell": ("gru", "ncgru"),
+    "memory_reads": ("tokens", "memory_token", "last_token"),
+    "rmt_placement": ("read_write", "read", "write"),
+    "readout": ("memory", "mean", "both"),
 }
 _MODEL_RANGES = {
-    "vocab_size": "[0,", "d_model": "[1,", "n_layer": "[1,", "n_head": "[1,", "segment_len": "[1,", "d_ff": "[1,", "dropout": "[0,1)", "emb_dropout": "[0,1)", "attn_dropout": "[0,1)",
-    "d_memory": "[0,", "ncgru_negative": "[-1,", "mem_tokens": "[0,", "num_classes": "[0,",
+    "vocab_size": "[0,",
+    "d_model": "[1,",
+    "n_layer": "[1,",
+    "n_head": "[1,",
+    "segment_len": "[1,",
+    "d_ff": "[1,",
+    "dropout": "[0,1)",
+    "emb_dropout": "[0,1)",
+    "attn_dropout": "[0,1)",
+    "d_memory": "[0,",
+    "ncgru_negative": "[-1,",
+    "mem_tokens": "[0,",
+    "num_classes": "[0,",
 }
 _TRAIN_RANGES = {
-    "synth_pairs": "[1,", "synth_keys": "[1,", "synth_values": "[1,", "synth_filler": "[0,", "synth_filler_vocab": "[1,",
-    "synth_query_rounds": "[1,", "synth_train_docs": "[1,", "synth_valid_docs": "[1,", "synth_test_docs": "[1,",
-    "task_segment": "[0,", "mqar_pairs": "[1,", "mqar_gap": "[-1,", "mqar_vocab": "[2,", "passkey_digits": "[1,", "passkey_distance": "[0,",
-    "facts_count": "[1,", "facts_length": "[1,", "facts_words": "[0,",
-    "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
-    "video_classes": "[2,", "video_noise": "[0,",
-    "batch_size": "[1,", "bptt_segments": "[0,", "max_steps": "[1,", "max_tokens": "[0,", "lr": "(0,", "min_lr": "[0,",
-    "warmup_steps": "[0,", "weight_decay": "[0,", "beta1": "[0,1)", "beta2": "[0,1)", "grad_clip": "[0,", "seed": "[0,4294967295]",
-    "eval_every": "[0,", "eval_batch_size": "[1,", "eval_max_tokens": "[0,", "checkpoint_every": "[0,", "keep_checkpoints": "[1,",
+    "synth_pairs": "[1,",
+    "synth_keys": "[1,",
+    "synth_values": "[1,",
+    "synth_filler": "[0,",
+    "synth_filler_vocab": "[1,",
+    "synth_query_rounds": "[1,",
+    "synth_train_docs": "[1,",
+    "synth_valid_docs": "[1,",
+    "synth_test_docs": "[1,",
+    "task_segment": "[0,",
+    "mqar_pairs": "[1,",
+    "mqar_gap": "[-1,",
+    "mqar_vocab": "[2,",
+    "passkey_digits": "[1,",
+    "passkey_distance": "[0,",
+    "facts_count": "[1,",
+    "facts_length": "[1,",
+    "facts_words": "[0,",
+    "video_max_frames": "[0,",
+    "video_rotate": "[0,180]",
+    "video_scale": "[0,1)",
+    "video_crop": "(0,1]",
+    "video_size": "[1,",
+    "video_classes": "[2,",
+    "video_noise": "[0,",
+    "batch_size": "[1,",
+    "bptt_segments": "[0,",
+    "max_steps": "[1,",
+    "max_tokens": "[0,",
+    "lr": "(0,",
+    "min_lr": "[0,",
+    "warmup_steps": "[0,",
+    "weight_decay": "[0,",
+    "beta1": "[0,1)",
+    "beta2": "[0,1)",
+    "grad_clip": "[0,",
+    "seed": "[0,4294967295]",
+    "eval_every": "[0,",
+    "eval_batch_size": "[1,",
+    "eval_max_tokens": "[0,",
+    "checkpoint_every": "[0,",
+    "keep_checkpoints": "[1,",
     "log_every": "[1,",
 }
 
@@ -355,7 +412,9 @@ def _read_preset(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".toml" or "/" in name_or_path or path.is_file():  # a path, not a name
         if not path.is_file():
-            raise CRTError(f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}: give the path of a .toml file, or a preset name ({', '.join(preset_names())})")
+            raise CRTError(
+                f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}: give the path of a .toml file, or a preset name ({', '.join(preset_names())})"
+            )
         try:
             text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not TOML
         except UnicodeDecodeError as e:
@@ -494,8 +553,16 @@ def stages_from_list(items: Any) -> list[Stage]:
     ok = isinstance(items, list) and all(isinstance(i, dict) and set(i) <= keys and {"changes", "steps"} <= set(i) for i in items)
     stages = []
     for item in items if ok else []:
-        ok = ok and isinstance(item["changes"], dict) and isinstance(item["steps"], int) and not isinstance(item["steps"], bool) and item["steps"] >= 1 \
-            and isinstance(item.get("advance", ""), str) and isinstance(item.get("name", ""), str) and set(item["changes"]) <= set(TRAIN_FIELDS)
+        ok = (
+            ok
+            and isinstance(item["changes"], dict)
+            and isinstance(item["steps"], int)
+            and not isinstance(item["steps"], bool)
+            and item["steps"] >= 1
+            and isinstance(item.get("advance", ""), str)
+            and isinstance(item.get("name", ""), str)
+            and set(item["changes"]) <= set(TRAIN_FIELDS)
+        )
         if ok:
             if item.get("advance"):
                 parse_condition(item["advance"])

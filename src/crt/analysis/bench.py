@@ -122,18 +122,30 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _peak_memory_mib(device)
-    train = _train_rate(model, tcfg.batch_size, tcfg.bptt_segments, mcfg.segment_len, mcfg.vocab_size, case["steps"], case["repeats"], case["precision"], device)
+    train = _train_rate(
+        model, tcfg.batch_size, tcfg.bptt_segments, mcfg.segment_len, mcfg.vocab_size, case["steps"], case["repeats"], case["precision"], device
+    )
     train_peak = _peak_memory_mib(device)
-    stream = torch.tensor(case["stream"]) if case["stream"] is not None else torch.randint(mcfg.vocab_size, (case["infer_tokens"],), generator=torch.Generator().manual_seed(1))
+    stream = (
+        torch.tensor(case["stream"])
+        if case["stream"] is not None
+        else torch.randint(mcfg.vocab_size, (case["infer_tokens"],), generator=torch.Generator().manual_seed(1))
+    )
     infer = _infer_rate(model, stream[: case["infer_tokens"]], mcfg.segment_len, case["infer_batch"], case["repeats"], case["precision"], device)
     peak = matmul_peak(device, case["precision"])
     flops = count_flops(mcfg).train_per_token
     return {
-        "name": case["name"], "precision": case["precision"], "params": sum(p.numel() for p in model.parameters()),
-        "train_tokens_per_s": statistics.median(train), "train_runs": train,
-        "infer_tokens_per_s": statistics.median(infer), "infer_runs": infer,
-        "peak_memory_mib": train_peak, "baseline_memory_mib": rss_before,
-        "train_flops_per_token": flops, "matmul_peak_flops": peak,
+        "name": case["name"],
+        "precision": case["precision"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_tokens_per_s": statistics.median(train),
+        "train_runs": train,
+        "infer_tokens_per_s": statistics.median(infer),
+        "infer_runs": infer,
+        "peak_memory_mib": train_peak,
+        "baseline_memory_mib": rss_before,
+        "train_flops_per_token": flops,
+        "matmul_peak_flops": peak,
         "mfu": statistics.median(train) * flops / peak,
     }
 
@@ -177,8 +189,14 @@ def run_diagonal(case: dict[str, Any]) -> dict[str, Any]:
         seq_times.append(run(sequential)[0])
         diag_times.append(run(lambda: diagonal(x, model.init_state(1)))[0])
     return {
-        "name": case["name"], "precision": case["precision"], "segments": S, "layers": mcfg.n_layer, "segment_len": T,
-        "mem_tokens": mcfg.mem_tokens, "seq_runs": seq_times, "diag_runs": diag_times,
+        "name": case["name"],
+        "precision": case["precision"],
+        "segments": S,
+        "layers": mcfg.n_layer,
+        "segment_len": T,
+        "mem_tokens": mcfg.mem_tokens,
+        "seq_runs": seq_times,
+        "diag_runs": diag_times,
         "max_logit_diff": (a.float() - b.float()).abs().max().item(),
     }
 
@@ -197,8 +215,18 @@ TRAPS = (
 
 
 def make_cases(
-    presets: list[str], precisions: list[str], peers: bool, traps: bool, device: str, threads: int, steps: int, repeats: int,
-    infer_batch: int, infer_tokens: int, stream: list[int] | None, overrides: dict[str, Any],
+    presets: list[str],
+    precisions: list[str],
+    peers: bool,
+    traps: bool,
+    device: str,
+    threads: int,
+    steps: int,
+    repeats: int,
+    infer_batch: int,
+    infer_tokens: int,
+    stream: list[int] | None,
+    overrides: dict[str, Any],
     diagonal: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One case per (preset, precision), plus peers, CPU-trap A/Bs and, with
@@ -216,11 +244,20 @@ def make_cases(
         mcfg.mem_len = mcfg.memory_len
         mcfg.validate()
         if tcfg.bptt_segments < 1:
-            raise CRTError(f"preset {name} back-propagates through whole documents (bptt_segments = 0), and crt bench times windows of K >= 1 segments: "
-                           f"bench a stream preset (e.g. ptb-crt-35) or a copy of {name} with bptt_segments = K")
+            raise CRTError(
+                f"preset {name} back-propagates through whole documents (bptt_segments = 0), and crt bench times windows of K >= 1 segments: "
+                f"bench a stream preset (e.g. ptb-crt-35) or a copy of {name} with bptt_segments = K"
+            )
         base = {
-            "model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg), "device": device, "threads": threads, "steps": steps,
-            "repeats": repeats, "infer_batch": infer_batch, "infer_tokens": infer_tokens, "stream": stream,
+            "model": dataclasses.asdict(mcfg),
+            "train": dataclasses.asdict(tcfg),
+            "device": device,
+            "threads": threads,
+            "steps": steps,
+            "repeats": repeats,
+            "infer_batch": infer_batch,
+            "infer_tokens": infer_tokens,
+            "stream": stream,
         }
         for precision in precisions:
             cases.append({**base, "name": name, "precision": precision})
@@ -234,8 +271,16 @@ def make_cases(
         mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, "n_layer": layers})
         mcfg = with_vocab(mcfg, tcfg, DIAGONAL_PRESET).validate()
         for precision in precisions:
-            cases.append({
-                "name": f"{DIAGONAL_PRESET} diagonal", "diagonal": True, "model": dataclasses.asdict(mcfg), "device": device, "threads": threads,
-                "repeats": repeats, "segments": segments, "precision": precision,
-            })
+            cases.append(
+                {
+                    "name": f"{DIAGONAL_PRESET} diagonal",
+                    "diagonal": True,
+                    "model": dataclasses.asdict(mcfg),
+                    "device": device,
+                    "threads": threads,
+                    "repeats": repeats,
+                    "segments": segments,
+                    "precision": precision,
+                }
+            )
     return cases

@@ -80,7 +80,9 @@ def with_vocab(mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> ModelConfig:
     from crt.models import VIDEO_ARCHS
 
     if mcfg.arch in VIDEO_ARCHS:
-        raise CRTError(f"preset {name} is a frame-sequence classifier ({mcfg.arch}): FLOP counts and speed benchmarks cover the language models only; pick an LM preset")
+        raise CRTError(
+            f"preset {name} is a frame-sequence classifier ({mcfg.arch}): FLOP counts and speed benchmarks cover the language models only; pick an LM preset"
+        )
     if not mcfg.vocab_size:
         if tcfg.data == "synthetic":
             mcfg.vocab_size = len(synthetic_vocab(tcfg.synth_keys, tcfg.synth_values, tcfg.synth_filler_vocab))

@@ -37,12 +37,21 @@ class PeerXL(nn.Module):
 
         self.cfg, self.mem_len = cfg, cfg.mem_len if cfg.arch == "transformer_xl" else 0
         self.net = TransformerWrapper(
-            num_tokens=cfg.vocab_size, max_seq_len=cfg.segment_len, max_mem_len=self.mem_len,
+            num_tokens=cfg.vocab_size,
+            max_seq_len=cfg.segment_len,
+            max_mem_len=self.mem_len,
             attn_layers=Decoder(
-                dim=cfg.d_model, depth=cfg.n_layer, heads=cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, rel_pos_bias=self.mem_len > 0,
-                attn_dropout=cfg.attn_dropout, ff_dropout=cfg.dropout,
+                dim=cfg.d_model,
+                depth=cfg.n_layer,
+                heads=cfg.n_head,
+                ff_mult=cfg.d_ff // cfg.d_model,
+                rel_pos_bias=self.mem_len > 0,
+                attn_dropout=cfg.attn_dropout,
+                ff_dropout=cfg.dropout,
             ),
-            use_abs_pos_emb=self.mem_len == 0, tie_embedding=cfg.tie_weights, emb_dropout=cfg.emb_dropout,
+            use_abs_pos_emb=self.mem_len == 0,
+            tie_embedding=cfg.tie_weights,
+            emb_dropout=cfg.emb_dropout,
         )
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> PeerState:
@@ -70,9 +79,18 @@ class PeerRMT(nn.Module):
 
         self.cfg = cfg
         self.net = RecurrentMemoryTransformer(
-            dim=cfg.d_model, num_tokens=cfg.vocab_size, depth=cfg.n_layer, num_memory_tokens=1, seq_len=cfg.segment_len,
-            heads=cfg.n_head, dim_head=cfg.d_model // cfg.n_head, ff_mult=cfg.d_ff // cfg.d_model, use_xl_memories=False,
-            num_residual_streams=1, attn_dropout=cfg.attn_dropout, ff_dropout=cfg.dropout,
+            dim=cfg.d_model,
+            num_tokens=cfg.vocab_size,
+            depth=cfg.n_layer,
+            num_memory_tokens=1,
+            seq_len=cfg.segment_len,
+            heads=cfg.n_head,
+            dim_head=cfg.d_model // cfg.n_head,
+            ff_mult=cfg.d_ff // cfg.d_model,
+            use_xl_memories=False,
+            num_residual_streams=1,
+            attn_dropout=cfg.attn_dropout,
+            ff_dropout=cfg.dropout,
         )
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> PeerState:

@@ -1,8 +1,8 @@
 """Results files (docs/results/*.md): every one opens the same way, so anyone can rerun it.
 
-    lines = header("Speed: tokens/s", command)   # "# title", the exact command, the date, the machine
-    lines += ["| model | tokens/s |", ...]
-    write_results(out, lines)                      # whole or not at all
+lines = header("Speed: tokens/s", command)   # "# title", the exact command, the date, the machine
+lines += ["| model | tokens/s |", ...]
+write_results(out, lines)                      # whole or not at all
 """
 
 from __future__ import annotations

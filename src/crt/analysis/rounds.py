@@ -54,18 +54,28 @@ def run_rounds(cases: list[dict[str, Any]], rounds: int, log=print) -> list[dict
             merged.append(failed)
             continue
         if "seq_runs" in runs[0]:
-            merged.append({
-                **runs[0], "seq_runs": [v for x in runs for v in x["seq_runs"]], "diag_runs": [v for x in runs for v in x["diag_runs"]],
-                "max_logit_diff": max(x["max_logit_diff"] for x in runs),
-            })
+            merged.append(
+                {
+                    **runs[0],
+                    "seq_runs": [v for x in runs for v in x["seq_runs"]],
+                    "diag_runs": [v for x in runs for v in x["diag_runs"]],
+                    "max_logit_diff": max(x["max_logit_diff"] for x in runs),
+                }
+            )
             continue
         train = [v for x in runs for v in x["train_runs"]]
         infer = [v for x in runs for v in x["infer_runs"]]
         peak = statistics.median(x["matmul_peak_flops"] for x in runs)
-        merged.append({
-            **runs[0], "train_runs": train, "infer_runs": infer,
-            "train_tokens_per_s": statistics.median(train), "infer_tokens_per_s": statistics.median(infer),
-            "peak_memory_mib": max(x["peak_memory_mib"] for x in runs), "matmul_peak_flops": peak,
-            "mfu": statistics.median(train) * runs[0]["train_flops_per_token"] / peak,
-        })
+        merged.append(
+            {
+                **runs[0],
+                "train_runs": train,
+                "infer_runs": infer,
+                "train_tokens_per_s": statistics.median(train),
+                "infer_tokens_per_s": statistics.median(infer),
+                "peak_memory_mib": max(x["peak_memory_mib"] for x in runs),
+                "matmul_peak_flops": peak,
+                "mfu": statistics.median(train) * runs[0]["train_flops_per_token"] / peak,
+            }
+        )
     return merged

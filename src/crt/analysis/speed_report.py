@@ -27,8 +27,8 @@ def method_notes(rounds: int, threads: int, device: str, repeats: int, steps: in
         f"{threads} threads on {device}: {repeats} timed groups of "
         f"{steps} training steps after one warm-up step (median over all groups of all rounds reported), each step one window of the preset's batch x K segments "
         f"of random tokens; inference streams {infer_tokens:,} tokens of {source} in {infer_batch} stream(s), one segment per call, "
-        "state carried (median of the repeats after a warm-up pass). Peak memory: " + (
-            "torch's peak allocation." if device == "cuda" else "peak resident set size of the case's process, the runtime included.")
+        "state carried (median of the repeats after a warm-up pass). Peak memory: "
+        + ("torch's peak allocation." if device == "cuda" else "peak resident set size of the case's process, the runtime included.")
     )
 
 
@@ -55,10 +55,16 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
         )
     peaks = {r["precision"]: r["matmul_peak_flops"] for r in results if "error" not in r}
     if peaks:
-        lines += ["", "Matmul peak measured in each case (2048^3, best of 5), last case per precision: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items()) + "."]
+        lines += [
+            "",
+            "Matmul peak measured in each case (2048^3, best of 5), last case per precision: "
+            + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items())
+            + ".",
+        ]
 
     targets = []
     for precision in sorted({r["precision"] for r in results}):
+
         def ratio(a: str, b: str, precision: str = precision) -> float | None:
             x, y = get(a, precision), get(b, precision)
             return x["train_tokens_per_s"] / y["train_tokens_per_s"] if x and y else None
@@ -71,13 +77,24 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
         fp32 = get(r["name"], "fp32")
         if r["precision"] == "bf16" and "error" not in r and fp32:
             value = r["train_tokens_per_s"] / fp32["train_tokens_per_s"]
-            targets.append(f"| bf16 / fp32 training, {r['name']} | - | {value:.2f}x | >= {BF16_SPEEDUP_TARGET}x | {'met' if value >= BF16_SPEEDUP_TARGET else 'not met'} |")
+            targets.append(
+                f"| bf16 / fp32 training, {r['name']} | - | {value:.2f}x | >= {BF16_SPEEDUP_TARGET}x | {'met' if value >= BF16_SPEEDUP_TARGET else 'not met'} |"
+            )
     base = get("ptb-crt-35", "fp32")
     trap_rows = [r for r in results if r["name"].startswith("ptb-crt-35 [") and "error" not in r]
     if base and trap_rows:
-        trap_lines = ["", "## CPU traps (A/B on CRT L=35, fp32, same run)", "", "| variant | train tokens/s | vs `crt train`'s setting |", "| --- | ---: | ---: |",
-                      f"| as `crt train` runs it (malloc keeps freed blocks, denormals kept, dropout on) | {base['train_tokens_per_s']:,.0f} | 1.00x |"]
-        trap_lines += [f"| {r['name'][len('ptb-crt-35 ['):-1]} | {r['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / base['train_tokens_per_s']:.2f}x |" for r in trap_rows]
+        trap_lines = [
+            "",
+            "## CPU traps (A/B on CRT L=35, fp32, same run)",
+            "",
+            "| variant | train tokens/s | vs `crt train`'s setting |",
+            "| --- | ---: | ---: |",
+            f"| as `crt train` runs it (malloc keeps freed blocks, denormals kept, dropout on) | {base['train_tokens_per_s']:,.0f} | 1.00x |",
+        ]
+        trap_lines += [
+            f"| {r['name'][len('ptb-crt-35 [') : -1]} | {r['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / base['train_tokens_per_s']:.2f}x |"
+            for r in trap_rows
+        ]
     else:
         trap_lines = []
     for r in results:
@@ -86,7 +103,9 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
             targets.append(f"| training MFU, {label} | {precision} | {r['mfu']:.1%} | >= {goal:.0%} | {'met' if r['mfu'] >= goal else 'not met'} |")
     if diagonal:
         lines += [
-            "", "## Diagonal Batching: ARMT inference on one sequence", "",
+            "",
+            "## Diagonal Batching: ARMT inference on one sequence",
+            "",
             "| model | precision | segments x layers | sequential (s) | diagonal (s) | speed-up | max logit difference |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |",
         ]
@@ -98,5 +117,12 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
             )
         lines.append(f"\nMedians of {len(diagonal[0]['seq_runs'])} timed runs each (sequential and diagonal interleaved, batch 1, after a warm-up of each).")
     if targets:
-        lines += ["", "## Targets (training tokens/s ratios measured in this run)", "", "| ratio | precision | measured | target | |", "| --- | --- | ---: | ---: | --- |", *targets]
+        lines += [
+            "",
+            "## Targets (training tokens/s ratios measured in this run)",
+            "",
+            "| ratio | precision | measured | target | |",
+            "| --- | --- | ---: | ---: | --- |",
+            *targets,
+        ]
     return "\n".join(lines + trap_lines) + "\n"

@@ -35,11 +35,18 @@ def load_corpus(t: TrainConfig, segment_len: int = 0) -> Corpus:
         if not t.data_dir:
             raise CRTError("data=facts hides its facts in real text: give --data-dir the folder of PTB or WikiText-2 (`crt data download ptb --dir DIR`)")
         text = load_words(t.data_dir, map_unk=t.map_unk)
-        return make_facts(most_frequent_words(text, t.facts_words) if t.facts_words else text, count=t.facts_count, length=t.facts_length, segment=segment, **docs)
+        return make_facts(
+            most_frequent_words(text, t.facts_words) if t.facts_words else text, count=t.facts_count, length=t.facts_length, segment=segment, **docs
+        )
     if t.data == "synthetic":
         return make_synthetic(
-            pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
-            filler_vocab=t.synth_filler_vocab, query_rounds=t.synth_query_rounds, **docs,
+            pairs=t.synth_pairs,
+            keys=t.synth_keys,
+            values=t.synth_values,
+            filler=t.synth_filler,
+            filler_vocab=t.synth_filler_vocab,
+            query_rounds=t.synth_query_rounds,
+            **docs,
         )
     if not t.data_dir:
         raise CRTError(f"data={t.data} needs --data-dir: the folder of the corpus files (or `crt data download {t.data} --dir DIR`)")

@@ -27,7 +27,7 @@ def _need(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise CRTError(f"decoding RGB clips needs the optional video extra ({module} is missing): pip install -e \".[video]\"") from None
+        raise CRTError(f'decoding RGB clips needs the optional video extra ({module} is missing): pip install -e ".[video]"') from None
 
 
 def _resize(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,6 +58,7 @@ def decode_frame_folder(path: Path, size: int, max_frames: int) -> torch.Tensor:
         images = [images[int(i)] for i in torch.linspace(0, len(images) - 1, max_frames).round().long()]
     _need("PIL")
     from PIL import Image
+
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
     return _resize(torch.from_numpy(np.stack(arrays)), size)
 
@@ -126,7 +127,9 @@ def load_smarthome(path: str | Path, protocol: str = "cross_subject", size: int 
         unknown = sorted({activity_of(n) for n in names[s]} - set(index))
         if unknown:
             where = lists[s] if lists[s].is_file() else root
-            raise CRTError(f"class {unknown[0]!r} in {where} has no training clip ({len(unknown)} such classes): add training clips of it or drop it from the list")
+            raise CRTError(
+                f"class {unknown[0]!r} in {where} has no training clip ({len(unknown)} such classes): add training clips of it or drop it from the list"
+            )
 
     def decode(p: Path) -> torch.Tensor:
         return decode_frame_folder(p, size, max_frames) if p.is_dir() else decode_video(p, size, max_frames)

@@ -46,9 +46,26 @@ def normalise_skeleton(clip: torch.Tensor) -> torch.Tensor:
 
 
 MSR_ACTIONS = (
-    "high arm wave", "horizontal arm wave", "hammer", "hand catch", "forward punch", "high throw", "draw x", "draw tick",
-    "draw circle", "hand clap", "two hand wave", "side boxing", "bend", "forward kick", "side kick", "jogging",
-    "tennis swing", "tennis serve", "golf swing", "pick up & throw",
+    "high arm wave",
+    "horizontal arm wave",
+    "hammer",
+    "hand catch",
+    "forward punch",
+    "high throw",
+    "draw x",
+    "draw tick",
+    "draw circle",
+    "hand clap",
+    "two hand wave",
+    "side boxing",
+    "bend",
+    "forward kick",
+    "side kick",
+    "jogging",
+    "tennis swing",
+    "tennis serve",
+    "golf swing",
+    "pick up & throw",
 )
 MSR_ARCHIVE = "MSRAction3DSkeletonReal3D.tar.xz"
 _MSR_NAME = re.compile(r"a(\d\d)_s(\d\d)_e(\d\d)_skeleton3D\.txt$")
@@ -93,7 +110,9 @@ def load_msr_action3d(path: str | Path, normalise: bool = True, motion: bool = F
         if values.size == 0:
             raise CRTError(f"{name} in {path} is an empty clip (no frames): remove it or restore it from the archive")
         if values.size % (MSR_JOINTS * 4):
-            raise CRTError(f"{name} has {values.size} numbers, not a multiple of {MSR_JOINTS} joints x 4 (x y z c): the file is damaged; restore it from the archive")
+            raise CRTError(
+                f"{name} has {values.size} numbers, not a multiple of {MSR_JOINTS} joints x 4 (x y z c): the file is damaged; restore it from the archive"
+            )
         clip = torch.from_numpy(values.reshape(-1, MSR_JOINTS, 4)[..., :3].copy())  # [T, 20, 3]
         if not clip.any():
             warnings.warn(f"skipping {name}: every joint is zero (a known defect of MSR Action3D)", stacklevel=2)

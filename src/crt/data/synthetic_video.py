@@ -40,4 +40,6 @@ def make_synthetic_video(
         return ClipSet(list(frames), order[:, 0].clone(), [f"clip{i}" for i in range(n)])
 
     note = f"{classes} segments of {frames_per_segment} frames; label = pattern of the first segment"
-    return VideoData("synthetic-video", [f"pattern{i}" for i in range(classes)], tuple(frame_shape), split(train_clips, 1), split(valid_clips, 2), split(test_clips, 3), note)
+    return VideoData(
+        "synthetic-video", [f"pattern{i}" for i in range(classes)], tuple(frame_shape), split(train_clips, 1), split(valid_clips, 2), split(test_clips, 3), note
+    )

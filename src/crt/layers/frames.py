@@ -30,8 +30,12 @@ def check_frame_options(cfg) -> list[tuple[bool, str]]:
             shape = parse_frame_shape(cfg.frame_shape)
         except ValueError as e:
             return [(False, str(e))]
-        checks.append((len(shape) == 2 or (shape[1] % cfg.patch_size == 0 and shape[2] % cfg.patch_size == 0),
-                       f"patch_size={cfg.patch_size} does not divide the {cfg.frame_shape} frames: pick a divisor (or another --video-size)"))
+        checks.append(
+            (
+                len(shape) == 2 or (shape[1] % cfg.patch_size == 0 and shape[2] % cfg.patch_size == 0),
+                f"patch_size={cfg.patch_size} does not divide the {cfg.frame_shape} frames: pick a divisor (or another --video-size)",
+            )
+        )
     return checks
 
 

@@ -42,7 +42,9 @@ class SegmentTrunk(nn.Module):
         """cfg: the ModelConfig (d_model, n_layer, n_head, d_ff, dropout, attn_dropout, emb_dropout).
         blocks: the layers when they are not plain `Block`s (Transformer-XL's relative attention)."""
         self.drop = nn.Dropout(cfg.emb_dropout)
-        self.blocks = blocks if blocks is not None else nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer))
+        self.blocks = (
+            blocks if blocks is not None else nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer))
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def trunk(self, u: torch.Tensor, attn_kwargs: dict, caches: list[KVCache] | None = None) -> torch.Tensor:

@@ -15,7 +15,15 @@ from crt.models.video_transformer import VideoTransformer
 
 # The one registry: arch name -> model class. Each class declares its options beside its maths
 # (POSITIONS, OPTIONS, check_options; TASK "video" for the frame-sequence classifiers).
-MODELS = {"crt": CRT, "transformer": Transformer, "transformer_xl": TransformerXL, "rmt": RMT, "armt": ARMT, "crvit": CRViT, "video_transformer": VideoTransformer}
+MODELS = {
+    "crt": CRT,
+    "transformer": Transformer,
+    "transformer_xl": TransformerXL,
+    "rmt": RMT,
+    "armt": ARMT,
+    "crvit": CRViT,
+    "video_transformer": VideoTransformer,
+}
 VIDEO_ARCHS = tuple(arch for arch, model in MODELS.items() if getattr(model, "TASK", "lm") == "video")  # task = video
 
 

@@ -41,8 +41,18 @@ class ARMTLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_head: int, d_ff: int, dropout: float, attn_dropout: float, mem_tokens: int, d_key: int, assoc_heads: int, nu: int,
-        correction: bool, floor: bool,
+        self,
+        d_model: int,
+        n_head: int,
+        d_ff: int,
+        dropout: float,
+        attn_dropout: float,
+        mem_tokens: int,
+        d_key: int,
+        assoc_heads: int,
+        nu: int,
+        correction: bool,
+        floor: bool,
     ):
         super().__init__()
         self.mem_tokens = mem_tokens
@@ -80,8 +90,10 @@ class ARMT(nn.Module):
         return [
             (cfg.mem_tokens >= 1, f"mem_tokens={cfg.mem_tokens}: armt needs at least one memory token (--mem-tokens)"),
             (cfg.assoc_dim >= 1 and cfg.assoc_nu >= 1 and cfg.assoc_heads >= 1, "assoc_dim, assoc_nu and assoc_heads must be >= 1"),
-            (cfg.assoc_heads < 1 or (cfg.assoc_dim % cfg.assoc_heads == 0 and cfg.d_model % cfg.assoc_heads == 0),
-             f"assoc_heads={cfg.assoc_heads} must divide assoc_dim={cfg.assoc_dim} and d_model={cfg.d_model}"),
+            (
+                cfg.assoc_heads < 1 or (cfg.assoc_dim % cfg.assoc_heads == 0 and cfg.d_model % cfg.assoc_heads == 0),
+                f"assoc_heads={cfg.assoc_heads} must divide assoc_dim={cfg.assoc_dim} and d_model={cfg.d_model}",
+            ),
         ]
 
     def __init__(self, cfg: ModelConfig):
@@ -91,7 +103,9 @@ class ARMT(nn.Module):
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.layers = nn.ModuleList(
-            ARMTLayer(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction, cfg.assoc_floor)
+            ARMTLayer(
+                D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction, cfg.assoc_floor
+            )
             for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(D)
@@ -135,7 +149,9 @@ class ARMT(nn.Module):
         parts["associative memory"] = N * (read + write)
         return parts
 
-    def run_layers(self, h: torch.Tensor, state: ARMTState, attn_kwargs: dict, write: bool = True, caches: list | None = None) -> tuple[torch.Tensor, ARMTState]:
+    def run_layers(
+        self, h: torch.Tensor, state: ARMTState, attn_kwargs: dict, write: bool = True, caches: list | None = None
+    ) -> tuple[torch.Tensor, ARMTState]:
         """Every layer over h [B, S, D] -> its output [B, S, D] and the state the memory tokens
         wrote (write=False: h holds no memory tokens and the state comes back unchanged).
         caches: one KVCache per layer when streaming."""

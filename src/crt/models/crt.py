@@ -60,10 +60,19 @@ class CRTCore(SegmentTrunk):
 
     @staticmethod
     def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
-        checks = [(cfg.memory_reads != "memory_token" or cfg.memory_position == "append",
-                   "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask")]
+        checks = [
+            (
+                cfg.memory_reads != "memory_token" or cfg.memory_position == "append",
+                "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask",
+            )
+        ]
         if cfg.memory_cell == "ncgru":
-            checks.append((cfg.ncgru_negative <= cfg.memory_dim, f"ncgru_negative={cfg.ncgru_negative} exceeds the memory width {cfg.memory_dim}: use -1 (half) or 0..{cfg.memory_dim}"))
+            checks.append(
+                (
+                    cfg.ncgru_negative <= cfg.memory_dim,
+                    f"ncgru_negative={cfg.ncgru_negative} exceeds the memory width {cfg.memory_dim}: use -1 (half) or 0..{cfg.memory_dim}",
+                )
+            )
         return checks
 
     def __init__(self, cfg: ModelConfig):

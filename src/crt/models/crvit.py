@@ -49,7 +49,10 @@ class CRViT(nn.Module):
     def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
         return [
             *check_frame_options(cfg),
-            (cfg.memory_position != "append", "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding"),
+            (
+                cfg.memory_position != "append",
+                "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding",
+            ),
             (cfg.memory_reads != "memory_token", "crvit: memory_reads=memory_token needs an appended memory token; use tokens or last_token"),
             *(c for c in CRTCore.check_options(cfg) if "ncgru" in c[1]),
         ]

@@ -95,9 +95,7 @@ class RelativeAttention(nn.Module):
         self.u = nn.Parameter(torch.randn(n_head, d_model // n_head) * 0.02)  # content bias, term (c)
         self.v = nn.Parameter(torch.randn(n_head, d_model // n_head) * 0.02)  # position bias, term (d)
 
-    def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, rel: torch.Tensor, dist: torch.Tensor, allowed: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, rel: torch.Tensor, dist: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # x: [B, T, D] segment; memory: [B, M, D] cached layer inputs (already layer-normed by Block);
         # rel: [P, D] encodings R_0..R_{P-1}; dist: [T, M+T] index into rel; allowed: [B or 1, T, M+T] bool
         B, T, D = x.shape
@@ -153,10 +151,13 @@ class TransformerXL(SegmentTrunk):
         self.cfg = cfg
         D = cfg.d_model
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
-        self.build_trunk(cfg, nn.ModuleList(
-            Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, attention=RelativeAttention(D, cfg.n_head, cfg.attn_dropout))
-            for _ in range(cfg.n_layer)
-        ))
+        self.build_trunk(
+            cfg,
+            nn.ModuleList(
+                Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, attention=RelativeAttention(D, cfg.n_head, cfg.attn_dropout))
+                for _ in range(cfg.n_layer)
+            ),
+        )
         self.apply(init_weights)  # leaves u and v at their own N(0, 0.02)
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> XLState:
@@ -247,4 +248,3 @@ class TransformerXL(SegmentTrunk):
             hids.append(h)  # the layer's input is what the next segment attends to
             h = block(h, memory=mems[:, l], rel=rel, dist=dist, allowed=allowed)  # [B, T, D]
         return self.tokens.unembed(self.ln_f(h)), torch.stack(hids, dim=1)  # [B, T, V], [B, L, T, D]
-

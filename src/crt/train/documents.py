@@ -39,7 +39,9 @@ def document_batch(docs: Documents, rows: torch.Tensor) -> tuple[torch.Tensor, t
     return tokens[:, :n], targets, docs.answers[rows, 1 : n + 1] & inside
 
 
-def run_documents(model: nn.Module, inputs: torch.Tensor, segment_len: int, bptt_segments: int = 0, evaluation: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+def run_documents(
+    model: nn.Module, inputs: torch.Tensor, segment_len: int, bptt_segments: int = 0, evaluation: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [B, T, V]) segment by segment for a batch of documents, every row
     from `init_state` and its grid at position 0. bptt_segments: K >= 1 stops gradients every K
     segments; 0 never (the whole document)."""

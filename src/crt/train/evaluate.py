@@ -54,8 +54,12 @@ class Tally:
         loss = self.nll / max(self.count, 1)
         nan = float("nan")
         return {
-            "loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": self.count, "recall": self.hits / self.answers if self.answers else nan,
-            "answers": self.answers, "answer_loss": self.answer_nll / self.answers if self.answers else nan,
+            "loss": loss,
+            "ppl": math.exp(min(loss, 700.0)),
+            "tokens": self.count,
+            "recall": self.hits / self.answers if self.answers else nan,
+            "answers": self.answers,
+            "answer_loss": self.answer_nll / self.answers if self.answers else nan,
         }
 
 

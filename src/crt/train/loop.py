@@ -50,18 +50,47 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # Training fields a resumed run keeps: they decide its data, its batches and its carried state.
-FIXED_ON_RESUME = ("task", "data", "seed", "batch_size", "protocol", "synth_pairs", "synth_keys", "synth_values", "synth_filler", "synth_filler_vocab",
-                   "synth_query_rounds", "synth_train_docs", "synth_valid_docs", "synth_test_docs", "task_segment", "mqar_pairs", "mqar_gap",
-                   "mqar_vocab", "passkey_digits", "passkey_distance", "facts_count", "facts_length", "facts_words", "video_normalise", "video_motion", "video_size",
-                   "video_protocol", "video_classes", "video_noise")
+FIXED_ON_RESUME = (
+    "task",
+    "data",
+    "seed",
+    "batch_size",
+    "protocol",
+    "synth_pairs",
+    "synth_keys",
+    "synth_values",
+    "synth_filler",
+    "synth_filler_vocab",
+    "synth_query_rounds",
+    "synth_train_docs",
+    "synth_valid_docs",
+    "synth_test_docs",
+    "task_segment",
+    "mqar_pairs",
+    "mqar_gap",
+    "mqar_vocab",
+    "passkey_digits",
+    "passkey_distance",
+    "facts_count",
+    "facts_length",
+    "facts_words",
+    "video_normalise",
+    "video_motion",
+    "video_size",
+    "video_protocol",
+    "video_classes",
+    "video_noise",
+)
 
 
 def _check_unchanged(tcfg: TrainConfig, resume: Checkpoint) -> None:
     was = resume.train_config(in_stage=False)
     for name in FIXED_ON_RESUME:
         if getattr(tcfg, name) != getattr(was, name):
-            raise CRTError(f"--{name.replace('_', '-')} {getattr(tcfg, name)} differs from the run's {getattr(was, name)}: a resumed run keeps its data, "
-                           f"batches and carried state, which depend on it; resume without it, or start a new run")
+            raise CRTError(
+                f"--{name.replace('_', '-')} {getattr(tcfg, name)} differs from the run's {getattr(was, name)}: a resumed run keeps its data, "
+                f"batches and carried state, which depend on it; resume without it, or start a new run"
+            )
 
 
 _TRAINER_KEYS = {"optimizer": dict, "scheduler": dict, "step": int, "tokens_seen": int, "rng": dict, "stage": int, "stage_start": int}
@@ -179,7 +208,9 @@ class StreamTask(LMTask):
 
     def score(self, model: nn.Module, split: str, max_tokens: int = 0) -> dict[str, float]:
         t = self.tcfg
-        return evaluate(model, self.corpus.split(split), t.eval_batch_size, answers=self.corpus.answers.get(split), precision=t.precision, max_tokens=max_tokens)
+        return evaluate(
+            model, self.corpus.split(split), t.eval_batch_size, answers=self.corpus.answers.get(split), precision=t.precision, max_tokens=max_tokens
+        )
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         return self.score(model, "valid", self.tcfg.eval_max_tokens)
@@ -291,7 +322,9 @@ def train(
         trainer = _check_trainer(resume.load_trainer(), resume.path)
         stage, stage_start = trainer["stage"], trainer["stage_start"]
         if stage >= max(1, len(stages)):
-            raise CRTError(f"checkpoint {resume.path} is in stage {stage + 1}, but the run has {len(stages)} stages: resume with the curriculum it was trained with")
+            raise CRTError(
+                f"checkpoint {resume.path} is in stage {stage + 1}, but the run has {len(stages)} stages: resume with the curriculum it was trained with"
+            )
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     base = tcfg
@@ -319,7 +352,9 @@ def train(
             _set_rng_state(trainer["rng"])
             interval_loss, interval_tokens, interval_time, interval_steps = trainer.get("interval", (0.0, 0, 0.0, 0))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CRTError(f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another") from None
+            raise CRTError(
+                f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another"
+            ) from None
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
     run = RunFolder.open(base, resume, step)
     run_dir, metrics = run.path, run.metrics
@@ -329,9 +364,16 @@ def train(
 
     def save() -> Path:
         trainer = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, "ended": status if decided else None,
-            "interval": (interval_loss, interval_tokens, interval_time, interval_steps), **task.dump(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "rng": _rng_state(),
+            "stage": stage,
+            "stage_start": stage_start,
+            "ended": status if decided else None,
+            "interval": (interval_loss, interval_tokens, interval_time, interval_steps),
+            **task.dump(),
         }
         run.saved = True
         return save_checkpoint(run_dir, step, model, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
@@ -367,7 +409,11 @@ def train(
                 loss, n_items = task.loss(model, step)
             if not torch.isfinite(loss):
                 bar.close()
-                kept = f"the checkpoints in {run_dir} are intact" if run.saved or not run.claimed else "no checkpoint had been saved, so the new run folder was removed"
+                kept = (
+                    f"the checkpoints in {run_dir} are intact"
+                    if run.saved or not run.claimed
+                    else "no checkpoint had been saved, so the new run folder was removed"
+                )
                 raise CRTError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr or use --precision fp32; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -389,7 +435,17 @@ def train(
                 avg = interval_loss / interval_steps
                 rate = interval_tokens / max(interval_time, 1e-9)
                 extra = task.train_record(avg)
-                metrics.log({"step": step, "split": "train", "loss": avg, **extra, "lr": scheduler.get_last_lr()[0], f"{task.unit}_per_s": rate, f"{task.unit}_seen": tokens_seen})
+                metrics.log(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": avg,
+                        **extra,
+                        "lr": scheduler.get_last_lr()[0],
+                        f"{task.unit}_per_s": rate,
+                        f"{task.unit}_seen": tokens_seen,
+                    }
+                )
                 bar.set_postfix(loss=f"{avg:.3f}", **{k: f"{v:.1f}" for k, v in extra.items()}, **{f"{task.unit[:3]}_s": f"{rate:,.0f}"})
                 interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
             at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
@@ -403,9 +459,13 @@ def train(
             if passed or stage_over:
                 if condition and not passed:
                     metric = condition.split()[0]
-                    status = {"passed": False, "message": (
-                        f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
-                        f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr")}
+                    status = {
+                        "passed": False,
+                        "message": (
+                            f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
+                            f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr"
+                        ),
+                    }
                     finished = decided = True
                 elif stage + 1 < len(stages):
                     why = f"valid {condition} held" if passed else f"its {limit} steps are done"
@@ -434,7 +494,12 @@ def train(
         test = final.test(model)
         plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
     return {
-        "run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen,
-        **task.summary(last_valid), **(task.summary(test, "test") if test else {}),
+        "run_dir": str(run_dir),
+        "arch": mcfg.arch,
+        "params": n_params,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        **task.summary(last_valid),
+        **(task.summary(test, "test") if test else {}),
         "curriculum": {"stages": n_stages, "reached": stage + 1, **status},
     }

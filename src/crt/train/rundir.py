@@ -118,8 +118,10 @@ class RunFolder:
             elif own is not None:
                 path, claimed = own, False
             else:
-                raise CRTError(f"{resume.path} is not inside a run's checkpoints/ folder, so there is no run folder to continue in: "
-                               "give --out-dir for the folder the run continues in")
+                raise CRTError(
+                    f"{resume.path} is not inside a run's checkpoints/ folder, so there is no run folder to continue in: "
+                    "give --out-dir for the folder the run continues in"
+                )
         try:
             lock = RunLock(path)
         except BaseException:

@@ -42,7 +42,9 @@ def split_scorer(corpus: Corpus, split: str, mcfg: ModelConfig, tcfg: TrainConfi
     tcfg = dataclasses.replace(tcfg, eval_max_tokens=cap)
 
     def score(model: nn.Module, precision: str) -> dict:
-        return evaluate(model, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(split), precision=precision, max_tokens=tcfg.eval_max_tokens)
+        return evaluate(
+            model, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(split), precision=precision, max_tokens=tcfg.eval_max_tokens
+        )
 
     mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
     if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data):

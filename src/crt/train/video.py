@@ -72,8 +72,11 @@ def evaluate_clips(model: nn.Module, clips: ClipSet, n_classes: int, batch_size:
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)  # [C] recall of each class
     present = confusion.sum(1) > 0
     return {
-        "loss": loss / len(clips), "acc": confusion.diag().sum().item() / len(clips),
-        "mean_class_acc": per_class[present].mean().item(), "clips": len(clips), "confusion": confusion,
+        "loss": loss / len(clips),
+        "acc": confusion.diag().sum().item() / len(clips),
+        "mean_class_acc": per_class[present].mean().item(),
+        "clips": len(clips),
+        "confusion": confusion,
     }
 
 
@@ -117,9 +120,14 @@ class VideoTask:
         self.tcfg, self.device = tcfg, device
         self.data = data or load_video_data(tcfg, mcfg.segment_len)
         if self.data.name == "msr-action3d" and self.data.frame_shape[-1] != (6 if tcfg.video_motion else 3):
-            raise CRTError(f"the MSR Action3D clips given have {self.data.frame_shape[-1]} values per joint but video_motion={tcfg.video_motion}: load them with motion={tcfg.video_motion}")
+            raise CRTError(
+                f"the MSR Action3D clips given have {self.data.frame_shape[-1]} values per joint but video_motion={tcfg.video_motion}: load them with motion={tcfg.video_motion}"
+            )
         if self.data.note:
-            print(f"{self.data.name}: {len(self.data.train)} train / {len(self.data.valid)} valid / {len(self.data.test)} test clips; {self.data.note}", flush=True)
+            print(
+                f"{self.data.name}: {len(self.data.train)} train / {len(self.data.valid)} valid / {len(self.data.test)} test clips; {self.data.note}",
+                flush=True,
+            )
         shape = "x".join(str(s) for s in self.data.frame_shape)
         self.mcfg = dataclasses.replace(mcfg, num_classes=len(self.data.classes), frame_shape=shape).validate()
         self.meta = {"classes": self.data.classes, "data": self.data.name}
