@@ -282,9 +282,6 @@ def plan(knobs: dict, only: list[str], tasks: list[str]) -> list[tuple[str, str,
     for task in TASKS:
         if tasks and not any(t in task for t in tasks):
             continue
-        if task == "facts" and not PTB.is_dir():
-            print(f"facts skipped: no PTB text at {PTB} (`crt data download ptb --dir {PTB}`)", file=sys.stderr)
-            continue
         for seed in SEEDS.get(task, (0,)):
             for model in MODELS:
                 if model in WIDE and (task not in WIDE_TASKS or seed > 0):
@@ -292,7 +289,7 @@ def plan(knobs: dict, only: list[str], tasks: list[str]) -> list[tuple[str, str,
                 if not only or any(o in model for o in only):
                     cells.append((task, model, seed))
     # the extrapolation cells first, then seed 0 of every MQAR cell, then the extra seeds, then
-    # facts (a 10,000-word softmax: slow), the 1024-wide memories (slower still) last
+    # facts (real text: a 1,000-word softmax), the 1024-wide memories (slower still) last
     first = [*EXTRAPOLATE, *TASKS]
     return sorted(cells, key=lambda c: (c[1] in WIDE, c[0] == "facts", c[2], first.index(c[0]), list(MODELS).index(c[1])))
 
@@ -521,9 +518,13 @@ def main() -> None:
         parser.error("--jobs must be >= 1")
     cells = read_cells()
     todo = [c for c in plan(knobs, args.only, args.tasks) if cell_key(c[0], c[1], knobs, c[2]) not in cells]
+    blocked = [c for c in todo if c[0] == "facts" and not PTB.is_dir()]
+    if blocked:
+        print(f"{len(blocked)} facts cells cannot run: no PTB text at {PTB} (`crt data download ptb --dir {PTB}`)", file=sys.stderr)
+        todo = [c for c in todo if c not in blocked]
     if args.plan:
         for task, model, seed in plan(knobs, args.only, args.tasks):
-            done = "done" if cell_key(task, model, knobs, seed) in cells else "todo"
+            done = "done" if cell_key(task, model, knobs, seed) in cells else "needs PTB" if (task, model, seed) in blocked else "todo"
             print(f"{done}  {task:<14} {model:<15} seed {seed}{'' if task in SEEDS and model not in WIDE else '  (single seed)'}")
         print(f"{len(todo)} to run")
         return
