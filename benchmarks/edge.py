@@ -20,7 +20,6 @@ For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -54,21 +53,19 @@ def full_context_rss(n_tokens: int, chunk: int = 35) -> None:
     """A 3-layer width-128 decoder with rotary positions whose key/value cache keeps every token
     (what a full-context Transformer needs to stream): fed in chunks of `chunk` tokens."""
     from crt.config import ModelConfig
-    from crt.layers import KVCache
     from crt.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="transformer", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=512, segment_len=chunk, positions="rotary")).eval()
-    caches = [KVCache() for _ in model.blocks]
+    model = build_model(
+        ModelConfig(arch="transformer", vocab_size=10_000, d_model=128, n_layer=3, n_head=4, d_ff=512, segment_len=chunk, positions="rotary")
+    ).eval()
+    segment = model.open_segment(model.init_state(1))  # a segment that never closes: its caches keep every token
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for start in range(0, n_tokens, chunk):
             tokens = torch.randint(10_000, (1, min(chunk, n_tokens - start)), generator=g)
-            h = model.drop(model.tokens(tokens))
-            rotary = model.positions.rotary(tokens.shape[1], h.device, offset=start)
-            for block, cache in zip(model.blocks, caches):
-                h = block(h, rotary=rotary, cache=cache)
-            model.tokens.unembed(model.ln_f(h))
+            x, attn_kwargs = model.positions(model.tokens(tokens), offset=start)  # [1, T, D]
+            model.tokens.unembed(model.trunk(x, attn_kwargs, segment.layers))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -144,7 +141,7 @@ def step_latencies(model, int8_model, tmp: Path, threads: int, n: int = 100) -> 
         return statistics.median(times[10:]) * 1e3
 
     step = SegmentStep(model)
-    L = model.cfg.eval_segment_len or model.cfg.segment_len
+    L = model.cfg.eval_segment
     tokens = torch.randint(model.cfg.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
     state = step.initial
     out: dict[str, float | str] = {}
@@ -193,10 +190,10 @@ def main() -> None:
         return child(args)
 
     from crt.analysis.machine import describe
+    from crt.analysis.results import header, write_results
+    from crt.checkpoint import load_checkpoint
     from crt.infer.export import export
     from crt.infer.quantize import quantize_int8
-    from crt.files import write_atomic
-    from crt.train.checkpoint import load_checkpoint
     from crt.train.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
@@ -218,7 +215,10 @@ def main() -> None:
         ckpt = load_checkpoint(path)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(int8.state_dict(), Path(tmp) / "int8.pt")
-            size = {"fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size, "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size}
+            size = {
+                "fp32 safetensors": (ckpt.path / "model.safetensors").stat().st_size,
+                "int8 state dict (torch.save)": (Path(tmp) / "int8.pt").stat().st_size,
+            }
             for fmt, label in (("onnx", "ONNX step"), ("pt2", "torch.export step (pt2)")):
                 r = export(model, fmt, Path(tmp) / f"step.{fmt}")
                 size[f"fp32 {label}"] = r["path"].stat().st_size
@@ -232,10 +232,7 @@ def main() -> None:
 
     a, b = args.rss_tokens
     lines = [
-        "# Edge inference: latency, streaming, memory, int8",
-        "",
-        f"Command: `{command}`. Date: {datetime.date.today()}. Machine: {describe()}; {args.threads} torch thread(s).",
-        "",
+        *header("Edge inference: latency, streaming, memory, int8", command, f"{describe()}; {args.threads} torch thread(s)"),
         f"Generation: greedy, {args.gen_tokens} tokens after a 20-token PTB prompt, batch 1, per-token latency = sampling + feeding the token back "
         "(every model incremental: one position per token through the layers, `crt.infer.open_stream`). "
         f"Streaming: `crt score`'s path over {len(stream_data):,} PTB test tokens (whole segments, state carried). Perplexity: PTB test, `crt eval`'s path.",
@@ -247,16 +244,30 @@ def main() -> None:
         lines.append(f"| {name} | {arch} | {label} | {med:.2f} | {p95:.2f} | {tps:,.0f} | {p:.2f} | {change:+.2f}% |")
     fp32 = {r[0]: r for r in rows if r[2] == "fp32"}
     lines += ["", "int8 latency as a share of fp32 (median): " + ", ".join(f"{r[0]} {r[3] / fp32[r[0]][3]:.2f}x" for r in rows if r[2] == "int8") + ".", ""]
-    lines += [f"Peak RSS of a fresh process streaming {a:,} and {b:,} tokens (MiB; checkpoints through `crt score`'s path on PTB train):", "",
-              f"| model | {a:,} tokens | {b:,} tokens | change |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        f"Peak RSS of a fresh process streaming {a:,} and {b:,} tokens (MiB; checkpoints through `crt score`'s path on PTB train):",
+        "",
+        f"| model | {a:,} tokens | {b:,} tokens | change |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, (x, y) in rss:
         lines.append(f"| {name} | {x:.0f} | {y:.0f} | {100 * (y / x - 1):+.1f}% |")
-    lines += ["", "Per-token latency of greedy generation (median ms, same settings) for a 3-layer CRT with the PTB vocabulary and d_ff = 4 x width, random weights:", "",
-              "| width | parameters | fp32 | int8 | int8 / fp32 |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "Per-token latency of greedy generation (median ms, same settings) for a 3-layer CRT with the PTB vocabulary and d_ff = 4 x width, random weights:",
+        "",
+        "| width | parameters | fp32 | int8 | int8 / fp32 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for d, n, f, q in sweep:
         lines.append(f"| {d} | {n / 1e6:.1f}M | {f:.2f} | {q:.2f} | {q / f:.2f}x |")
-    lines += ["", "One segment step (batch 1, a whole segment of tokens at once, as `crt score` and an exported program run it), median ms per runtime:", "",
-              "| checkpoint | runtime | fp32 | int8 | int8 / fp32 |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "One segment step (batch 1, a whole segment of tokens at once, as `crt score` and an exported program run it), median ms per runtime:",
+        "",
+        "| checkpoint | runtime | fp32 | int8 | int8 / fp32 |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for name, times in steps:
         for runtime in ("PyTorch eager", "onnxruntime", "AOTInductor"):
             f, q = times[f"{runtime}, fp32"], times[f"{runtime}, int8"]
@@ -268,7 +279,7 @@ def main() -> None:
         for k, v in size.items():
             lines.append(f"| {name} | {k} | {v / 2**20:.2f} |")
     out = Path(args.out)
-    write_atomic(out, "\n".join(lines) + "\n")
+    write_results(out, lines)
     print("\n".join(lines))
 
 

@@ -16,7 +16,6 @@ The models have random weights: exactness and latency do not depend on their val
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ def small(arch: str, device: torch.device, **kw):
 
 def exactness(device: torch.device) -> list[tuple[str, float, float]]:
     from crt.infer import open_stream
-    from crt.train.segments import iter_segments
+    from crt.state import iter_segments
 
     rows = []
     tokens = torch.randint(50, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
@@ -117,16 +116,12 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("edge_cuda.py needs a CUDA GPU; docs/results/edge.md holds the CPU figures")
-    from crt.analysis.machine import describe
-    from crt.files import write_atomic
+    from crt.analysis.results import header, write_results
 
     device = torch.device("cuda")
     exact, fast, exported = exactness(device), speed(device, args.gen_tokens), exports(device)
     lines = [
-        "# Edge inference on a CUDA GPU",
-        "",
-        f"Command: `python benchmarks/edge_cuda.py{''.join(' ' + a for a in sys.argv[1:])}`. Date: {datetime.date.today()}. Machine: {describe(device)}.",
-        "",
+        *header("Edge inference on a CUDA GPU", device=device),
         "Incremental stream vs the segment path on the GPU (random weights, width 64, 2 layers, segments of 7, 24 tokens, 2 streams):",
         "",
         "| arch | fp32 max abs logit difference | bf16 autocast: argmax agreement with fp32 |",
@@ -142,9 +137,15 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: |",
     ]
     lines += [f"| {m} | {p} | {med:.2f} | {p95:.2f} | {tps:,.0f} |" for m, p, med, p95, tps in fast]
-    lines += ["", "`crt export` of a model on the GPU (the program is traced and checked on a CPU copy):", "", "| arch | format | result |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "`crt export` of a model on the GPU (the program is traced and checked on a CPU copy):",
+        "",
+        "| arch | format | result |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {a} | {f} | {r} |" for a, f, r in exported]
-    write_atomic(Path(args.out), "\n".join(lines) + "\n")
+    write_results(args.out, lines)
     print("\n".join(lines))
 
 

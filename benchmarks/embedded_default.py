@@ -14,7 +14,6 @@ machine, versions and date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from crt.analysis.machine import describe
+from crt.analysis.results import header, write_results
 from crt.cli.main import DEFAULT_PRESETS
 from crt.config import apply_overrides, load_curriculum, load_preset, without_fields
-from crt.files import write_atomic
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
@@ -62,7 +60,9 @@ def main() -> None:
     parser.add_argument("--preset", action="append", help="synthetic preset to train; repeat for several (default: the two of `crt train`)")
     parser.add_argument("--seeds", type=int_list, default=[0], help="seeds, e.g. 0-4 (default 0)")
     parser.add_argument("--threads", type=int_list, default=[torch.get_num_threads()], help="torch thread counts, e.g. 1,2 (default: torch's)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every preset, in every stage (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every preset, in every stage (repeatable)"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "embedded-default.md"), help="Markdown file to write")
     args = parser.parse_args()
     presets = args.preset or list(DEFAULT_PRESETS)
@@ -81,17 +81,22 @@ def main() -> None:
                     seconds = time.perf_counter() - start
                     runs.append({"preset": name, "seed": seed, "threads": threads, "seconds": seconds, "starts": stage_steps(s["run_dir"]), **s})
                     c = s["curriculum"]
-                    print(f"{name} seed {seed} threads {threads}: {s['step']} steps, {seconds:.0f} s, "
-                          f"{'passed' if c['passed'] else 'failed at'} {c['reached']}/{c['stages']}, test recall {s['test_recall']:.3f}", flush=True)
+                    print(
+                        f"{name} seed {seed} threads {threads}: {s['step']} steps, {seconds:.0f} s, "
+                        f"{'passed' if c['passed'] else 'failed at'} {c['reached']}/{c['stages']}, test recall {s['test_recall']:.3f}",
+                        flush=True,
+                    )
     torch.set_num_threads(max(args.threads))
     mcfg, tcfg = load_preset(presets[0])
     chance = 1 / tcfg.synth_values
+    title = (
+        "Embedded default: CRT vs the segment Transformer on the synthetic recall corpus"
+        if presets == list(DEFAULT_PRESETS)
+        else "The synthetic recall corpus: " + ", ".join(presets)
+    )
     lines = [
-        "# Embedded default: CRT vs the segment Transformer on the synthetic recall corpus" if presets == list(DEFAULT_PRESETS) else "# The synthetic recall corpus: " + ", ".join(presets)
-        + "".join(f", {item}" for item in args.set),
-        "",
-        f"Command: `{command}` (each preset trained as `crt train --preset NAME --seed S` trains it, torch limited to the thread count). Date: {datetime.date.today()}.",
-        f"Machine: {describe()}.",
+        *header(title + "".join(f", {item}" for item in args.set), command),
+        "Each preset trained as `crt train --preset NAME --seed S` trains it, torch limited to the thread count.",
         "",
         "| preset | model | seed | threads | params | steps | stages began at step | curriculum | wall time (s) | valid recall | test recall |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |",
@@ -103,9 +108,13 @@ def main() -> None:
             f"{'passed' if c['passed'] else 'failed at'} {c['reached']}/{c['stages']} | {r['seconds']:.0f} | "
             f"{r['valid_recall']:.3f} of {r['valid_answers']:,} | {r['test_recall']:.3f} of {r['test_answers']:,} |"
         )
-    lines += ["", "Per preset, over its runs (test recall on the last stage's data, min / median / max):", "",
-              "| preset | runs | passed the curriculum | test recall | within 0.05 of chance | wall time (s), median (max) |",
-              "| --- | ---: | ---: | --- | ---: | --- |"]
+    lines += [
+        "",
+        "Per preset, over its runs (test recall on the last stage's data, min / median / max):",
+        "",
+        "| preset | runs | passed the curriculum | test recall | within 0.05 of chance | wall time (s), median (max) |",
+        "| --- | ---: | ---: | --- | ---: | --- |",
+    ]
     for name in presets:
         mine = [r for r in runs if r["preset"] == name]
         rec = [r["test_recall"] for r in mine]
@@ -120,14 +129,19 @@ def main() -> None:
         passed = [r for r in mine if r["curriculum"]["passed"]]
         if passed:
             steps = statistics.median(r["step"] for r in passed)
-            verdicts.append(f"{name} passed in {len(passed)} of {len(mine)} runs (median {steps:.0f} steps, {statistics.median(r['seconds'] for r in passed):.0f} s, when it passed)")
+            verdicts.append(
+                f"{name} passed in {len(passed)} of {len(mine)} runs (median {steps:.0f} steps, {statistics.median(r['seconds'] for r in passed):.0f} s, when it passed)"
+            )
         else:
             furthest = max(r["curriculum"]["reached"] for r in mine)
             verdicts.append(f"{name} passed in none of {len(mine)} runs (furthest: stage {furthest})")
     lines += ["", "Which models learn it: " + "; ".join(verdicts) + "."]
     if presets == list(DEFAULT_PRESETS):
         totals = [sum(r["seconds"] for r in runs if (r["seed"], r["threads"]) == (seed, t)) for t in args.threads for seed in args.seeds]
-        lines += ["", f"The whole job (`crt train`: both presets, one seed and thread count): median {statistics.median(totals):.0f} s, longest {max(totals):.0f} s."]
+        lines += [
+            "",
+            f"The whole job (`crt train`: both presets, one seed and thread count): median {statistics.median(totals):.0f} s, longest {max(totals):.0f} s.",
+        ]
     stages = load_curriculum(presets[0])
     plan = "; ".join(f"stage {i} ({s.label}): up to {s.steps} steps" + (f", until valid {s.advance}" if s.advance else "") for i, s in enumerate(stages, 1))
     lines += [
@@ -137,7 +151,7 @@ def main() -> None:
         f"Curriculum ({presets[0]}'s, shared by every preset of this table): {plan}. Presets in `src/crt/configs/`.",
     ]
     out = Path(args.out)
-    write_atomic(out, "\n".join(lines) + "\n")
+    write_results(out, lines)
     print("\n".join(lines))
     print(f"\nwritten to {out}", file=sys.stderr)
 

@@ -12,7 +12,6 @@ vocabulary 10,000) and of a width-512 model.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -39,17 +38,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "int8-kernels.md"))
     args = parser.parse_args()
-    from crt.analysis.machine import describe
+    from crt.analysis.results import header, write_results
     from crt.infer.quantize import quantize_int8
-    from crt.files import write_atomic
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     lines = [
-        "# One linear layer at batch 1: fp32 against dynamic int8",
-        "",
-        f"Command: `python benchmarks/int8_kernels.py{''.join(' ' + a for a in sys.argv[1:])}`. Date: {datetime.date.today()}. Machine: {describe()}.",
-        "",
+        *header("One linear layer at batch 1: fp32 against dynamic int8"),
         f"Median µs per call over {args.calls:,} calls on one input row (the first tenth dropped); int8 = `crt.infer.quantize_int8` of the same layer.",
         "",
         "| in -> out | fp32 (µs) | int8 (µs) | int8 / fp32 |",
@@ -61,7 +56,7 @@ def main() -> None:
         fp32, int8 = median_us(layer, x, args.calls), median_us(quantize_int8(layer), x, args.calls)
         lines.append(f"| {n_in} -> {n_out:,} | {fp32:.1f} | {int8:.1f} | {int8 / fp32:.2f}x |")
         print(lines[-1], file=sys.stderr, flush=True)
-    write_atomic(Path(args.out), "\n".join(lines) + "\n")
+    write_results(args.out, lines)
     print("\n".join(lines))
 
 

@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shlex
@@ -98,14 +97,41 @@ def configs(task: str, model: str, knobs: dict, seed: int, runs: Path):
     data, fields = TASKS[task]
     arch_fields, lr = MODELS[model]
     S = knobs["segment"]
-    m = dict(d_model=knobs["d_model"], n_layer=knobs["n_layer"], n_head=knobs["n_head"], d_ff=knobs["d_ff"], segment_len=S, dropout=0.0, emb_dropout=0.0, **arch_fields)
+    m = dict(
+        d_model=knobs["d_model"],
+        n_layer=knobs["n_layer"],
+        n_head=knobs["n_head"],
+        d_ff=knobs["d_ff"],
+        segment_len=S,
+        dropout=0.0,
+        emb_dropout=0.0,
+        **arch_fields,
+    )
     if m["arch"] == "transformer_xl":
         m["mem_len"] = S
     t = TrainConfig(
-        data=data, data_dir=str(PTB) if data == "facts" else "", protocol="document", loss="answers", task_segment=S, batch_size=knobs["batch"], bptt_segments=0,
-        max_steps=knobs["steps"], lr=lr, min_lr=lr, warmup_steps=50, weight_decay=0.0, eval_every=0, eval_batch_size=100, log_every=50, seed=seed,
-        synth_train_docs=knobs["train_docs"], synth_valid_docs=knobs["eval_docs"], synth_test_docs=knobs["eval_docs"], device=knobs["device"],
-        out_dir=str(runs / cell_key(task, model, knobs, seed).replace("/", "-")), **fields,
+        data=data,
+        data_dir=str(PTB) if data == "facts" else "",
+        protocol="document",
+        loss="answers",
+        task_segment=S,
+        batch_size=knobs["batch"],
+        bptt_segments=0,
+        max_steps=knobs["steps"],
+        lr=lr,
+        min_lr=lr,
+        warmup_steps=50,
+        weight_decay=0.0,
+        eval_every=0,
+        eval_batch_size=100,
+        log_every=50,
+        seed=seed,
+        synth_train_docs=knobs["train_docs"],
+        synth_valid_docs=knobs["eval_docs"],
+        synth_test_docs=knobs["eval_docs"],
+        device=knobs["device"],
+        out_dir=str(runs / cell_key(task, model, knobs, seed).replace("/", "-")),
+        **fields,
     )
     dists = curriculum(data, fields)
     quarter = knobs["steps"] // 4
@@ -115,8 +141,11 @@ def configs(task: str, model: str, knobs: dict, seed: int, runs: Path):
     if model == "full":  # the whole document in one segment
         from crt.data.memory_tasks import facts_length_of, mqar_length, passkey_length
 
-        m["segment_len"] = {"mqar": lambda: mqar_length(t.mqar_pairs, t.mqar_gap, S), "passkey": lambda: passkey_length(t.passkey_digits, t.passkey_distance),
-                            "facts": lambda: facts_length_of(t.facts_count, t.facts_length)}[data]()
+        m["segment_len"] = {
+            "mqar": lambda: mqar_length(t.mqar_pairs, t.mqar_gap, S),
+            "passkey": lambda: passkey_length(t.passkey_digits, t.passkey_distance),
+            "facts": lambda: facts_length_of(t.facts_count, t.facts_length),
+        }[data]()
     return ModelConfig(**m), t, stages
 
 
@@ -163,8 +192,9 @@ def run_cell(task: str, model_name: str, knobs: dict, seed: int, runs: str, thre
     """Train and score one cell (in a worker process); its record."""
     torch.set_num_threads(threads)
     from crt.analysis.machine import cpu_name
+    from crt.data.load import load_corpus
     from crt.train.documents import evaluate_documents
-    from crt.train.loop import load_corpus, train
+    from crt.train.loop import train
 
     mcfg, tcfg, stages = configs(task, model_name, knobs, seed, Path(runs))
     log = Path(tcfg.out_dir + ".log")
@@ -176,11 +206,27 @@ def run_cell(task: str, model_name: str, knobs: dict, seed: int, runs: str, thre
     model, _ = load_trained(task, model_name, knobs, seed, Path(runs))
     data, fields = TASKS[task]
     record = {
-        "key": cell_key(task, model_name, knobs, seed), "task": task, "data": data, "fields": fields, "model": model_name, "knobs": knobs, "seed": seed,
-        "arch": mcfg.arch, "params": summary["params"], "state_floats": carried_floats(model, model_name), "steps": summary["step"],
-        "stages": [s.changes for s in stages], "valid_recall": summary["valid_recall"], "test_recall": summary["test_recall"],
-        "test_answers": summary["test_answers"], "chance": CHANCE[data](fields), "train_s": round(wall, 1),
-        "machine": f"{cpu_name()}, {threads} torch threads", "torch": torch.__version__, "date": str(datetime.date.today()), "extrapolation": {},
+        "key": cell_key(task, model_name, knobs, seed),
+        "task": task,
+        "data": data,
+        "fields": fields,
+        "model": model_name,
+        "knobs": knobs,
+        "seed": seed,
+        "arch": mcfg.arch,
+        "params": summary["params"],
+        "state_floats": carried_floats(model, model_name),
+        "steps": summary["step"],
+        "stages": [s.changes for s in stages],
+        "valid_recall": summary["valid_recall"],
+        "test_recall": summary["test_recall"],
+        "test_answers": summary["test_answers"],
+        "chance": CHANCE[data](fields),
+        "train_s": round(wall, 1),
+        "machine": f"{cpu_name()}, {threads} torch threads",
+        "torch": torch.__version__,
+        "date": str(datetime.date.today()),
+        "extrapolation": {},
     }
     if data == "mqar":
         record["recall_by_query"] = recall_by_rank(model, load_corpus(tcfg, mcfg.segment_len).documents["test"])
@@ -195,20 +241,16 @@ def run_cell(task: str, model_name: str, knobs: dict, seed: int, runs: str, thre
 
 def load_trained(task: str, model_name: str, knobs: dict, seed: int, runs: Path):
     """The trained model of a finished cell, from its run folder, and its TrainConfig."""
-    from crt.config import ModelConfig
-    from crt.models import build_model
-    from crt.train.checkpoint import load_checkpoint
+    from crt.checkpoint import load_model
 
     _, tcfg, _ = configs(task, model_name, knobs, seed, runs)
-    ckpt = load_checkpoint(tcfg.out_dir)
-    model = build_model(ModelConfig(**ckpt.meta["model"])).to(tcfg.device)
-    ckpt.load_weights(model)
+    model, _ = load_model(tcfg.out_dir, tcfg.device)
     return model, tcfg
 
 
 def rescore(cells: dict[str, dict], knobs: dict, runs: Path) -> None:
     """Add recall by query to finished MQAR cells that lack it (cells run before it was recorded)."""
-    from crt.train.loop import load_corpus
+    from crt.data.load import load_corpus
 
     for r in cells.values():
         if r["data"] == "mqar" and r["knobs"] == knobs and "recall_by_query" not in r:
@@ -240,9 +282,6 @@ def plan(knobs: dict, only: list[str], tasks: list[str]) -> list[tuple[str, str,
     for task in TASKS:
         if tasks and not any(t in task for t in tasks):
             continue
-        if task == "facts" and not PTB.is_dir():
-            print(f"facts skipped: no PTB text at {PTB} (`crt data download ptb --dir {PTB}`)", file=sys.stderr)
-            continue
         for seed in SEEDS.get(task, (0,)):
             for model in MODELS:
                 if model in WIDE and (task not in WIDE_TASKS or seed > 0):
@@ -250,7 +289,7 @@ def plan(knobs: dict, only: list[str], tasks: list[str]) -> list[tuple[str, str,
                 if not only or any(o in model for o in only):
                     cells.append((task, model, seed))
     # the extrapolation cells first, then seed 0 of every MQAR cell, then the extra seeds, then
-    # facts (a 10,000-word softmax: slow), the 1024-wide memories (slower still) last
+    # facts (real text: a 1,000-word softmax), the 1024-wide memories (slower still) last
     first = [*EXTRAPOLATE, *TASKS]
     return sorted(cells, key=lambda c: (c[1] in WIDE, c[0] == "facts", c[2], first.index(c[0]), list(MODELS).index(c[1])))
 
@@ -283,8 +322,10 @@ def _plots(rows: dict, out: Path) -> list[str]:
 
     models = [m for m in MODELS if any(mm == m for (_, mm) in rows)]
     colour = {m: plt.cm.tab20(i) for i, m in enumerate(MODELS)}
-    for axis, values, label, fname in (("pairs", PAIRS, f"pairs P (gap G = {MQAR_G} segments)", "memory-pairs.png"),
-                                       ("gaps", GAPS, f"gap G in whole segments (P = {MQAR_P} pairs)", "memory-distance.png")):
+    for axis, values, label, fname in (
+        ("pairs", PAIRS, f"pairs P (gap G = {MQAR_G} segments)", "memory-pairs.png"),
+        ("gaps", GAPS, f"gap G in whole segments (P = {MQAR_P} pairs)", "memory-distance.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for model in models:
             tasks = [f"mqar-p{v}-g{MQAR_G}" if axis == "pairs" else f"mqar-p{MQAR_P}-g{v}" for v in values]
@@ -304,7 +345,11 @@ def _plots(rows: dict, out: Path) -> list[str]:
         save(fig, fname)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for p in PAIRS:
-        pts = sorted((max(rows[(f"mqar-p{p}-g{MQAR_G}", m)][0]["state_floats"], 1), _mean(rows[(f"mqar-p{p}-g{MQAR_G}", m)])[0]) for m in models if (f"mqar-p{p}-g{MQAR_G}", m) in rows)
+        pts = sorted(
+            (max(rows[(f"mqar-p{p}-g{MQAR_G}", m)][0]["state_floats"], 1), _mean(rows[(f"mqar-p{p}-g{MQAR_G}", m)])[0])
+            for m in models
+            if (f"mqar-p{p}-g{MQAR_G}", m) in rows
+        )
         if pts:
             ax.plot(*zip(*pts), marker="o", ls="--", label=f"P = {p}")
     ax.set_xscale("log")
@@ -340,6 +385,7 @@ def floats_text(rows: dict, model: str) -> str:
 
 def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
     from crt.analysis.machine import describe
+    from crt.analysis.results import header
 
     mine = [r for r in cells.values() if r["knobs"] == knobs]
     rows: dict[tuple[str, str], list[dict]] = {}
@@ -350,10 +396,9 @@ def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
     total = len(plan(knobs, [], []))
     machines = sorted({r["machine"] for r in mine})
     lines = [
-        "# Memory capacity: how much a memory holds, and for how long",
-        "",
-        f"Command: `{command}`. Written {datetime.date.today()} from {len(mine)} finished cells of {total} in the default grid "
-        f"(`docs/results/memory-cells.jsonl`; `--plan` lists the missing ones). Machine of this report: {describe()}; cells ran on: {'; '.join(machines)}, "
+        *header("Memory capacity: how much a memory holds, and for how long", command, f"{describe()} (this report); the cells ran on {'; '.join(machines)}"),
+        f"Written from {len(mine)} finished cells of {total} in the default grid "
+        f"(`docs/results/memory-cells.jsonl`; `--plan` lists the missing ones), "
         f"{sum(r['train_s'] for r in mine) / 60:.0f} cell-minutes of training in all (two cells at a time with `--jobs 2`). "
         "What the numbers say, against Zoology's and the RMT/ARMT papers' findings: README, section Memory capacity; how the benchmark was made: `memory-notes.md`.",
         "",
@@ -382,7 +427,11 @@ def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
             cells_txt.append(f"{mean:.2f}" + (f" ±{spread / 2:.2f} n={n}" if n > 1 else ""))
         lines.append(f"| {model} | {floats_text(rows, model)} | " + " | ".join(cells_txt) + " |")
     lines.append("| chance | | " + " | ".join(f"({CHANCE[TASKS[t][0]](TASKS[t][1]):.3f})" for t in TASKS) + " |")
-    lines.append("| values without keys (H_P / P) | | " + " | ".join(f"({elimination_floor(TASKS[t][1]['mqar_pairs']):.3f})" if TASKS[t][0] == "mqar" else "" for t in TASKS) + " |")
+    lines.append(
+        "| values without keys (H_P / P) | | "
+        + " | ".join(f"({elimination_floor(TASKS[t][1]['mqar_pairs']):.3f})" if TASKS[t][0] == "mqar" else "" for t in TASKS)
+        + " |"
+    )
     lines += [
         "",
         "MQAR's second floor: a model that has kept which values a document holds, but not which key each belongs to, answers the first of P "
@@ -440,7 +489,9 @@ def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
         kept = [g for g in run_g if _mean(rows[(f"mqar-p{MQAR_P}-g{g}", model)])[0] >= 0.7]
         kept_g = (max(kept) if kept else "none") if run_g else "–"
         per_pair = f"{state / max(solved_p):,.0f}" if solved_p and state and model != "full" else "–"
-        lines.append(f"| {model} | {floats_text(rows, model)} | {lp} (of {run_p}) | {per_pair} | {lg} (of {run_g}) | {kept_g} | {extra('passkey')} | {extra(f'mqar-p{MQAR_P}-g{MQAR_G}')} | {falls('passkey')} |")
+        lines.append(
+            f"| {model} | {floats_text(rows, model)} | {lp} (of {run_p}) | {per_pair} | {lg} (of {run_g}) | {kept_g} | {extra('passkey')} | {extra(f'mqar-p{MQAR_P}-g{MQAR_G}')} | {falls('passkey')} |"
+        )
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)
 
@@ -467,9 +518,13 @@ def main() -> None:
         parser.error("--jobs must be >= 1")
     cells = read_cells()
     todo = [c for c in plan(knobs, args.only, args.tasks) if cell_key(c[0], c[1], knobs, c[2]) not in cells]
+    blocked = [c for c in todo if c[0] == "facts" and not PTB.is_dir()]
+    if blocked:
+        print(f"{len(blocked)} facts cells cannot run: no PTB text at {PTB} (`crt data download ptb --dir {PTB}`)", file=sys.stderr)
+        todo = [c for c in todo if c not in blocked]
     if args.plan:
         for task, model, seed in plan(knobs, args.only, args.tasks):
-            done = "done" if cell_key(task, model, knobs, seed) in cells else "todo"
+            done = "done" if cell_key(task, model, knobs, seed) in cells else "needs PTB" if (task, model, seed) in blocked else "todo"
             print(f"{done}  {task:<14} {model:<15} seed {seed}{'' if task in SEEDS and model not in WIDE else '  (single seed)'}")
         print(f"{len(todo)} to run")
         return
@@ -492,8 +547,11 @@ def main() -> None:
                     r = fut.result()
                     cells[r["key"]] = r
                     write_cells(cells)
-                    print(f"{task:<14} {model:<15} seed {seed}: test recall {r['test_recall']:.3f} (chance {r['chance']:.3f}), "
-                          f"{r['state_floats']:,} floats, {r['train_s']:.0f} s", flush=True)
+                    print(
+                        f"{task:<14} {model:<15} seed {seed}: test recall {r['test_recall']:.3f} (chance {r['chance']:.3f}), "
+                        f"{r['state_floats']:,} floats, {r['train_s']:.0f} s",
+                        flush=True,
+                    )
     if args.rescore:
         rescore(cells, knobs, Path(args.runs_dir))
     from crt.files import write_atomic

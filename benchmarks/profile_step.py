@@ -12,19 +12,16 @@ and log-softmax time, dropout as aten::bernoulli_, the RNN loops as many small a
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from crt.analysis.flops import with_vocab
-from crt.analysis.machine import describe
+from crt.analysis.results import header, write_results
 from crt.config import load_preset
 from crt.models import build_model
 from crt.runtime import keep_freed_memory
-from crt.files import write_atomic
 from crt.train.segments import window_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,15 +59,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "profile.md"))
     args = parser.parse_args()
     keep_freed_memory()
-    parts = [
-        "# One training step, op by op",
-        "",
-        f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`. Date: {datetime.date.today()}.",
-        f"Machine: {describe()}.",
-        "",
-    ]
+    parts = header("One training step, op by op")
     parts += [profile_preset(name, args.steps, args.rows) for name in args.presets]
-    write_atomic(Path(args.out), "\n".join(parts))
+    write_results(args.out, parts)
     print("\n".join(parts))
 
 

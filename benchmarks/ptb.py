@@ -13,7 +13,6 @@ trained again, so an interrupted grid continues where it stopped; --fresh starts
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import shlex
@@ -26,12 +25,14 @@ import torch
 
 from crt.analysis.flops import count_flops
 from crt.analysis.machine import describe
-from crt.config import apply_overrides, config_from_dict, load_preset, to_dict
-from crt.models import build_model
+from crt.analysis.results import header
+from crt.checkpoint import load_model
+from crt.config import apply_overrides, load_preset, to_dict
+from crt.data.load import load_corpus
 from crt.files import write_atomic
-from crt.train.checkpoint import load_checkpoint
+from crt.runtime import resolve_device
 from crt.train.evaluate import evaluate
-from crt.train.loop import load_corpus, resolve_device, train
+from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +71,29 @@ def run_row(name: str, preset: str, overrides: dict, args: argparse.Namespace, c
     start = time.perf_counter()
     summary = train(mcfg, tcfg, corpus=corpus, progress=not args.no_progress)
     wall = time.perf_counter() - start
-    ckpt = load_checkpoint(summary["run_dir"])
-    mcfg = config_from_dict(type(mcfg), ckpt.meta["model"])
-    model = build_model(mcfg).to(resolve_device(tcfg.device))
-    ckpt.load_weights(model)
+    model, _ = load_model(summary["run_dir"], tcfg.device)
+    mcfg = model.cfg
     test = evaluate(model, corpus.test, tcfg.eval_batch_size, stride=mcfg.eval_stride, precision=tcfg.precision)
     train_rates = [r["tokens_per_s"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
     return {
-        "name": name, "preset": preset, "overrides": overrides, "model": to_dict(mcfg),
-        "train": {k: v for k, v in to_dict(tcfg).items() if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "precision", "device", "seed")},
-        "params": summary["params"], "tokens_seen": summary["tokens_seen"], "wall_s": wall,
+        "name": name,
+        "preset": preset,
+        "overrides": overrides,
+        "model": to_dict(mcfg),
+        "train": {
+            k: v
+            for k, v in to_dict(tcfg).items()
+            if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "precision", "device", "seed")
+        },
+        "params": summary["params"],
+        "tokens_seen": summary["tokens_seen"],
+        "wall_s": wall,
         "train_tokens_per_s": statistics.median(train_rates[1:] or train_rates),  # the first interval includes warm-up
         "train_flops_per_token": count_flops(mcfg).train_per_token,
         "eval_flops_per_token": count_flops(mcfg, evaluation=True).forward_per_token,
-        "valid_ppl": summary["valid_ppl"], "test_ppl": test["ppl"], "run_dir": summary["run_dir"],
+        "valid_ppl": summary["valid_ppl"],
+        "test_ppl": test["ppl"],
+        "run_dir": summary["run_dir"],
     }
 
 
@@ -112,11 +122,9 @@ def report(rows: list[dict], args: argparse.Namespace, command: str, machine: st
     ref = next((r for r in rows if r["preset"] == "ptb-transformer-70" and not r["overrides"]), None)
     m0 = rows[0]["model"]
     lines = [
-        "# PTB: quality per FLOP at one equal budget",
-        "",
-        f"Command: `{command}`. Date: {datetime.date.today()}. Finished rows are kept in `--runs-dir`/results.json and not retrained, "
+        *header("PTB: quality per FLOP at one equal budget", command, machine),
+        "Finished rows are kept in `--runs-dir`/results.json and not retrained, "
         f"so a grid may be filled over several invocations (`--only`); this file was last written by `{args.invocation}`.",
-        f"Machine: {machine}.",
         "",
         f"Every row trained on the same budget of {args.tokens:,.0f} tokens (rounded up to whole steps of batch x segment x K), width {m0['d_model']}, {m0['n_layer']} layers, "
         f"{m0['n_head']} heads, feed-forward {m0['d_ff']}; test perplexity is over the whole test split with the state carried "

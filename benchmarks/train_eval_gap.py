@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
-from crt.config import ModelConfig, config_from_dict
+from crt.checkpoint import load_model
 from crt.data import batchify
-from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint
-from crt.train.loop import load_corpus
-from crt.train.metrics import read_metrics
+from crt.data.load import load_corpus
 from crt.state import detach
+from crt.train.metrics import read_metrics
 from crt.train.segments import training_window, window_loss
 
 
@@ -42,11 +40,8 @@ def main() -> None:
     parser.add_argument("--online-lr", type=float, default=0.0, help="also update the weights after each window at this learning rate (0: no updates)")
     parser.add_argument("--dropout", action="store_true", help="dropout on (training mode) while re-scoring; default off (evaluation mode)")
     args = parser.parse_args()
-    ckpt = load_checkpoint(args.run)
-    mcfg = config_from_dict(ModelConfig, ckpt.meta["model"])
-    tcfg = ckpt.train_config()
-    model = build_model(mcfg)
-    ckpt.load_weights(model)
+    model, ckpt = load_model(args.run, "cpu")
+    mcfg, tcfg = model.cfg, ckpt.train_config()
     model.train(args.dropout)  # dropout on or off, independently of the updates
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=tcfg.weight_decay) if args.online_lr > 0 else None
     corpus = load_corpus(tcfg)
@@ -70,7 +65,9 @@ def main() -> None:
     print(f"{args.run}: step {ckpt.meta['step']}, {mcfg.arch}")
     print(f"logged training loss, last 100 steps: {sum(tail) / len(tail):.3f}")
     blocks = [sum(losses[i : i + 20]) / len(losses[i : i + 20]) for i in range(0, len(losses), 20)]
-    mode = (f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "no updates") + (", dropout on" if args.dropout else ", dropout off")
+    mode = (f"online (AdamW lr {args.online_lr:g}, scored before each update)" if optimizer else "no updates") + (
+        ", dropout on" if args.dropout else ", dropout off"
+    )
     print(f"{mode}: loss on the training text, per 20 windows from the epoch start: " + ", ".join(f"{b:.3f}" for b in blocks))
 
 

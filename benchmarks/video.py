@@ -12,20 +12,18 @@ versions and date. Nothing is selected on the test subjects: the last checkpoint
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from crt.analysis.machine import describe
-from crt.config import apply_overrides, config_from_dict, load_preset
-from crt.models import build_model
-from crt.files import write_atomic
-from crt.train.checkpoint import load_checkpoint
+from crt.analysis.results import header, write_results
+from crt.checkpoint import load_model
+from crt.config import apply_overrides, load_preset
+from crt.data.load import load_video_data
 from crt.train.loop import train
-from crt.train.video import evaluate_clips, load_video_data, plot_confusion
+from crt.train.video import evaluate_clips, plot_confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("msr-crvit", "msr-transformer-segment", "msr-transformer-all")
@@ -33,7 +31,9 @@ PRESETS = ("msr-crvit", "msr-transformer-segment", "msr-transformer-all")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "video"), help="MSR Action3D: the archive, its folder or the unpacked files")
+    parser.add_argument(
+        "--data-dir", default=str(ROOT.parent / "shared" / "data" / "video"), help="MSR Action3D: the archive, its folder or the unpacked files"
+    )
     parser.add_argument("--preset", action="append", help="preset to train; repeat for several (default: the three msr-* presets)")
     parser.add_argument("--max-steps", type=int, help="override every preset's training steps (a quicker, shorter run)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "video.md"), help="Markdown file to write (confusion PNGs go beside it)")
@@ -56,20 +56,16 @@ def main() -> None:
             start = time.perf_counter()
             summary = train(mcfg, tcfg, corpus=data, progress=False)
             seconds = time.perf_counter() - start
-            ckpt = load_checkpoint(summary["run_dir"])
+            model, ckpt = load_model(summary["run_dir"], "cpu")
             ckpt_frame[name] = ckpt.meta["model"]["frame_shape"]  # joints x (3 positions, or 6 with velocities)
-            model = build_model(config_from_dict(type(mcfg), ckpt.meta["model"]))
-            ckpt.load_weights(model)
             test = evaluate_clips(model, data.test, len(data.classes), tcfg.eval_batch_size, tcfg.video_max_frames)
             png = out.with_name(f"video-confusion-{name}.png")
             plot_confusion(test["confusion"], data.classes, png, title=f"{name}: MSR Action3D test subjects")
             rows.append((name, mcfg, tcfg, summary, test, seconds, png))
             print(f"{name}: top-1 {test['acc']:.3f}, mean per-class {test['mean_class_acc']:.3f}, {seconds:.0f} s", file=sys.stderr, flush=True)
     lines = [
-        "# MSR Action3D cross-subject: CR-ViT vs transformer baselines",
-        "",
-        f"Command: `{command}` (each preset trained as `crt train --preset NAME --data-dir DIR` trains it). Date: {datetime.date.today()}.",
-        f"Machine: {describe()}.",
+        *header("MSR Action3D cross-subject: CR-ViT vs transformer baselines", command),
+        "Each preset trained as `crt train --preset NAME --data-dir DIR` trains it.",
         f"Data: {len(data.train)} training clips (odd subjects), {len(data.test)} test clips (even subjects), 20 classes. {'; '.join(sorted(skipped))}.",
         "",
         "| preset | model | frame | segment (frames) | params | steps | wall time (s) | test top-1 | test mean per-class | confusion |",
@@ -87,7 +83,7 @@ def main() -> None:
             "Presets in `src/crt/configs/`."
         ),
     ]
-    write_atomic(out, "\n".join(lines) + "\n")
+    write_results(out, lines)
     print("\n".join(lines))
     print(f"\nwritten to {out}", file=sys.stderr)
 

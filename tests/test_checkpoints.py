@@ -77,11 +77,14 @@ def rewrite_trainer(run: Path, content) -> None:
     edit_config(run, lambda m: m["sha256"].__setitem__("trainer.pt", digest))  # a valid checkpoint in every other way
 
 
-@pytest.mark.parametrize("content, needle", [
-    ([1, 2, 3], "holds a list"),
-    ({"step": 4}, "lacks or mangles"),
-    ("step", "holds a str"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ([1, 2, 3], "holds a list"),
+        ({"step": 4}, "lacks or mangles"),
+        ("step", "holds a str"),
+    ],
+)
 def test_a_trainer_state_of_the_wrong_content(capsys, run, content, needle):
     rewrite_trainer(run, content)
     before = snapshot(run)

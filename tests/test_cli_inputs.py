@@ -8,23 +8,72 @@ import pytest
 from cli_helpers import cli, refused, snapshot
 
 # a small synthetic run; the flag under test is added to it
-SMALL = ["--preset", "synthetic-crt", "--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",
-         "--synth-train-docs", "40", "--synth-valid-docs", "5", "--synth-test-docs", "5", "--max-steps", "2", "--eval-every", "0",
-         "--no-progress", "--no-stages", "--out-dir", "run"]
+SMALL = [
+    "--preset",
+    "synthetic-crt",
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--d-ff",
+    "64",
+    "--segment-len",
+    "8",
+    "--batch-size",
+    "4",
+    "--synth-train-docs",
+    "40",
+    "--synth-valid-docs",
+    "5",
+    "--synth-test-docs",
+    "5",
+    "--max-steps",
+    "2",
+    "--eval-every",
+    "0",
+    "--no-progress",
+    "--no-stages",
+    "--out-dir",
+    "run",
+]
 
 
-@pytest.mark.parametrize("flag, value, needle", [
-    ("--lr", "0", "lr=0.0"), ("--lr", "nan", "lr=nan"), ("--lr", "-1", "lr=-1.0"), ("--lr", "inf", "finite"),
-    ("--min-lr", "0.5", "min_lr=0.5 exceeds lr"), ("--beta1", "2", "beta1=2.0"), ("--beta2", "1", "beta2=1.0"),
-    ("--dropout", "2", "dropout=2.0"), ("--dropout", "-0.1", "dropout=-0.1"), ("--emb-dropout", "1", "emb_dropout"),
-    ("--d-memory", "-1", "d_memory=-1"), ("--log-every", "0", "log_every=0"), ("--max-steps", "0", "max_steps=0"),
-    ("--max-steps", "-5", "max_steps=-5"), ("--keep-checkpoints", "0", "keep_checkpoints=0"), ("--seed", "-1", "seed=-1"),
-    ("--seed", "99999999999999999999", "seed="), ("--batch-size", "0", "batch_size=0"), ("--eval-batch-size", "0", "eval_batch_size=0"),
-    ("--grad-clip", "nan", "grad_clip"), ("--warmup-steps", "-1", "warmup_steps"), ("--weight-decay", "-0.1", "weight_decay"),
-    ("--eval-every", "-1", "eval_every"), ("--synth-pairs", "0", "synth_pairs"), ("--video-crop", "0", "video_crop"),
-    ("--precision", "fp16", "unknown precision"), ("--device", "tpu", "unknown device"), ("--out-dir", " ", "out_dir is empty"),
-    ("--eval-stride", "9", "eval_stride=9 exceeds"), ("--mem-tokens", "-1", "mem_tokens"), ("--lr", "abc", "invalid float value"),
-])
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [
+        ("--lr", "0", "lr=0.0"),
+        ("--lr", "nan", "lr=nan"),
+        ("--lr", "-1", "lr=-1.0"),
+        ("--lr", "inf", "finite"),
+        ("--min-lr", "0.5", "min_lr=0.5 exceeds lr"),
+        ("--beta1", "2", "beta1=2.0"),
+        ("--beta2", "1", "beta2=1.0"),
+        ("--dropout", "2", "dropout=2.0"),
+        ("--dropout", "-0.1", "dropout=-0.1"),
+        ("--emb-dropout", "1", "emb_dropout"),
+        ("--d-memory", "-1", "d_memory=-1"),
+        ("--log-every", "0", "log_every=0"),
+        ("--max-steps", "0", "max_steps=0"),
+        ("--max-steps", "-5", "max_steps=-5"),
+        ("--keep-checkpoints", "0", "keep_checkpoints=0"),
+        ("--seed", "-1", "seed=-1"),
+        ("--seed", "99999999999999999999", "seed="),
+        ("--batch-size", "0", "batch_size=0"),
+        ("--eval-batch-size", "0", "eval_batch_size=0"),
+        ("--grad-clip", "nan", "grad_clip"),
+        ("--warmup-steps", "-1", "warmup_steps"),
+        ("--weight-decay", "-0.1", "weight_decay"),
+        ("--eval-every", "-1", "eval_every"),
+        ("--synth-pairs", "0", "synth_pairs"),
+        ("--video-crop", "0", "video_crop"),
+        ("--precision", "fp16", "unknown precision"),
+        ("--device", "tpu", "unknown device"),
+        ("--out-dir", " ", "out_dir is empty"),
+        ("--eval-stride", "9", "eval_stride=9 exceeds"),
+        ("--mem-tokens", "-1", "mem_tokens"),
+        ("--lr", "abc", "invalid float value"),
+    ],
+)
 def test_bad_training_values_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, flag, value, needle):
     monkeypatch.chdir(tmp_path)
     refused(cli(capsys, "train", *SMALL, flag, value), needle)
@@ -102,9 +151,15 @@ def test_flags_that_do_nothing_are_named(tmp_path, monkeypatch, capsys):
 def test_generate_and_bench_values(tmp_path, monkeypatch, capsys, tiny_runs):
     monkeypatch.chdir(tmp_path)
     run = str(tiny_runs["words"])
-    for flags, needle in [(("--temperature", "nan"), "--temperature"), (("--temperature", "-1"), "--temperature"), (("--top-p", "0"), "--top-p"),
-                          (("--top-p", "nan"), "--top-p"), (("--max-new-tokens", "-1"), "--max-new-tokens"), (("--top-k", "-2"), "--top-k"),
-                          (("--prompt", "zebra"), "the prompt's word 'zebra'")]:
+    for flags, needle in [
+        (("--temperature", "nan"), "--temperature"),
+        (("--temperature", "-1"), "--temperature"),
+        (("--top-p", "0"), "--top-p"),
+        (("--top-p", "nan"), "--top-p"),
+        (("--max-new-tokens", "-1"), "--max-new-tokens"),
+        (("--top-k", "-2"), "--top-k"),
+        (("--prompt", "zebra"), "the prompt's word 'zebra'"),
+    ]:
         refused(cli(capsys, "generate", "--checkpoint", run, *flags), needle)
     refused(cli(capsys, "generate", "--checkpoint", str(tiny_runs["chars"]), "--prompt", "quiz"), "character 'q'", "characters seen")
     for flag in ("--rounds", "--threads", "--steps", "--repeats", "--infer-batch", "--infer-tokens"):
@@ -134,8 +189,10 @@ def test_score_reads_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, tiny_
         assert rc == 0 and "tokens" in out, err
         return out.split("  peak")[0]  # the peak RSS differs from call to call
 
-    cases = {"words": (b"the cat sat\r\na dog ran\r\n" * 3, b"the cat sat\na dog ran\n" * 3),
-             "chars": (b"hello world\r\nthis is\r\n" * 3, b"hello world\r\nthis is\r\n" * 3)}
+    cases = {
+        "words": (b"the cat sat\r\na dog ran\r\n" * 3, b"the cat sat\na dog ran\n" * 3),
+        "chars": (b"hello world\r\nthis is\r\n" * 3, b"hello world\r\nthis is\r\n" * 3),
+    }
     for name, (body, as_read) in cases.items():
         (tmp_path / "in.txt").write_bytes(b"\xef\xbb\xbf" + body)
         (tmp_path / "plain.txt").write_bytes(as_read)

@@ -134,7 +134,10 @@ def test_map_unk_reuses_the_training_unk(tmp_path):
         (lambda d: (write_corpus(d, "a\n", "a\n", "a\n"), (d / "ptb.test.txt").unlink()), r"lacks ptb\.test\.txt \(the test split\)"),
         (lambda d: write_corpus(d, "", "a\n", "a\n"), r"ptb\.train\.txt has no words \(it is empty or only whitespace\)"),
         (lambda d: write_corpus(d, "a\n", " \n\t\n\n", "a\n"), r"ptb\.valid\.txt has no words"),
-        (lambda d: (write_corpus(d, "a\n", "a\n", "a\n"), (d / "ptb.test.txt").write_bytes(b"a\nb\xff\n")), r"ptb\.test\.txt is not UTF-8 text \(bad byte at offset 3\)"),
+        (
+            lambda d: (write_corpus(d, "a\n", "a\n", "a\n"), (d / "ptb.test.txt").write_bytes(b"a\nb\xff\n")),
+            r"ptb\.test\.txt is not UTF-8 text \(bad byte at offset 3\)",
+        ),
     ],
     ids=["missing-dir", "no-corpus-files", "nested-folder", "missing-split", "empty-file", "whitespace-file", "not-utf8"],
 )

@@ -21,7 +21,9 @@ L, V = 4, 24
 
 def make_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, vocab_size=V, d_model=16, n_layer=2, n_head=2, d_ff=32, segment_len=L, dropout=0.0, emb_dropout=0.0, mem_tokens=2))
+    model = build_model(
+        ModelConfig(arch=arch, vocab_size=V, d_model=16, n_layer=2, n_head=2, d_ff=32, segment_len=L, dropout=0.0, emb_dropout=0.0, mem_tokens=2)
+    )
     if arch == "armt":  # W_v starts at zero (nothing stored); random values make the memory change the logits
         for layer in model.layers:
             torch.nn.init.normal_(layer.memory.value.weight, std=0.3)
@@ -165,9 +167,26 @@ def test_crt_learns_a_one_segment_gap_and_the_transformer_does_not(tmp_path):
     from crt.train.loop import train
 
     model = dict(d_model=32, n_layer=1, n_head=2, d_ff=64, segment_len=4, dropout=0.0, emb_dropout=0.0, d_memory=64)
-    t = TrainConfig(protocol="document", loss="answers", synth_pairs=1, synth_filler=4, synth_train_docs=2000, synth_valid_docs=200,
-                    synth_test_docs=200, batch_size=32, bptt_segments=0, max_steps=800, lr=3e-3, min_lr=3e-3, warmup_steps=20,
-                    weight_decay=0.0, eval_every=50, eval_batch_size=200, log_every=50, keep_checkpoints=1)
+    t = TrainConfig(
+        protocol="document",
+        loss="answers",
+        synth_pairs=1,
+        synth_filler=4,
+        synth_train_docs=2000,
+        synth_valid_docs=200,
+        synth_test_docs=200,
+        batch_size=32,
+        bptt_segments=0,
+        max_steps=800,
+        lr=3e-3,
+        min_lr=3e-3,
+        warmup_steps=20,
+        weight_decay=0.0,
+        eval_every=50,
+        eval_batch_size=200,
+        log_every=50,
+        keep_checkpoints=1,
+    )
     stage = [Stage({}, steps=800, advance="recall >= 0.9")]
     crt = train(ModelConfig(arch="crt", **model), dataclasses.replace(t, out_dir=str(tmp_path / "crt")), stage, progress=False)
     assert crt["curriculum"]["passed"] and crt["test_recall"] >= 0.85, crt

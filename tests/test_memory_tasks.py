@@ -62,8 +62,16 @@ def test_mqar_warm_up_gap_puts_the_queries_right_after_the_pairs():
     assert len(tokens) == 1 + 4 + 4 + 1 and answers.nonzero().flatten().tolist() == [6, 8]
 
 
-@pytest.mark.parametrize("kw, needle", [(dict(vocab=7), "even number"), (dict(pairs=9, vocab=16), "raise --mqar-vocab to >= 18"),
-                                        (dict(gap=-2), "--mqar-gap"), (dict(segment=0), "--task-segment"), (dict(train_docs=0), "--synth-train-docs")])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(vocab=7), "even number"),
+        (dict(pairs=9, vocab=16), "raise --mqar-vocab to >= 18"),
+        (dict(gap=-2), "--mqar-gap"),
+        (dict(segment=0), "--task-segment"),
+        (dict(train_docs=0), "--synth-train-docs"),
+    ],
+)
 def test_mqar_bad_arguments_name_the_flag(kw, needle):
     with pytest.raises(CRTError, match=needle.replace("-", r"\-").replace("+", r"\+")):
         make_mqar(**kw)
@@ -99,8 +107,13 @@ def test_passkey_answers_repeat_the_key_distance_tokens_later(digits, distance):
 def _text(tmp_path: Path) -> Corpus:
     g = torch.Generator().manual_seed(0)
     words = [f"w{i}" for i in range(40)] + ["the", "to", "."]
+
     def lines(n):
-        return "".join(" ".join(words[i] for i in torch.randint(len(words), (int(torch.randint(3, 15, (1,), generator=g)),), generator=g).tolist()) + "\n" for _ in range(n))
+        return "".join(
+            " ".join(words[i] for i in torch.randint(len(words), (int(torch.randint(3, 15, (1,), generator=g)),), generator=g).tolist()) + "\n"
+            for _ in range(n)
+        )
+
     d = tmp_path / "text"
     d.mkdir()
     for split, n in (("train", 400), ("valid", 60), ("test", 60)):
@@ -118,7 +131,9 @@ def test_facts_answers_follow_from_the_facts(tmp_path, count, length, segment):
         words = [itos[t] for t in tokens]
         assert words[-6:-3] == ["where", "is", words[-4]] and words[-3] == "?" and words[-1] == "<eos>"
         person, answer = words[-4], words[-2]
-        facts = [(i, words[i], words[i + 4]) for i in range(len(words) - 6) if words[i] in PEOPLE and words[i + 1] in VERBS and words[i + 2 : i + 4] == ["to", "the"]]
+        facts = [
+            (i, words[i], words[i + 4]) for i in range(len(words) - 6) if words[i] in PEOPLE and words[i + 1] in VERBS and words[i + 2 : i + 4] == ["to", "the"]
+        ]
         assert len(facts) == count
         assert answer == [loc for _, who, loc in facts if who == person][-1]  # the asked person's last location
         assert answer in LOCATIONS
@@ -163,8 +178,30 @@ def test_facts_refuses_text_too_short_and_no_room(tmp_path):
 
 def test_cli_memory_tasks_train_eval_and_refuse_bad_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tiny = ["--preset", "synthetic-crt", "--no-stages", "--d-model", "16", "--n-layer", "1", "--d-ff", "32", "--segment-len", "8", "--batch-size", "4",
-            "--max-steps", "2", "--synth-train-docs", "8", "--synth-valid-docs", "2", "--synth-test-docs", "2", "--no-progress"]
+    tiny = [
+        "--preset",
+        "synthetic-crt",
+        "--no-stages",
+        "--d-model",
+        "16",
+        "--n-layer",
+        "1",
+        "--d-ff",
+        "32",
+        "--segment-len",
+        "8",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--synth-train-docs",
+        "8",
+        "--synth-valid-docs",
+        "2",
+        "--synth-test-docs",
+        "2",
+        "--no-progress",
+    ]
     rc, out, err = cli(capsys, "train", *tiny, "--data", "mqar", "--mqar-pairs", "2", "--out-dir", "m")
     assert rc == 0, err
     assert "test recall" in out
@@ -186,9 +223,27 @@ def _passkey_run(tmp_path: Path, arch: str) -> dict:
     from crt.train.loop import train
 
     m = ModelConfig(arch=arch, d_model=64, n_layer=2, n_head=4, d_ff=256, segment_len=16, dropout=0.0, emb_dropout=0.0, d_memory=256)
-    t = TrainConfig(data="passkey", passkey_digits=2, passkey_distance=32, protocol="document", loss="answers", batch_size=32, bptt_segments=0,
-                    max_steps=700, lr=3e-3, min_lr=3e-3, warmup_steps=50, weight_decay=0.0, eval_every=0, eval_batch_size=100, seed=0,
-                    synth_train_docs=2000, synth_valid_docs=100, synth_test_docs=200, out_dir=str(tmp_path / arch))
+    t = TrainConfig(
+        data="passkey",
+        passkey_digits=2,
+        passkey_distance=32,
+        protocol="document",
+        loss="answers",
+        batch_size=32,
+        bptt_segments=0,
+        max_steps=700,
+        lr=3e-3,
+        min_lr=3e-3,
+        warmup_steps=50,
+        weight_decay=0.0,
+        eval_every=0,
+        eval_batch_size=100,
+        seed=0,
+        synth_train_docs=2000,
+        synth_valid_docs=100,
+        synth_test_docs=200,
+        out_dir=str(tmp_path / arch),
+    )
     stages = [Stage({"passkey_distance": 4}, 200), Stage({"passkey_distance": 16}, 200), Stage({"passkey_distance": 32}, 300)]
     return train(m, t, stages, progress=False)
 

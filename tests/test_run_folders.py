@@ -11,22 +11,59 @@ from pathlib import Path
 import pytest
 from cli_helpers import cli, interrupted_copy, refused, run_cli, snapshot
 
+from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, TrainConfig
 from crt.errors import CRTError
-from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.rundir import RunLock, claim_run_dir
 
-TINY = ["--preset", "synthetic-crt", "--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",
-        "--synth-train-docs", "40", "--synth-valid-docs", "5", "--synth-test-docs", "5", "--synth-filler", "4", "--eval-every", "0",
-        "--no-progress", "--no-stages"]
+TINY = [
+    "--preset",
+    "synthetic-crt",
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--d-ff",
+    "64",
+    "--segment-len",
+    "8",
+    "--batch-size",
+    "4",
+    "--synth-train-docs",
+    "40",
+    "--synth-valid-docs",
+    "5",
+    "--synth-test-docs",
+    "5",
+    "--synth-filler",
+    "4",
+    "--eval-every",
+    "0",
+    "--no-progress",
+    "--no-stages",
+]
 
 
 def configs(out: Path, **kw):
     m = ModelConfig(d_model=32, n_layer=1, n_head=4, d_ff=64, segment_len=8)
-    t = TrainConfig(**{"synth_train_docs": 40, "synth_valid_docs": 5, "synth_test_docs": 5, "synth_filler": 4, "batch_size": 4,
-                       "bptt_segments": 0, "max_steps": 6, "warmup_steps": 1, "eval_every": 0, "log_every": 1, "out_dir": str(out), **kw})
+    t = TrainConfig(
+        **{
+            "synth_train_docs": 40,
+            "synth_valid_docs": 5,
+            "synth_test_docs": 5,
+            "synth_filler": 4,
+            "batch_size": 4,
+            "bptt_segments": 0,
+            "max_steps": 6,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "log_every": 1,
+            "out_dir": str(out),
+            **kw,
+        }
+    )
     return m, t
 
 
@@ -121,7 +158,7 @@ def test_resume_from_a_checkpoint_outside_its_run(tmp_path, monkeypatch, capsys)
     assert rc == 0, err
     assert load_checkpoint(tmp_path / "continued").meta["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["continued", "r", "saved"]
-    assert snapshot(tmp_path / "saved") == {k[len("saved/"):]: v for k, v in before.items() if k.startswith("saved/")}
+    assert snapshot(tmp_path / "saved") == {k[len("saved/") :]: v for k, v in before.items() if k.startswith("saved/")}
 
 
 def test_resume_into_a_new_folder_keeps_the_log_and_the_source(tmp_path):
@@ -129,8 +166,12 @@ def test_resume_into_a_new_folder_keeps_the_log_and_the_source(tmp_path):
     full = Path(train(m, t, progress=False)["run_dir"])
     cut = interrupted_copy(full, tmp_path / "cut", kept_step=3, dropped_step=6)
     before = snapshot(cut)
-    fork = train(m, configs(tmp_path / "fork", max_steps=6, checkpoint_every=3, keep_checkpoints=5)[1],
-                 resume=load_checkpoint(cut / "checkpoints" / "step-0000003"), progress=False)
+    fork = train(
+        m,
+        configs(tmp_path / "fork", max_steps=6, checkpoint_every=3, keep_checkpoints=5)[1],
+        resume=load_checkpoint(cut / "checkpoints" / "step-0000003"),
+        progress=False,
+    )
     assert train_records(Path(fork["run_dir"])) == train_records(full)  # the log up to step 3 came along
     assert snapshot(cut) == before
 
@@ -183,8 +224,13 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder(tmp_path):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "crt", "train", *TINY, "--max-steps", "100000", "--out-dir", "r"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crt", "train", *TINY, "--max-steps", "100000", "--out-dir", "r"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (tmp_path / "r" / "metrics.jsonl").exists() and time.time() < deadline:  # claimed: training has started
         time.sleep(0.1)

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli, in_process, interrupted_copy, one_line_error, refused, run_cli
 
+from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset, preset_names
 from crt.errors import CRTError
 from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
-
-from cli_helpers import cli, in_process, interrupted_copy, one_line_error, refused, run_cli
 
 SMALL_MODEL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, dropout=0.1, emb_dropout=0.1)
 SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10, synth_filler=12)
@@ -24,8 +23,20 @@ SMALL_DATA = dict(synth_train_docs=120, synth_valid_docs=10, synth_test_docs=10,
 
 def configs(tmp_path: Path, arch="crt", **train_kw):
     m = ModelConfig(arch=arch, **SMALL_MODEL)
-    t = TrainConfig(**{**SMALL_DATA, "protocol": "stream", "batch_size": 4, "bptt_segments": 2, "max_steps": 6, "warmup_steps": 2,
-                       "eval_every": 0, "log_every": 1, "out_dir": str(tmp_path / "run"), **train_kw})
+    t = TrainConfig(
+        **{
+            **SMALL_DATA,
+            "protocol": "stream",
+            "batch_size": 4,
+            "bptt_segments": 2,
+            "max_steps": 6,
+            "warmup_steps": 2,
+            "eval_every": 0,
+            "log_every": 1,
+            "out_dir": str(tmp_path / "run"),
+            **train_kw,
+        }
+    )
     return m, t
 
 
@@ -149,7 +160,7 @@ def test_weights_with_shared_buffers_and_tied_tensors_round_trip(tmp_path):
     (the tied one once), load back exactly, and a file from save_model still loads."""
     from safetensors.torch import load_file, save_model
 
-    from crt.train.checkpoint import load_weights, save_weights
+    from crt.checkpoint import load_weights, save_weights
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="crt", vocab_size=20, d_model=16, n_layer=1, n_head=2, d_ff=32, segment_len=4))
@@ -215,9 +226,32 @@ def test_model_and_train_fields_are_disjoint():
 # ---------------------------------------------------------------- CLI
 
 
-TINY = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4",
-        "--synth-train-docs", "60", "--synth-valid-docs", "5", "--synth-test-docs", "5", "--synth-filler", "10",
-        "--max-steps", "3", "--eval-every", "0", "--no-progress", "--no-stages"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--d-ff",
+    "64",
+    "--segment-len",
+    "8",
+    "--batch-size",
+    "4",
+    "--synth-train-docs",
+    "60",
+    "--synth-valid-docs",
+    "5",
+    "--synth-test-docs",
+    "5",
+    "--synth-filler",
+    "10",
+    "--max-steps",
+    "3",
+    "--eval-every",
+    "0",
+    "--no-progress",
+    "--no-stages",
+]
 
 
 def test_cli_train_eval_smoke(tmp_path):
@@ -264,7 +298,7 @@ def test_curriculum_advances_when_the_condition_holds_and_ends_when_the_last_one
 
 def test_curriculum_fails_a_stage_at_its_step_limit(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    preset = staged(tmp_path, 'steps = 6\nadvance = "recall >= 1.01"', 'synth_filler = 9\nsteps = 10')
+    preset = staged(tmp_path, 'steps = 6\nadvance = "recall >= 1.01"', "synth_filler = 9\nsteps = 10")
     proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
@@ -294,7 +328,7 @@ def test_explicit_flags_beat_the_stages(tmp_path, capsys, monkeypatch):
 def test_resume_continues_the_right_stage_exactly(tmp_path, capsys, monkeypatch):
     """Interrupted inside stage 1 and inside stage 2, the resumed runs retrace the uninterrupted one."""
     monkeypatch.chdir(tmp_path)
-    preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', 'synth_filler = 9\nsteps = 6')
+    preset = staged(tmp_path, 'steps = 10\nadvance = "ppl <= 1e9"', "synth_filler = 9\nsteps = 6")
     proc = in_process(capsys, "train", "--preset", preset, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     full = losses(tmp_path / "r")
@@ -392,8 +426,9 @@ def test_cli_eval_rejects_another_vocabulary_and_damage(tmp_path, capsys, monkey
     a = write_ptb(tmp_path / "a", ["the", "cat", "sat", "on", "a", "mat"])
     b = write_ptb(tmp_path / "b", ["dogs", "bark", "at", "night", "and", "day"])
     model = ["--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "2"]
-    rc, out, err = cli(capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2",
-                   "--eval-every", "0", "--no-progress", "--out-dir", "r")
+    rc, out, err = cli(
+        capsys, "train", "--preset", "ptb-crt-35", "--data-dir", str(a), *model, "--max-steps", "2", "--eval-every", "0", "--no-progress", "--out-dir", "r"
+    )
     assert rc == 0, err
     assert cli(capsys, "eval", "--checkpoint", "r")[0] == 0
     refused(cli(capsys, "eval", "--checkpoint", "r", "--data-dir", str(b)), "vocabulary")
@@ -408,8 +443,20 @@ def test_ptb_presets_train_a_step_on_real_data(ptb_dir, tmp_path):
     """Each PTB preset builds its model and runs one update on the real corpus."""
     for name in [n for n in preset_names() if n.startswith("ptb-")]:
         m, t = load_preset(name)
-        m, t = apply_overrides(m, t, {"data_dir": str(ptb_dir), "max_steps": 1, "batch_size": 2, "eval_max_tokens": 200,
-                                      "d_model": 32, "d_ff": 64, "n_head": 2, "out_dir": str(tmp_path / name)})
+        m, t = apply_overrides(
+            m,
+            t,
+            {
+                "data_dir": str(ptb_dir),
+                "max_steps": 1,
+                "batch_size": 2,
+                "eval_max_tokens": 200,
+                "d_model": 32,
+                "d_ff": 64,
+                "n_head": 2,
+                "out_dir": str(tmp_path / name),
+            },
+        )
         summary = train(m, t, progress=False)
         assert summary["step"] == 1 and summary["valid_ppl"] > 100  # one step on a 10k vocabulary
 
@@ -419,7 +466,7 @@ def test_default_demo_answers_are_out_of_segment_reach():
     than its value (the grid starts at each document), and in the last stage at least two whole
     segments of filler lie between a pair and its query: only a memory can beat chance."""
     from crt.config import load_curriculum, stage_config
-    from crt.train.loop import load_corpus
+    from crt.data.load import load_corpus
 
     for name in ("synthetic-crt", "synthetic-transformer"):
         m, base = load_preset(name)

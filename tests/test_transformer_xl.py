@@ -197,7 +197,7 @@ def test_eval_memory_length_and_any_segment_length():
         assert streamed.shape == (3, 19, V) and st.valid.all()
         torch.testing.assert_close(streamed, model.forward_with_mask(x, streaming_mask(19, T, 7, False)), rtol=0, atol=1e-5)
     defaults = make(segment_len=5)
-    assert defaults.mem_len == 5 and defaults.eval_mem_len == 5
+    assert defaults.cfg.memory_len == 5 and defaults.cfg.eval_memory_len == 5
 
 
 @torch.no_grad()

@@ -10,25 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import in_process, interrupted_copy, one_line_error
 
+from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, apply_overrides, load_preset
-from crt.data.video import (
-    MSR_ARCHIVE,
-    augment_skeleton,
-    load_msr_action3d,
-    load_smarthome,
-    make_synthetic_video,
-    pad_clips,
-    sample_frames,
-)
+from crt.data.clips import pad_clips, sample_frames
+from crt.data.rgb import load_smarthome
+from crt.data.skeletons import MSR_ARCHIVE, augment_skeleton, load_msr_action3d
+from crt.data.synthetic_video import make_synthetic_video
 from crt.errors import CRTError
 from crt.models import build_model
-from crt.train.checkpoint import load_checkpoint
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.video import classify, evaluate_clips
-
-from cli_helpers import in_process, interrupted_copy, one_line_error
 
 MSR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video"
 SMALL = dict(d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=8, num_classes=5)
@@ -130,11 +124,11 @@ def test_frame_shape_and_patch_size_are_validated():
 
 
 def test_crvit_shares_the_crt_core():
-    """CR-ViT's sequence model is the CRT module itself, without a token embedding or LM head."""
-    from crt.models.crt import CRT
+    """CR-ViT's sequence model is the core under the CRT language model, without a token embedding or LM head."""
+    from crt.models.crt import CRT, CRTCore
 
     model = video_model("crvit")
-    assert isinstance(model.core, CRT)
+    assert isinstance(model.core, CRTCore) and issubclass(CRT, CRTCore) and not isinstance(model.core, CRT)
     assert model.core.tokens is None  # no token embedding or LM head: the frames are its inputs
 
 
@@ -350,8 +344,19 @@ def video_losses(run: Path) -> list[float]:
 
 
 def test_video_resume_equals_uninterrupted(tmp_path):
-    m, t = synthetic_run(tmp_path, "synthetic-video-crvit", max_steps=6, eval_every=0, checkpoint_every=3, keep_checkpoints=5,
-                         d_model=32, d_ff=64, dropout=0.1, batch_size=8, video_crop=0.7)
+    m, t = synthetic_run(
+        tmp_path,
+        "synthetic-video-crvit",
+        max_steps=6,
+        eval_every=0,
+        checkpoint_every=3,
+        keep_checkpoints=5,
+        d_model=32,
+        d_ff=64,
+        dropout=0.1,
+        batch_size=8,
+        video_crop=0.7,
+    )
     full = Path(train(m, t, progress=False)["run_dir"])
     cut = interrupted_copy(full, tmp_path / "cut", kept_step=3, dropped_step=6)
     train(m, t, resume=load_checkpoint(cut), progress=False)

@@ -16,9 +16,6 @@ from typing import Any
 
 from crt.errors import CRTError
 
-ARCHS = ("crt", "transformer", "transformer_xl", "rmt", "armt", "crvit", "video_transformer")
-VIDEO_ARCHS = ("crvit", "video_transformer")  # frame-sequence classifiers (task = video)
-
 
 @dataclass
 class ModelConfig:
@@ -69,75 +66,62 @@ class ModelConfig:
 
     @property
     def position_encoding(self) -> str:
-        """`positions` with auto resolved for this arch."""
+        """`positions` with auto resolved: the first choice the arch's model declares."""
         if self.positions == "auto":
-            return {"crt": "recurrent", "crvit": "recurrent", "transformer_xl": "relative"}.get(self.arch, "learned")
+            from crt.models import MODELS
+
+            return MODELS[self.arch].POSITIONS[0] if self.arch in MODELS else "learned"
         return self.positions
 
     @property
     def memory_dim(self) -> int:
+        """d_m: d_memory, or d_model when 0."""
         return self.d_memory or self.d_model
 
+    @property
+    def eval_segment(self) -> int:
+        """Tokens (or frames) per segment at evaluation: eval_segment_len, or segment_len when 0."""
+        return self.eval_segment_len or self.segment_len
+
+    @property
+    def memory_len(self) -> int:
+        """Transformer-XL's M in training: mem_len, or segment_len when 0."""
+        return self.mem_len or self.segment_len
+
+    @property
+    def eval_memory_len(self) -> int:
+        """Transformer-XL's M at evaluation: eval_mem_len, or memory_len when 0."""
+        return self.eval_mem_len or self.memory_len
+
     def validate(self) -> ModelConfig:
+        """Check the fields every model shares here, then the arch's own options in its model
+        file (`check_options` beside the model's maths); the first problem is a CRTError."""
+        from crt.models import MODELS
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise CRTError(msg)
 
-        need(self.arch in ARCHS, f"unknown arch {self.arch!r}: use one of {', '.join(ARCHS)}")
+        need(self.arch in MODELS, f"unknown arch {self.arch!r}: use one of {', '.join(MODELS)}")
         need(self.segment_len >= 1, f"segment_len must be >= 1, got {self.segment_len}: set --segment-len to a positive length")
         need(self.d_model >= 1 and self.n_layer >= 1 and self.n_head >= 1, "d_model, n_layer and n_head must be >= 1")
         need(self.d_model % self.n_head == 0, f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         need(self.eval_segment_len >= 0 and self.eval_stride >= 0, "eval_segment_len and eval_stride must be >= 0 (0: the default)")
         need(self.mem_len >= 0 and self.eval_mem_len >= 0, f"mem_len={self.mem_len} and eval_mem_len={self.eval_mem_len} must be >= 0 (0: the default)")
         need(self.clamp_len >= -1, f"clamp_len={self.clamp_len}: use -1 (no clamp) or a distance >= 0")
-        choices = {
-            "crt": ("recurrent", "sinusoidal", "learned", "rotary", "none"),
-            "transformer": ("learned", "sinusoidal", "rotary"),
-            "transformer_xl": ("relative",),
-            "rmt": ("learned", "sinusoidal", "rotary"),
-            "armt": ("learned", "sinusoidal", "rotary"),
-            "crvit": ("recurrent", "sinusoidal", "learned", "rotary", "none"),
-            "video_transformer": ("learned", "sinusoidal", "rotary"),
-        }[self.arch]
-        need(self.position_encoding in choices, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(choices)}")
-        need(self.memory_position in ("prepend", "append", "none"), f"memory_position={self.memory_position!r}: use prepend, append or none")
-        need(self.memory_init in ("learned", "zeros"), f"memory_init={self.memory_init!r}: use learned or zeros")
-        need(self.memory_cell in ("gru", "ncgru"), f"memory_cell={self.memory_cell!r}: use gru or ncgru")
-        need(self.memory_reads in ("tokens", "memory_token", "last_token"), f"memory_reads={self.memory_reads!r}: use tokens, memory_token or last_token")
-        if self.arch == "crt" and self.memory_reads == "memory_token":
-            need(
-                self.memory_position == "append",
-                "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask",
-            )
-        if self.arch in ("rmt", "armt"):
-            need(self.mem_tokens >= 1, f"mem_tokens={self.mem_tokens}: {self.arch} needs at least one memory token (--mem-tokens)")
-        need(self.rmt_placement in ("read_write", "read", "write"), f"rmt_placement={self.rmt_placement!r}: use read_write, read or write")
-        if self.arch == "armt":
-            need(self.assoc_dim >= 1 and self.assoc_nu >= 1 and self.assoc_heads >= 1, "assoc_dim, assoc_nu and assoc_heads must be >= 1")
-            need(
-                self.assoc_dim % self.assoc_heads == 0 and self.d_model % self.assoc_heads == 0,
-                f"assoc_heads={self.assoc_heads} must divide assoc_dim={self.assoc_dim} and d_model={self.d_model}",
-            )
-        if self.arch in VIDEO_ARCHS:
-            need(self.readout in ("memory", "mean", "both"), f"readout={self.readout!r}: use memory, mean or both")
-            need(self.patch_size >= 1 and self.frame_layers >= 1, "patch_size and frame_layers must be >= 1")
-            if self.frame_shape:
-                from crt.layers.frames import parse_frame_shape
-
-                try:
-                    shape = parse_frame_shape(self.frame_shape)
-                except ValueError as e:
-                    raise CRTError(str(e)) from None
-                need(len(shape) == 2 or (shape[1] % self.patch_size == 0 and shape[2] % self.patch_size == 0),
-                     f"patch_size={self.patch_size} does not divide the {self.frame_shape} frames: pick a divisor (or another --video-size)")
-        if self.arch == "crvit":
-            need(self.memory_position != "append", "crvit needs memory_position prepend or none: clips end inside a segment and an appended memory token would follow the padding")
-            need(self.memory_reads != "memory_token", "crvit: memory_reads=memory_token needs an appended memory token; use tokens or last_token")
-        need(self.eval_stride <= (self.eval_segment_len or self.segment_len),
-             f"eval_stride={self.eval_stride} exceeds the evaluation segment length {self.eval_segment_len or self.segment_len}: give --eval-stride <= it (0: non-overlapping segments)")
+        model = MODELS[self.arch]
+        need(
+            self.position_encoding in model.POSITIONS, f"positions={self.positions!r} is not available for {self.arch}: use one of {', '.join(model.POSITIONS)}"
+        )
+        for name, choices in _MODEL_CHOICES.items():  # a misspelt choice is an error whichever model reads it
+            need(getattr(self, name) in choices, f"{name}={getattr(self, name)!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+        need(
+            self.eval_stride <= self.eval_segment,
+            f"eval_stride={self.eval_stride} exceeds the evaluation segment length {self.eval_segment}: give --eval-stride <= it (0: non-overlapping segments)",
+        )
         check_ranges(self, _MODEL_RANGES)
-        if self.arch in ("crt", "crvit") and self.memory_cell == "ncgru":
-            need(self.ncgru_negative <= self.memory_dim, f"ncgru_negative={self.ncgru_negative} exceeds the memory width {self.memory_dim}: use -1 (half) or 0..{self.memory_dim}")
+        for ok, msg in model.check_options(self):
+            need(ok, msg)
         return self
 
 
@@ -206,21 +190,26 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 10
 
-
     def validate(self) -> TrainConfig:
         """Every field within its allowed range (a CRTError naming the field, its value and the
         range): the one place training values are checked, for flags, presets, stages and
         checkpoints alike."""
         choices = {
-            "task": ("lm", "video"), "protocol": ("auto", "stream", "document"), "loss": ("all", "answers"),
-            "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+            "task": ("lm", "video"),
+            "protocol": ("auto", "stream", "document"),
+            "loss": ("all", "answers"),
+            "precision": ("fp32", "bf16"),
+            "device": ("auto", "cpu", "cuda"),
             "video_protocol": ("cross_subject", "cross_view1", "cross_view2"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise CRTError(f"unknown {name} {value!r} (--{name.replace('_', '-')}): use one of {', '.join(allowed)}")
-        data = {"lm": ("synthetic", "mqar", "passkey", "facts", "ptb", "wikitext-2", "wikitext-103", "words", "chars"), "video": ("msr-action3d", "smarthome", "synthetic-video")}[self.task]
+        data = {
+            "lm": ("synthetic", "mqar", "passkey", "facts", "ptb", "wikitext-2", "wikitext-103", "words", "chars"),
+            "video": ("msr-action3d", "smarthome", "synthetic-video"),
+        }[self.task]
         if self.data not in data:
             raise CRTError(f"unknown data {self.data!r} for task {self.task} (--data): use one of {', '.join(data)}")
         check_ranges(self, _TRAIN_RANGES)
@@ -233,20 +222,72 @@ class TrainConfig:
 
 # Allowed ranges: field -> (low, high, rule). A bound of None is open-ended; "(" / ")" exclude
 # the bound, "[" / "]" include it. Floats must also be finite.
+_MODEL_CHOICES = {
+    "memory_position": ("prepend", "append", "none"),
+    "memory_init": ("learned", "zeros"),
+    "memory_cell": ("gru", "ncgru"),
+    "memory_reads": ("tokens", "memory_token", "last_token"),
+    "rmt_placement": ("read_write", "read", "write"),
+    "readout": ("memory", "mean", "both"),
+}
 _MODEL_RANGES = {
-    "vocab_size": "[0,", "d_model": "[1,", "n_layer": "[1,", "n_head": "[1,", "segment_len": "[1,", "d_ff": "[1,", "dropout": "[0,1)", "emb_dropout": "[0,1)", "attn_dropout": "[0,1)",
-    "d_memory": "[0,", "ncgru_negative": "[-1,", "mem_tokens": "[0,", "num_classes": "[0,",
+    "vocab_size": "[0,",
+    "d_model": "[1,",
+    "n_layer": "[1,",
+    "n_head": "[1,",
+    "segment_len": "[1,",
+    "d_ff": "[1,",
+    "dropout": "[0,1)",
+    "emb_dropout": "[0,1)",
+    "attn_dropout": "[0,1)",
+    "d_memory": "[0,",
+    "ncgru_negative": "[-1,",
+    "mem_tokens": "[0,",
+    "num_classes": "[0,",
 }
 _TRAIN_RANGES = {
-    "synth_pairs": "[1,", "synth_keys": "[1,", "synth_values": "[1,", "synth_filler": "[0,", "synth_filler_vocab": "[1,",
-    "synth_query_rounds": "[1,", "synth_train_docs": "[1,", "synth_valid_docs": "[1,", "synth_test_docs": "[1,",
-    "task_segment": "[0,", "mqar_pairs": "[1,", "mqar_gap": "[-1,", "mqar_vocab": "[2,", "passkey_digits": "[1,", "passkey_distance": "[0,",
-    "facts_count": "[1,", "facts_length": "[1,", "facts_words": "[0,",
-    "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
-    "video_classes": "[2,", "video_noise": "[0,",
-    "batch_size": "[1,", "bptt_segments": "[0,", "max_steps": "[1,", "max_tokens": "[0,", "lr": "(0,", "min_lr": "[0,",
-    "warmup_steps": "[0,", "weight_decay": "[0,", "beta1": "[0,1)", "beta2": "[0,1)", "grad_clip": "[0,", "seed": "[0,4294967295]",
-    "eval_every": "[0,", "eval_batch_size": "[1,", "eval_max_tokens": "[0,", "checkpoint_every": "[0,", "keep_checkpoints": "[1,",
+    "synth_pairs": "[1,",
+    "synth_keys": "[1,",
+    "synth_values": "[1,",
+    "synth_filler": "[0,",
+    "synth_filler_vocab": "[1,",
+    "synth_query_rounds": "[1,",
+    "synth_train_docs": "[1,",
+    "synth_valid_docs": "[1,",
+    "synth_test_docs": "[1,",
+    "task_segment": "[0,",
+    "mqar_pairs": "[1,",
+    "mqar_gap": "[-1,",
+    "mqar_vocab": "[2,",
+    "passkey_digits": "[1,",
+    "passkey_distance": "[0,",
+    "facts_count": "[1,",
+    "facts_length": "[1,",
+    "facts_words": "[0,",
+    "video_max_frames": "[0,",
+    "video_rotate": "[0,180]",
+    "video_scale": "[0,1)",
+    "video_crop": "(0,1]",
+    "video_size": "[1,",
+    "video_classes": "[2,",
+    "video_noise": "[0,",
+    "batch_size": "[1,",
+    "bptt_segments": "[0,",
+    "max_steps": "[1,",
+    "max_tokens": "[0,",
+    "lr": "(0,",
+    "min_lr": "[0,",
+    "warmup_steps": "[0,",
+    "weight_decay": "[0,",
+    "beta1": "[0,1)",
+    "beta2": "[0,1)",
+    "grad_clip": "[0,",
+    "seed": "[0,4294967295]",
+    "eval_every": "[0,",
+    "eval_batch_size": "[1,",
+    "eval_max_tokens": "[0,",
+    "checkpoint_every": "[0,",
+    "keep_checkpoints": "[1,",
     "log_every": "[1,",
 }
 
@@ -321,17 +362,9 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str,
 
 GENERATED_DATA = ("synthetic", "mqar", "passkey", "facts")  # corpora built from a seed (facts: from a seed and real text)
 
-# Fields that only some models or tasks read: field -> (who reads it, test on the configs).
-_CRT_MEMORY = ("crt", "crvit")
+# Fields that only some tasks read: field -> (who reads it, test on the configs). The model
+# fields only some archs read are each model's OPTIONS (`_model_options`).
 _USED_BY = {
-    **{f: ("crt and crvit", lambda m, t: m.arch in _CRT_MEMORY) for f in ("memory_position", "memory_init", "memory_cell", "memory_reads", "d_memory", "carry_rpe")},
-    **{f: ("crt and crvit with memory_cell = ncgru", lambda m, t: m.arch in _CRT_MEMORY and m.memory_cell == "ncgru") for f in ("ncgru_negative", "ncgru_orthogonal_reset")},
-    **{f: ("transformer_xl", lambda m, t: m.arch == "transformer_xl") for f in ("mem_len", "clamp_len", "same_length", "eval_mem_len")},
-    "mem_tokens": ("rmt and armt", lambda m, t: m.arch in ("rmt", "armt")),
-    "rmt_placement": ("rmt", lambda m, t: m.arch == "rmt"),
-    **{f: ("armt", lambda m, t: m.arch == "armt") for f in ("assoc_dim", "assoc_heads", "assoc_nu", "assoc_correction", "assoc_floor")},
-    **{f: ("the video models", lambda m, t: m.arch in VIDEO_ARCHS) for f in ("patch_size", "frame_layers")},
-    "readout": ("crvit", lambda m, t: m.arch == "crvit"),
     "vocab_size": ("nothing: the vocabulary is set from the data", lambda m, t: False),
     "num_classes": ("nothing: the classes are set from the data", lambda m, t: False),
     "frame_shape": ("nothing: the frame shape is set from the data", lambda m, t: False),
@@ -345,13 +378,29 @@ _USED_BY = {
 }
 
 
+def _model_options() -> dict[str, tuple[str, Any]]:
+    """field -> (who reads it, test on the configs), from the OPTIONS every model declares."""
+    from crt.models import MODELS
+
+    out = {}
+    for name in {f for m in MODELS.values() for f in m.OPTIONS}:
+        readers = [(arch, m.OPTIONS[name]) for arch, m in MODELS.items() if name in m.OPTIONS]
+        when = readers[0][1]  # a condition ("memory_cell = ncgru", test) is the same for every reader
+        who = " and ".join(a for a, _ in readers) + (f" with {when[0]}" if when else "")
+        archs = {a for a, _ in readers}
+        out[name] = (who, lambda m, t, archs=archs, when=when: m.arch in archs and (when is None or when[1](m)))
+    return out
+
+
 def unused_fields(model: ModelConfig, train: TrainConfig, names) -> list[str]:
     """Warnings for the fields in `names` (the user's explicit flags) that these configs never read."""
+    used_by = {**_model_options(), **_USED_BY}
+
     def why(n: str) -> str:
-        who = _USED_BY[n][0]
+        who = used_by[n][0]
         return who.split(": ", 1)[1] if who.startswith("nothing") else f"it is read by {who} only (this run: arch {model.arch}, data {train.data})"
 
-    return [f"--{n.replace('_', '-')} does nothing here: {why(n)}" for n in names if n in _USED_BY and not _USED_BY[n][1](model, train)]
+    return [f"--{n.replace('_', '-')} does nothing here: {why(n)}" for n in names if n in used_by and not used_by[n][1](model, train)]
 
 
 def preset_names() -> list[str]:
@@ -363,7 +412,9 @@ def _read_preset(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".toml" or "/" in name_or_path or path.is_file():  # a path, not a name
         if not path.is_file():
-            raise CRTError(f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}: give the path of a .toml file, or a preset name ({', '.join(preset_names())})")
+            raise CRTError(
+                f"preset file {path} {'is not a file' if path.exists() else 'does not exist'}: give the path of a .toml file, or a preset name ({', '.join(preset_names())})"
+            )
         try:
             text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not TOML
         except UnicodeDecodeError as e:
@@ -502,8 +553,16 @@ def stages_from_list(items: Any) -> list[Stage]:
     ok = isinstance(items, list) and all(isinstance(i, dict) and set(i) <= keys and {"changes", "steps"} <= set(i) for i in items)
     stages = []
     for item in items if ok else []:
-        ok = ok and isinstance(item["changes"], dict) and isinstance(item["steps"], int) and not isinstance(item["steps"], bool) and item["steps"] >= 1 \
-            and isinstance(item.get("advance", ""), str) and isinstance(item.get("name", ""), str) and set(item["changes"]) <= set(TRAIN_FIELDS)
+        ok = (
+            ok
+            and isinstance(item["changes"], dict)
+            and isinstance(item["steps"], int)
+            and not isinstance(item["steps"], bool)
+            and item["steps"] >= 1
+            and isinstance(item.get("advance", ""), str)
+            and isinstance(item.get("name", ""), str)
+            and set(item["changes"]) <= set(TRAIN_FIELDS)
+        )
         if ok:
             if item.get("advance"):
                 parse_condition(item["advance"])

@@ -1,4 +1,5 @@
-"""Process-level settings that make CPU training fast; each was measured, not guessed.
+"""Where and how crt runs: the device a `--device` names, the precision context, and the
+process-level settings that make CPU training fast (each measured, not guessed).
 
 glibc's malloc serves blocks above its mmap threshold (at most 32 MiB by default) with a fresh
 mmap() and unmaps them again on free. A training step allocates and frees the same large buffers
@@ -13,6 +14,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from contextlib import nullcontext
+
+import torch
+
+from crt.errors import CRTError
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
 _applied = False
@@ -34,3 +40,21 @@ def keep_freed_memory() -> bool:
         return False
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     return _applied
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device `--device` names: auto (CUDA when present, else CPU), cpu or cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CRTError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise CRTError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA when precision is bf16, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

@@ -7,9 +7,11 @@ and `torch.compile` simple. Models build it with `model.init_state(batch_size)`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple, TypeVar
 
 import torch
+import torch.nn as nn
 
 S = TypeVar("S", bound=tuple)
 
@@ -30,6 +32,30 @@ def reset_rows(state: S, fresh: S, mask: torch.Tensor) -> S:
         m = mask.to(old.device).view(-1, *([1] * (old.dim() - 1)))  # [B, 1, ...]
         out.append(torch.where(m, new.to(old.dtype), old))
     return type(state)(*out)
+
+
+def iter_segments(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    state: tuple,
+    segment_len: int,
+    bptt_segments: int = 0,
+) -> Iterator[tuple[int, torch.Tensor, tuple]]:
+    """Yield (start, logits, state_after) for consecutive segments of `tokens`, the state carried
+    from each segment to the next: the one loop that runs a model over a long input.
+
+    tokens: [B, N]; the last segment may be shorter than segment_len.
+    logits: [B, T, V] for tokens[:, start:start+T].
+    bptt_segments: K >= 1 detaches the state before segments K, 2K, ...; 0 never detaches (inference,
+        or a caller that detaches itself).
+    """
+    if segment_len < 1:
+        raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+    for i, start in enumerate(range(0, tokens.shape[1], segment_len)):
+        if bptt_segments and i and i % bptt_segments == 0:
+            state = detach(state)
+        logits, state = model(tokens[:, start : start + segment_len], state)  # [B, T, V]
+        yield start, logits, state
 
 
 class EmptyState(NamedTuple):

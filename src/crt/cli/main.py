@@ -16,11 +16,38 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from crt.config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, apply_overrides, config_from_dict, field_help, load_curriculum, load_preset, preset_names, stages_from_list
+from crt.config import (
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    field_help,
+    load_curriculum,
+    load_preset,
+    preset_names,
+    stages_from_list,
+)
 from crt.errors import CRTError
 
 DEFAULT_PRESETS = ("synthetic-crt", "synthetic-transformer")
-EVAL_FIELDS = ("data_dir", "mqar_gap", "passkey_distance", "facts_length", "video_max_frames", "map_unk", "protocol", "eval_batch_size", "eval_segment_len", "eval_mem_len", "eval_stride", "eval_max_tokens", "precision", "device")
+EVAL_FIELDS = (
+    "data_dir",
+    "mqar_gap",
+    "passkey_distance",
+    "facts_length",
+    "video_max_frames",
+    "map_unk",
+    "protocol",
+    "eval_batch_size",
+    "eval_segment_len",
+    "eval_mem_len",
+    "eval_stride",
+    "eval_max_tokens",
+    "precision",
+    "device",
+)
 EXPORT_MAX_BATCH, EXPORT_MAX_CHECK = 4096, 1000  # bounds of `crt export`: beyond them the check alone would take gigabytes
 _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -55,7 +82,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     else:
         columns = [("valid ppl", lambda r: _fmt(r["valid_ppl"], ".3f"))]
     if any(r["curriculum"]["stages"] > 1 for r in rows):
-        columns += [("curriculum", lambda r: ("passed" if r["curriculum"]["passed"] else "failed at") + f" {r['curriculum']['reached']}/{r['curriculum']['stages']}")]
+        columns += [
+            ("curriculum", lambda r: ("passed" if r["curriculum"]["passed"] else "failed at") + f" {r['curriculum']['reached']}/{r['curriculum']['stages']}")
+        ]
     widths = [max(len(name), *(len(cell(r)) for r in rows)) + 2 for name, cell in columns]
     header = f"{'model':<14}{'params':>10}{'steps':>7}" + "".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths)) + "  run"
     print(header)
@@ -65,7 +94,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from crt.train.checkpoint import load_checkpoint
+    from crt.checkpoint import load_checkpoint
     from crt.train.loop import train
 
     overrides = _overrides(args, list(MODEL_FIELDS) + list(TRAIN_FIELDS))
@@ -90,8 +119,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         changed = [f for f in ("arch", "task") if f in overrides] + (["data"] if overrides.get("data", "synthetic") != "synthetic" else [])
         if changed:
             flags = " and ".join(f"--{f}" for f in changed)
-            raise CRTError(f"{flags} without --preset: the default job trains {' and '.join(DEFAULT_PRESETS)} on the built-in recall task; "
-                           f"give a preset to start from (e.g. --preset ptb-crt-35, see `crt train --help`) or a .toml of your own")
+            raise CRTError(
+                f"{flags} without --preset: the default job trains {' and '.join(DEFAULT_PRESETS)} on the built-in recall task; "
+                f"give a preset to start from (e.g. --preset ptb-crt-35, see `crt train --help`) or a .toml of your own"
+            )
     presets = [args.preset] if args.preset else list(DEFAULT_PRESETS)
     jobs = [(name, *apply_overrides(*load_preset(name), overrides)) for name in presets]
     for _, m, t in jobs:
@@ -108,8 +139,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     # design; it fails when the memory model does. A chosen preset fails when it does.
     judged = rows[:1] if not args.preset else rows
     if not args.preset:
-        print(f"\nThe {rows[-1]['arch']} baseline has no memory across segments, so its curriculum failing is the expected result; "
-              f"the job passes when {rows[0]['arch']} passes.")
+        print(
+            f"\nThe {rows[-1]['arch']} baseline has no memory across segments, so its curriculum failing is the expected result; "
+            f"the job passes when {rows[0]['arch']} passes."
+        )
     if not all(r["curriculum"]["passed"] for r in judged):
         raise TrainingFailed
 
@@ -141,12 +174,10 @@ def _pin(stages, pinned: set[str]):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from crt.checkpoint import load_checkpoint, load_model
     from crt.data import Vocab
-    from crt.models import build_model
-    from crt.train.checkpoint import load_checkpoint
-    from crt.train.documents import evaluate_documents
-    from crt.train.evaluate import evaluate
-    from crt.train.loop import load_corpus, resolve_device, resolve_protocol
+    from crt.data.load import load_corpus
+    from crt.train.scoring import split_scorer
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = _overrides(args, EVAL_FIELDS)
@@ -166,43 +197,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CRTError(
             f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
         )
-    device = resolve_device(tcfg.device)
-    model = build_model(mcfg.validate()).to(device)
-    ckpt.load_weights(model)
-    seg = mcfg.eval_segment_len or mcfg.segment_len
-    if resolve_protocol(tcfg, corpus) == "document":
-        if not corpus.documents:
-            raise CRTError(f"--protocol document needs a corpus of separate documents, and {corpus.name} is running text: use --protocol stream")
-        if mcfg.eval_stride:
-            raise CRTError("--eval-stride is for the stream protocol: documents are scored segment by segment from a fresh state")
-        if "eval_max_tokens" in overrides:
-            raise CRTError("--eval-max-tokens caps a stream, and this split is scored as documents, each whole: drop it (or give --protocol stream)")
-        docs = corpus.documents[args.split]
-
-        def score(m):
-            return evaluate_documents(m, docs, tcfg.eval_batch_size, precision=tcfg.precision if m is model else "fp32")
-
-        mode = f"{len(docs):,} documents, each from a fresh state, segments of {seg} from its first token"
-    else:
-        data = getattr(corpus, args.split)
-        if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data) and "eval_max_tokens" not in overrides:
-            tcfg.eval_max_tokens = 0  # the run's cap on periodic validation; `crt eval` scores the whole split unless asked
-
-        def score(m):
-            return evaluate(m, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(args.split),
-                            precision=tcfg.precision if m is model else "fp32", max_tokens=tcfg.eval_max_tokens)
-
-        mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
-        if tcfg.eval_max_tokens and tcfg.eval_max_tokens + 1 < len(data):
-            mode += f"; only the first {tcfg.eval_max_tokens:,} of {len(data) - 1:,} tokens (--eval-max-tokens)"
-    result = score(model)
+    model, _ = load_model(ckpt, tcfg.device, mcfg)
+    score, mode = split_scorer(corpus, args.split, mcfg, tcfg, cap_given="eval_max_tokens" in overrides)
+    result = score(model, tcfg.precision)
     print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}")
     recall = f"  recall {result['recall']:.3f} of {result['answers']:,} answers" if not math.isnan(result["recall"]) else ""
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + recall)
     if args.int8:
         from crt.infer.quantize import quantize_int8
 
-        q = score(quantize_int8(model))
+        q = score(quantize_int8(model), "fp32")
         print(f"int8 (dynamic, CPU): loss {q['loss']:.4f}  ppl {q['ppl']:.3f}  ({100 * (q['ppl'] / result['ppl'] - 1):+.2f}% vs fp32)")
     unk = corpus.unk_mapped.get(args.split)
     if unk:
@@ -210,20 +214,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Namespace) -> None:
-    from crt.models import build_model
-    from crt.train.loop import resolve_device
-    from crt.train.video import evaluate_clips, load_video_data, plot_confusion
+    from crt.checkpoint import load_model
+    from crt.data.load import load_video_data
+    from crt.train.video import evaluate_clips, plot_confusion
 
     data = load_video_data(tcfg, mcfg.segment_len)
     if data.classes != ckpt.meta.get("classes"):
         raise CRTError(f"checkpoint classes differ from those of {tcfg.data} {tcfg.data_dir}: evaluate on the data the model was trained on")
-    device = resolve_device(tcfg.device)
-    model = build_model(mcfg.validate()).to(device)
-    ckpt.load_weights(model)
+    model, _ = load_model(ckpt, tcfg.device, mcfg)
     r = evaluate_clips(model, getattr(data, args.split), len(data.classes), tcfg.eval_batch_size, tcfg.video_max_frames, tcfg.precision)
     out = Path(args.confusion) if args.confusion else ckpt.path.parent.parent / f"confusion-{args.split}.png"
     plot_confusion(r["confusion"], data.classes, out, title=f"{mcfg.arch} on {data.name} {args.split}")
-    print(f"{mcfg.arch} {ckpt.path} on {data.name} {args.split} ({r['clips']} clips, segments of {mcfg.eval_segment_len or mcfg.segment_len} frames, state carried)")
+    print(f"{mcfg.arch} {ckpt.path} on {data.name} {args.split} ({r['clips']} clips, segments of {mcfg.eval_segment} frames, state carried)")
     print(f"loss {r['loss']:.4f}  top-1 acc {r['acc']:.4f}  mean per-class acc {r['mean_class_acc']:.4f}")
     print(f"confusion matrix: {out}")
 
@@ -271,12 +273,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from crt.infer.export import export
 
     if not (1 <= args.batch_size <= EXPORT_MAX_BATCH and 1 <= args.check_segments <= EXPORT_MAX_CHECK):
-        raise CRTError(f"--batch-size {args.batch_size} and --check-segments {args.check_segments}: give 1..{EXPORT_MAX_BATCH} streams and 1..{EXPORT_MAX_CHECK} segments "
-                       "(the check runs them all in memory, in PyTorch and in the runtime)")
+        raise CRTError(
+            f"--batch-size {args.batch_size} and --check-segments {args.check_segments}: give 1..{EXPORT_MAX_BATCH} streams and 1..{EXPORT_MAX_CHECK} segments "
+            "(the check runs them all in memory, in PyTorch and in the runtime)"
+        )
     suffix = Path(args.out).suffix.lower()
     if suffix in (".onnx", ".pt2") and suffix != "." + args.format:
         raise CRTError(f"--out {args.out} names a {suffix[1:]} file but --format is {args.format}: make them agree")
-    from crt.train.checkpoint import resolve
+    from crt.checkpoint import resolve
 
     source = resolve(args.checkpoint).resolve()
     if Path(args.out).resolve().parent in (source, source.parent):
@@ -284,11 +288,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, _, mcfg, _ = load_language_model(args.checkpoint)
     r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)  # out of memory: main() says so
     size = r["path"].stat().st_size / 2**20
-    print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment_len or mcfg.segment_len}], *state) -> (logits, *state)")
+    print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment}], *state) -> (logits, *state)")
     print(f"checked over {args.check_segments} segments: max |difference| from PyTorch {r['max_difference']:.2e}")
     if r["int8_path"]:
-        print(f"int8 -> {r['int8_path']} ({r['int8_path'].stat().st_size / 2**20:.2f} MiB): max |logit difference| from fp32 {r['int8_max_difference']:.3f}, "
-              f"same argmax at {100 * r['int8_agreement']:.1f}% of positions")
+        print(
+            f"int8 -> {r['int8_path']} ({r['int8_path'].stat().st_size / 2**20:.2f} MiB): max |logit difference| from fp32 {r['int8_max_difference']:.3f}, "
+            f"same argmax at {100 * r['int8_agreement']:.1f}% of positions"
+        )
     print(f"initial state -> {r['state_path']}")
 
 
@@ -305,14 +311,19 @@ def cmd_flops(args: argparse.Namespace) -> None:
     _warn_unused(jobs, overrides)
     print(f"MFLOP per token ({'evaluation' if args.eval else 'training'} lengths; 1 multiply-add = 2 FLOPs; train = 3 x forward)")
     print(flops_table(rows, evaluation=args.eval))
-    print("Counted: all matrix products (" + ", ".join(PARTS) + "). Not counted: norms, activations, softmax, "
-          "embedding lookups, the NCGRU's per-segment Cayley solve. Causal attention is counted as the full score matrix it computes.")
+    print(
+        "Counted: all matrix products (" + ", ".join(PARTS) + "). Not counted: norms, activations, softmax, "
+        "embedding lookups, the NCGRU's per-segment Cayley solve. Causal attention is counted as the full score matrix it computes."
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from crt.analysis import bench
     from crt.analysis.machine import describe
-    from crt.train.loop import load_corpus, resolve_device
+    from crt.analysis.rounds import run_rounds
+    from crt.analysis.speed_report import method_notes, report
+    from crt.data.load import load_corpus
+    from crt.runtime import resolve_device
 
     for flag in ("threads", "steps", "repeats", "rounds", "infer_batch", "infer_tokens"):
         if getattr(args, flag) < 1:
@@ -327,7 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             import recurrent_memory_transformer_pytorch  # noqa: F401
             import x_transformers  # noqa: F401
         except ImportError as e:
-            raise CRTError(f"--peers needs the optional peer libraries ({e.name} is missing): pip install -e \".[bench]\"") from None
+            raise CRTError(f'--peers needs the optional peer libraries ({e.name} is missing): pip install -e ".[bench]"') from None
     stream, source = None, "random tokens"
     if args.data_dir:
         corpus = load_corpus(TrainConfig(data="ptb", data_dir=args.data_dir))
@@ -336,26 +347,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CRTError(f"--diagonal-segments ({args.diagonal_segments}) and --diagonal-layers ({args.diagonal_layers}) must be >= 1")
     presets = args.preset or ([] if args.diagonal else list(bench.DEFAULT_PRESETS))
     cases = bench.make_cases(
-        presets, args.precision, args.peers, args.traps, device.type, args.threads,
-        args.steps, args.repeats, args.infer_batch, args.infer_tokens, stream, overrides=_overrides(args, list(MODEL_FIELDS)),
+        presets,
+        args.precision,
+        args.peers,
+        args.traps,
+        device.type,
+        args.threads,
+        args.steps,
+        args.repeats,
+        args.infer_batch,
+        args.infer_tokens,
+        stream,
+        overrides=_overrides(args, list(MODEL_FIELDS)),
         diagonal=(args.diagonal_segments, args.diagonal_layers) if args.diagonal else None,
     )
-    results = bench.run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
+    results = run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
     failed = [r for r in results if "error" in r]
-    notes = (
-        f"Each (model, precision) ran {args.rounds} times, once per round through the whole list, each time in a fresh process with "
-        f"{args.threads} threads on {device.type}: {args.repeats} timed groups of "
-        f"{args.steps} training steps after one warm-up step (median over all groups of all rounds reported), each step one window of the preset's batch x K segments "
-        f"of random tokens; inference streams {args.infer_tokens:,} tokens of {source} in {args.infer_batch} stream(s), one segment per call, "
-        "state carried (median of the repeats after a warm-up pass). Peak memory: " + (
-            "torch's peak allocation." if device.type == "cuda" else "peak resident set size of the case's process, the runtime included.")
-    )
-    text = bench.report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
+    notes = method_notes(args.rounds, args.threads, device.type, args.repeats, args.steps, args.infer_tokens, source, args.infer_batch)
+    text = report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
     if args.out:
         _write_report(Path(args.out), text)
     print(text)
     if failed:
-        print(f"crt: {len(failed)} of {len(results)} cases failed: {', '.join(r['name'] + ' ' + r['precision'] for r in failed)} (see the table)", file=sys.stderr)
+        print(
+            f"crt: {len(failed)} of {len(results)} cases failed: {', '.join(r['name'] + ' ' + r['precision'] for r in failed)} (see the table)", file=sys.stderr
+        )
         raise TrainingFailed
 
 
@@ -395,13 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
         "segment Transformer on the built-in synthetic recall corpus, one document per batch row, through a curriculum "
         "(the presets' [[stage]]s: one filler token, then one and two whole segments of filler, each stage until valid "
         "recall passes its threshold) and prints a table; it exits 1 if CRT fails a stage. "
-        f"Presets: {', '.join(preset_names())}."
+        f"Presets: {', '.join(preset_names())}.",
     )
     p.add_argument("--preset", help="preset name or path to a .toml file")
     p.add_argument("--resume", metavar="PATH", help="continue the run in PATH (a run directory or checkpoint folder) in the stage its checkpoint belongs to")
-    p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=None,
-                   help="train through the preset's [[stage]] tables, a curriculum: each stage changes some training fields and ends when its validation condition holds (default); "
-                   "--no-stages trains [train]'s fields alone for max_steps steps. Fields given as flags hold in every stage")
+    p.add_argument(
+        "--stages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train through the preset's [[stage]] tables, a curriculum: each stage changes some training fields and ends when its validation condition holds (default); "
+        "--no-stages trains [train]'s fields alone for max_steps steps. Fields given as flags hold in every stage",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_field_flags(p, list(MODEL_FIELDS), "model fields (override the preset; defaults shown are those without one)")
     _add_field_flags(p, list(TRAIN_FIELDS), "training fields (override the preset; defaults shown are those without one)")
@@ -411,7 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or checkpoint folder")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--confusion", metavar="PNG", help="video: where to write the confusion matrix (default RUN/confusion-SPLIT.png)")
-    p.add_argument("--int8", action="store_true", help="language models: also score an int8 copy (dynamic quantization of linear and GRU layers, int8 embeddings, CPU) beside fp32")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="language models: also score an int8 copy (dynamic quantization of linear and GRU layers, int8 embeddings, CPU) beside fp32",
+    )
     _add_field_flags(p, list(EVAL_FIELDS), "evaluation options (default: as trained)")
     p.set_defaults(func=cmd_eval)
 
@@ -440,7 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the program (the initial state goes beside it)")
     p.add_argument("--batch-size", type=int, default=1, help="parallel streams B fixed in the program (default 1)")
     p.add_argument("--check-segments", type=int, default=4, help="consecutive segments the runtime must reproduce (default 4)")
-    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also write FILE.int8.onnx or FILE.int8.pt2, linear layers dynamically quantized to int8 (default on; pt2 needs torchao)")
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write FILE.int8.onnx or FILE.int8.pt2, linear layers dynamically quantized to int8 (default on; pt2 needs torchao)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="analytic FLOPs per token and segment of presets, side by side")
@@ -452,9 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training and streaming tokens/s, peak memory and MFU per model and precision")
     p.add_argument("--preset", action="append", help="preset to measure; repeat for several (default: the PTB grid)")
     p.add_argument("--precision", action="append", help="fp32 and/or bf16 (default: both)")
-    p.add_argument("--peers", action="store_true", help="also time x-transformers and recurrent-memory-transformer-pytorch (pip install -e \".[bench]\")")
+    p.add_argument("--peers", action="store_true", help='also time x-transformers and recurrent-memory-transformer-pytorch (pip install -e ".[bench]")')
     p.add_argument("--traps", action="store_true", help="A/B cases on CRT-35 fp32 for the known CPU traps (allocator, denormals, dropout)")
-    p.add_argument("--diagonal", action="store_true", help="add ARMT inference on one long sequence, Diagonal Batching vs sequential (alone unless --preset is given)")
+    p.add_argument(
+        "--diagonal", action="store_true", help="add ARMT inference on one long sequence, Diagonal Batching vs sequential (alone unless --preset is given)"
+    )
     p.add_argument("--diagonal-segments", type=int, default=64, help="segments in the --diagonal sequence (default 64)")
     p.add_argument("--diagonal-layers", type=int, default=4, help="ARMT layers for --diagonal (default 4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -497,8 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e) and "out of memory" not in str(e):
             raise
-        print(f"crt: error: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): lower the sizes you asked for "
-              "(model width, batch, documents, tokens)", file=sys.stderr)
+        print(
+            f"crt: error: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): lower the sizes you asked for "
+            "(model width, batch, documents, tokens)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("crt: interrupted", file=sys.stderr)

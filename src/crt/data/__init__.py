@@ -10,4 +10,17 @@ from crt.data.download import download
 from crt.data.memory_tasks import make_facts, make_mqar, make_passkey
 from crt.data.synthetic import doc_length, make_synthetic
 
-__all__ = ["Corpus", "Documents", "Vocab", "batchify", "doc_length", "download", "load_chars", "load_words", "make_facts", "make_mqar", "make_passkey", "make_synthetic"]
+__all__ = [
+    "Corpus",
+    "Documents",
+    "Vocab",
+    "batchify",
+    "doc_length",
+    "download",
+    "load_chars",
+    "load_words",
+    "make_facts",
+    "make_mqar",
+    "make_passkey",
+    "make_synthetic",
+]

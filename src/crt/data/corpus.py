@@ -298,8 +298,7 @@ def load_words(directory: str | Path, kind: str = "auto", map_unk: bool = False)
     vocab = Vocab()
     unk_counts: dict[str, int] = {}
     streams = {
-        split: _encode_file(directory / files[split], vocab, grow=(split == "train"), split=split, map_unk=map_unk, unk_counts=unk_counts)
-        for split in SPLITS
+        split: _encode_file(directory / files[split], vocab, grow=(split == "train"), split=split, map_unk=map_unk, unk_counts=unk_counts) for split in SPLITS
     }
     if kind == "ptb":
         name = "ptb"

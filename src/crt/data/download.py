@@ -182,8 +182,10 @@ def _check_present(name: str, directory: Path) -> None:
             while block := f.read(_BLOCK):
                 md5.update(block)
         if md5.hexdigest() != remote.md5:
-            raise CRTError(f"{directory / remote.filename} is already there but is not the published {name} file (md5 {md5.hexdigest()}, "
-                           f"expected {remote.md5}): move it away and run again to download it")
+            raise CRTError(
+                f"{directory / remote.filename} is already there but is not the published {name} file (md5 {md5.hexdigest()}, "
+                f"expected {remote.md5}): move it away and run again to download it"
+            )
 
 
 def _download_all(name: str, directory: Path) -> Path:

@@ -77,8 +77,15 @@ def mqar_length(pairs: int, gap: int, segment: int) -> int:
 
 
 def make_mqar(
-    pairs: int = 4, gap: int = 1, vocab: int = 32, segment: int = 16, filler_vocab: int = 32,
-    train_docs: int = 4000, valid_docs: int = 200, test_docs: int = 200, seed: int = 0,
+    pairs: int = 4,
+    gap: int = 1,
+    vocab: int = 32,
+    segment: int = 16,
+    filler_vocab: int = 32,
+    train_docs: int = 4000,
+    valid_docs: int = 200,
+    test_docs: int = 200,
+    seed: int = 0,
 ) -> Corpus:
     """Multi-query associative recall with the queries G segments after the pairs (deterministic in all arguments).
 
@@ -91,14 +98,19 @@ def make_mqar(
     filler_vocab: size of the filler alphabet (disjoint from keys and values).
     """
     half = vocab // 2
-    require([
-        (pairs >= 1, f"mqar pairs must be >= 1, got {pairs}: set --mqar-pairs"),
-        (gap >= -1, f"mqar gap must be >= 0 segments (or -1: no gap), got {gap}: set --mqar-gap"),
-        (vocab >= 2 and vocab % 2 == 0, f"mqar vocab must be an even number >= 2 (keys and values take half each), got {vocab}: set --mqar-vocab"),
-        (half >= pairs, f"mqar vocab={vocab} gives {half} keys, fewer than pairs={pairs}, and keys are distinct within a document: raise --mqar-vocab to >= {2 * pairs}"),
-        (segment >= 1, f"mqar segment must be >= 1, got {segment}: set --task-segment"),
-        (filler_vocab >= 1, f"filler_vocab must be >= 1, got {filler_vocab}: set --synth-filler-vocab"),
-    ])
+    require(
+        [
+            (pairs >= 1, f"mqar pairs must be >= 1, got {pairs}: set --mqar-pairs"),
+            (gap >= -1, f"mqar gap must be >= 0 segments (or -1: no gap), got {gap}: set --mqar-gap"),
+            (vocab >= 2 and vocab % 2 == 0, f"mqar vocab must be an even number >= 2 (keys and values take half each), got {vocab}: set --mqar-vocab"),
+            (
+                half >= pairs,
+                f"mqar vocab={vocab} gives {half} keys, fewer than pairs={pairs}, and keys are distinct within a document: raise --mqar-vocab to >= {2 * pairs}",
+            ),
+            (segment >= 1, f"mqar segment must be >= 1, got {segment}: set --task-segment"),
+            (filler_vocab >= 1, f"filler_vocab must be >= 1, got {filler_vocab}: set --synth-filler-vocab"),
+        ]
+    )
     P, q0 = pairs, mqar_query_start(pairs, gap, segment)
     L = q0 + 2 * P + 1
     k0, v0, f0 = 2, 2 + half, 2 + vocab  # first key, value and filler ids
@@ -134,7 +146,13 @@ def passkey_length(digits: int, distance: int) -> int:
 
 
 def make_passkey(
-    digits: int = 4, distance: int = 32, filler_vocab: int = 32, train_docs: int = 4000, valid_docs: int = 200, test_docs: int = 200, seed: int = 0,
+    digits: int = 4,
+    distance: int = 32,
+    filler_vocab: int = 32,
+    train_docs: int = 4000,
+    valid_docs: int = 200,
+    test_docs: int = 200,
+    seed: int = 0,
 ) -> Corpus:
     """Passkey retrieval (deterministic in all arguments).
 
@@ -142,11 +160,13 @@ def make_passkey(
     distance: D filler tokens between the passkey's last digit and the query <q>.
     filler_vocab: size of the i.i.d. filler alphabet.
     """
-    require([
-        (digits >= 1, f"passkey digits must be >= 1, got {digits}: set --passkey-digits"),
-        (distance >= 0, f"passkey distance must be >= 0 tokens, got {distance}: set --passkey-distance"),
-        (filler_vocab >= 1, f"filler_vocab must be >= 1, got {filler_vocab}: set --synth-filler-vocab"),
-    ])
+    require(
+        [
+            (digits >= 1, f"passkey digits must be >= 1, got {digits}: set --passkey-digits"),
+            (distance >= 0, f"passkey distance must be >= 0 tokens, got {distance}: set --passkey-distance"),
+            (filler_vocab >= 1, f"filler_vocab must be >= 1, got {filler_vocab}: set --synth-filler-vocab"),
+        ]
+    )
     n, L = digits, passkey_length(digits, distance)
     d0, f0 = 4, 4 + len(DIGITS)  # first digit and filler ids
     q = 2 + n + distance  # position of <q>
@@ -201,7 +221,14 @@ def most_frequent_words(text: Corpus, words: int) -> Corpus:
 
 
 def make_facts(
-    text: Corpus, count: int = 4, length: int = 256, segment: int = 16, train_docs: int = 4000, valid_docs: int = 200, test_docs: int = 200, seed: int = 0,
+    text: Corpus,
+    count: int = 4,
+    length: int = 256,
+    segment: int = 16,
+    train_docs: int = 4000,
+    valid_docs: int = 200,
+    test_docs: int = 200,
+    seed: int = 0,
 ) -> Corpus:
     """Single-supporting-fact questions over facts hidden in real text (deterministic in all arguments).
 
@@ -214,11 +241,16 @@ def make_facts(
         so the question is at least one segment after every fact.
     segment: the segment length the grid is laid on (the model's segment_len).
     """
-    require([
-        (count >= 1, f"facts count must be >= 1, got {count}: set --facts-count"),
-        (segment >= 1, f"facts segment must be >= 1, got {segment}: set --task-segment"),
-        (length >= segment + count, f"facts length={length} leaves no room for {count} facts at least one segment ({segment}) before the question: raise --facts-length to >= {segment + count}"),
-    ])
+    require(
+        [
+            (count >= 1, f"facts count must be >= 1, got {count}: set --facts-count"),
+            (segment >= 1, f"facts segment must be >= 1, got {segment}: set --task-segment"),
+            (
+                length >= segment + count,
+                f"facts length={length} leaves no room for {count} facts at least one segment ({segment}) before the question: raise --facts-length to >= {segment + count}",
+            ),
+        ]
+    )
     vocab = facts_vocab(text.vocab)
     ids = {w: vocab.stoi[w] for w in (*PEOPLE, *LOCATIONS, *VERBS, "to", "the", ".", "where", "is", "?", EOS)}
     eos = ids[EOS]
@@ -247,7 +279,10 @@ def make_facts(
             points = priority.topk(count).indices.sort().values.tolist()  # facts in text order
             pieces, last = [], 0
             for i, p in enumerate(points):
-                pieces += [window[last:p], torch.tensor([ids[PEOPLE[who[d, i]]], ids[VERBS[how[d, i]]], ids["to"], ids["the"], ids[LOCATIONS[where[d, i]]], ids["."]])]
+                pieces += [
+                    window[last:p],
+                    torch.tensor([ids[PEOPLE[who[d, i]]], ids[VERBS[how[d, i]]], ids["to"], ids["the"], ids[LOCATIONS[where[d, i]]], ids["."]]),
+                ]
                 last = p
             person = int(who[d, int(asked[d].argmax())])
             answer = LOCATIONS[int(where[d][(who[d] == person).nonzero()[-1]])]  # the person's last location

@@ -51,9 +51,7 @@ def doc_count_checks(train_docs: int, valid_docs: int, test_docs: int) -> list[t
 
 def synthetic_vocab(keys: int, values: int, filler_vocab: int) -> Vocab:
     """<eos> <doc> <q> <sep>, then k0.., v0.., f0.. (fixed order, so ids depend only on the sizes)."""
-    return Vocab(
-        [*_SPECIALS, *(f"k{i}" for i in range(keys)), *(f"v{i}" for i in range(values)), *(f"f{i}" for i in range(filler_vocab))]
-    )
+    return Vocab([*_SPECIALS, *(f"k{i}" for i in range(keys)), *(f"v{i}" for i in range(values)), *(f"f{i}" for i in range(filler_vocab))])
 
 
 def split_generator(seed: int, split: str, task: str = "synthetic") -> torch.Generator:
@@ -84,9 +82,7 @@ def _make_split(
 
     pairs_part = torch.stack([key + k0, val + v0], dim=2).view(D, 2 * P)  # [D, 2P] k v k v ...
     query_part = torch.stack([torch.full_like(qkey, _SPECIALS.index(QUERY)), qkey + k0, qval + v0], dim=2).view(D, 3 * R * P)  # [D, 3RP]
-    doc = torch.cat(
-        [col(_SPECIALS.index(DOC)), pairs_part, col(_SPECIALS.index(SEP)), fill + f0, query_part, col(_SPECIALS.index(EOS))], dim=1
-    )  # [D, L]
+    doc = torch.cat([col(_SPECIALS.index(DOC)), pairs_part, col(_SPECIALS.index(SEP)), fill + f0, query_part, col(_SPECIALS.index(EOS))], dim=1)  # [D, L]
     L = doc.shape[1]
     answers = torch.zeros(D, L, dtype=torch.bool)  # [D, L]
     first_query = 2 + 2 * P + F  # position of the first <q>

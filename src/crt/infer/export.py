@@ -37,8 +37,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from crt.errors import CRTError
-from crt.layers import NCGRU
 from crt.files import umask_mode
+from crt.layers import NCGRU
 
 TOLERANCE = 1e-4  # max |difference| of fp32 logits and state, runtime vs PyTorch
 
@@ -197,7 +197,12 @@ def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                step, example, str(path), dynamo=True, verbose=False, external_data=False,  # one self-contained file
+                step,
+                example,
+                str(path),
+                dynamo=True,
+                verbose=False,
+                external_data=False,  # one self-contained file
                 input_names=["tokens"] + [f"state_in_{i}" for i in range(n_state)],
                 output_names=["logits"] + [f"state_out_{i}" for i in range(n_state)],
             )
@@ -206,7 +211,9 @@ def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path
             raise CRTError(f"torch.onnx could not export {step.model.cfg.arch} ({reason[:200]}): try --format pt2; nothing was written") from None
 
 
-def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, check_segments: int = 4, tolerance: float = TOLERANCE, int8: bool = True) -> dict[str, object]:
+def export(
+    model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, check_segments: int = 4, tolerance: float = TOLERANCE, int8: bool = True
+) -> dict[str, object]:
     """Write the segment step of `model` to `out` as onnx or pt2, checked against PyTorch.
 
     Also writes OUT.state.safetensors (the initial state, in input order) and, with int8=True,
@@ -237,7 +244,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
         _freeze_cayley(model)
         step = SegmentStep(model, batch_size)
         cfg = model.cfg
-        segment_len = cfg.eval_segment_len or cfg.segment_len
+        segment_len = cfg.eval_segment
         segments = _segments(step, check_segments, cfg.vocab_size, segment_len)
         reference = _reference(step, segments)
         example = (segments[0], *step.initial)
@@ -248,9 +255,8 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
                 _write_onnx(step, example, tmp_out)
                 result["max_difference"] = _check("the ONNX export (onnxruntime)", reference, _run_loop(_onnx_session(tmp_out), step, segments), tolerance)
                 if int8:
-                    from onnxruntime.quantization import QuantType, quantize_dynamic
-
                     import onnx
+                    from onnxruntime.quantization import QuantType, quantize_dynamic
 
                     # the exporter's intermediate shape annotations trip onnxruntime's own shape
                     # inference; without them it infers every shape afresh
@@ -264,13 +270,17 @@ def export(model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, che
                     try:
                         quantize_dynamic(str(stripped), str(tmp_int8), weight_type=QuantType.QInt8)
                     except Exception as e:  # one line for the user, whatever onnxruntime raised
-                        raise CRTError(f"onnxruntime could not quantize the ONNX step to int8 ({str(e).splitlines()[0][:200]}): try --no-int8; nothing was written") from None
+                        raise CRTError(
+                            f"onnxruntime could not quantize the ONNX step to int8 ({str(e).splitlines()[0][:200]}): try --no-int8; nothing was written"
+                        ) from None
                     finally:
                         root.setLevel(level)
                     stripped.unlink()
                     result.update(_int8_report(reference, _run_loop(_onnx_session(tmp_int8), step, segments)))
             else:
-                result["max_difference"] = _check("the torch.export program", reference, _run_loop(_write_pt2(step, example, tmp_out), step, segments), tolerance)
+                result["max_difference"] = _check(
+                    "the torch.export program", reference, _run_loop(_write_pt2(step, example, tmp_out), step, segments), tolerance
+                )
                 if int8:
                     int8_step = SegmentStep(_torchao_int8(model), batch_size)
                     runtime = _run_loop(_write_pt2(int8_step, example, Path(tmp) / (out.stem + ".int8.pt2"), "the int8 copy of "), step, segments)

@@ -83,7 +83,7 @@ def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0)
     """
     device = next(model.parameters()).device
     model.eval()
-    L = model.cfg.eval_segment_len or model.cfg.segment_len
+    L = model.cfg.eval_segment
     state = model.init_state(1, evaluation=True)
     previous = None  # [V] logits after the last token of the previous segment
     nll, count, next_report = 0.0, 0, report_every

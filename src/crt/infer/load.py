@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from crt.checkpoint import load_checkpoint, load_model
 from crt.config import ModelConfig, TrainConfig, config_from_dict
 from crt.data import Vocab
 from crt.errors import CRTError
@@ -14,14 +15,9 @@ from crt.errors import CRTError
 def load_language_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Vocab, ModelConfig, TrainConfig]:
     """(model in eval mode, vocabulary, model config, train config) of a language-model checkpoint
     (a run directory or a checkpoint folder)."""
-    from crt.models import build_model
-    from crt.train.checkpoint import load_checkpoint
-    from crt.train.loop import resolve_device
-
     ckpt = load_checkpoint(path)
     mcfg, tcfg = config_from_dict(ModelConfig, ckpt.meta["model"]), ckpt.train_config()
     if tcfg.task != "lm":
         raise CRTError(f"{ckpt.path} is a {mcfg.arch} frame-sequence classifier: this command needs a language model checkpoint")
-    model = build_model(mcfg).to(resolve_device(device))
-    ckpt.load_weights(model)
-    return model.eval(), Vocab.from_list(ckpt.meta["vocab"]), mcfg, tcfg
+    model, _ = load_model(ckpt, device, mcfg)
+    return model, Vocab.from_list(ckpt.meta["vocab"]), mcfg, tcfg

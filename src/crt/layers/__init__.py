@@ -2,13 +2,14 @@
 
 from crt.layers.associative import AssociativeMemory
 from crt.layers.attention import CausalSelfAttention, KVCache
-from crt.layers.block import Block
-from crt.layers.feedforward import FeedForward
-from crt.layers.gru import GRU
+from crt.layers.block import Block, blocks_flops
 from crt.layers.embedding import TokenEmbedding
+from crt.layers.feedforward import FeedForward
+from crt.layers.gru import GRU, gru_flops
 from crt.layers.init import init_weights
 from crt.layers.ncgru import NCGRU
 from crt.layers.positional import AbsolutePositions, LearnedPositions, RecurrentPositions, Rotary, apply_rotary, sinusoidal_table
+from crt.layers.trunk import SegmentCache, SegmentTrunk
 
 __all__ = [
     "AbsolutePositions",
@@ -22,8 +23,12 @@ __all__ = [
     "NCGRU",
     "RecurrentPositions",
     "Rotary",
+    "SegmentCache",
+    "SegmentTrunk",
     "TokenEmbedding",
     "apply_rotary",
+    "blocks_flops",
+    "gru_flops",
     "init_weights",
     "sinusoidal_table",
 ]

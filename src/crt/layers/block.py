@@ -44,3 +44,19 @@ class Block(nn.Module):
             attn_kwargs["memory"] = self.ln1(memory)
         x = x + self.drop(self.attn(self.ln1(x), **attn_kwargs))  # [B, T, D]
         return x + self.drop(self.ff(self.ln2(x)))  # [B, T, D]
+
+
+def block_flops(positions: int, d_model: int, d_ff: int) -> dict[str, float]:
+    """Forward FLOPs of one Block over `positions` positions with causal segment attention
+    (the full S x S score matrix, as computed; see crt.analysis.flops)."""
+    S, D = positions, d_model
+    return {
+        "attention projections": 2 * S * 4 * D * D,  # W_qkv (3 D^2) and W_o (D^2)
+        "attention scores and sums": 2 * 2 * S * S * D,  # Q K^T and A V, S x S each
+        "feed-forward": 2 * S * 2 * D * d_ff,
+    }
+
+
+def blocks_flops(n_layer: int, positions: int, d_model: int, d_ff: int) -> dict[str, float]:
+    """`block_flops` of n_layer blocks."""
+    return {part: n_layer * f for part, f in block_flops(positions, d_model, d_ff).items()}

@@ -19,6 +19,26 @@ def parse_frame_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+FRAME_OPTIONS = ("patch_size", "frame_layers")  # the frame encoder's options, read by both video models
+
+
+def check_frame_options(cfg) -> list[tuple[bool, str]]:
+    """The frame encoder's option checks (CR-ViT and the video transformer): (ok, message) pairs."""
+    checks = [(cfg.patch_size >= 1 and cfg.frame_layers >= 1, "patch_size and frame_layers must be >= 1")]
+    if cfg.frame_shape and checks[0][0]:
+        try:
+            shape = parse_frame_shape(cfg.frame_shape)
+        except ValueError as e:
+            return [(False, str(e))]
+        checks.append(
+            (
+                len(shape) == 2 or (shape[1] % cfg.patch_size == 0 and shape[2] % cfg.patch_size == 0),
+                f"patch_size={cfg.patch_size} does not divide the {cfg.frame_shape} frames: pick a divisor (or another --video-size)",
+            )
+        )
+    return checks
+
+
 class FrameEncoder(nn.Module):
     """One frame -> one vector of width d_model.
 

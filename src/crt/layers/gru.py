@@ -32,3 +32,8 @@ class GRU(nn.Module):
         H = self.gru.hidden_size
         self.gru.bias_ih_l0[H : 2 * H].zero_()  # torch has two biases per gate; keep one
         self.gru.bias_hh_l0[H : 2 * H].copy_(bias)
+
+
+def gru_flops(input_size: int, hidden_size: int, steps: int) -> float:
+    """Forward FLOPs of a GRU or NCGRU over `steps` inputs: three gates, each W x and U h."""
+    return 2 * steps * 3 * (input_size * hidden_size + hidden_size * hidden_size)

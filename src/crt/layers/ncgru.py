@@ -52,9 +52,7 @@ class NCGRU(nn.Module):
         skew-symmetric A_r and the same kind of D; U_u stays a free matrix either way.
     """
 
-    def __init__(
-        self, input_size: int, hidden_size: int, n_negative: int | None = None, orthogonal_reset: bool = False
-    ):
+    def __init__(self, input_size: int, hidden_size: int, n_negative: int | None = None, orthogonal_reset: bool = False):
         super().__init__()
         H = hidden_size
         n_negative = H // 2 if n_negative is None else n_negative

@@ -16,9 +16,7 @@ def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
     PE[p, 2i] = sin(p / 10000^(2i/d)),  PE[p, 2i+1] = cos(p / 10000^(2i/d))
     positions: [T]  ->  [T, dim]
     """
-    inv_freq = torch.exp(
-        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
-    )  # [dim/2]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim))  # [dim/2]
     angles = positions.float()[:, None] * inv_freq[None, :]  # [T, dim/2]
     table = torch.stack([angles.sin(), angles.cos()], dim=-1)  # [T, dim/2, 2]
     return table.flatten(1)  # [T, dim] interleaved sin, cos

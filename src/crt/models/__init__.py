@@ -13,7 +13,18 @@ from crt.models.transformer import Transformer
 from crt.models.transformer_xl import TransformerXL
 from crt.models.video_transformer import VideoTransformer
 
-MODELS = {"crt": CRT, "transformer": Transformer, "transformer_xl": TransformerXL, "rmt": RMT, "armt": ARMT, "crvit": CRViT, "video_transformer": VideoTransformer}
+# The one registry: arch name -> model class. Each class declares its options beside its maths
+# (POSITIONS, OPTIONS, check_options; TASK "video" for the frame-sequence classifiers).
+MODELS = {
+    "crt": CRT,
+    "transformer": Transformer,
+    "transformer_xl": TransformerXL,
+    "rmt": RMT,
+    "armt": ARMT,
+    "crvit": CRViT,
+    "video_transformer": VideoTransformer,
+}
+VIDEO_ARCHS = tuple(arch for arch, model in MODELS.items() if getattr(model, "TASK", "lm") == "video")  # task = video
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -21,4 +32,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return MODELS[cfg.validate().arch](cfg)
 
 
-__all__ = ["ARMT", "CRT", "MODELS", "RMT", "CRViT", "Transformer", "TransformerXL", "VideoTransformer", "build_model"]
+__all__ = ["ARMT", "CRT", "MODELS", "RMT", "VIDEO_ARCHS", "CRViT", "Transformer", "TransformerXL", "VideoTransformer", "build_model"]

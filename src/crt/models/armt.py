@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, AssociativeMemory, Block, TokenEmbedding, init_weights
+from crt.layers import AbsolutePositions, AssociativeMemory, Block, SegmentCache, TokenEmbedding, blocks_flops, init_weights
 
 
 class ARMTState(NamedTuple):
@@ -41,8 +41,18 @@ class ARMTLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_head: int, d_ff: int, dropout: float, attn_dropout: float, mem_tokens: int, d_key: int, assoc_heads: int, nu: int,
-        correction: bool, floor: bool,
+        self,
+        d_model: int,
+        n_head: int,
+        d_ff: int,
+        dropout: float,
+        attn_dropout: float,
+        mem_tokens: int,
+        d_key: int,
+        assoc_heads: int,
+        nu: int,
+        correction: bool,
+        floor: bool,
     ):
         super().__init__()
         self.mem_tokens = mem_tokens
@@ -70,15 +80,32 @@ class ARMT(nn.Module):
     tie_weights: share the LM head with the token embedding.
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("learned", "sinusoidal", "rotary")
+    OPTIONS = dict.fromkeys(("mem_tokens", "assoc_dim", "assoc_heads", "assoc_nu", "assoc_correction", "assoc_floor"))
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return [
+            (cfg.mem_tokens >= 1, f"mem_tokens={cfg.mem_tokens}: armt needs at least one memory token (--mem-tokens)"),
+            (cfg.assoc_dim >= 1 and cfg.assoc_nu >= 1 and cfg.assoc_heads >= 1, "assoc_dim, assoc_nu and assoc_heads must be >= 1"),
+            (
+                cfg.assoc_heads < 1 or (cfg.assoc_dim % cfg.assoc_heads == 0 and cfg.d_model % cfg.assoc_heads == 0),
+                f"assoc_heads={cfg.assoc_heads} must divide assoc_dim={cfg.assoc_dim} and d_model={cfg.d_model}",
+            ),
+        ]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D, k = cfg.d_model, cfg.mem_tokens
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
         self.drop = nn.Dropout(cfg.emb_dropout)
         self.layers = nn.ModuleList(
-            ARMTLayer(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction, cfg.assoc_floor)
+            ARMTLayer(
+                D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, k, cfg.assoc_dim, cfg.assoc_heads, cfg.assoc_nu, cfg.assoc_correction, cfg.assoc_floor
+            )
             for _ in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(D)
@@ -107,12 +134,58 @@ class ARMT(nn.Module):
         """Logits of the segment's tokens from the last layer's output h [B, T+k, D]: [B, T, V]."""
         return self.tokens.unembed(self.ln_f(h[:, : -self.cfg.mem_tokens]))  # [B, T, V]
 
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head: the blocks over the tokens
+        and the k memory tokens, and every layer's associative reads and writes (crt.analysis.flops)."""
+        D, N, k, H, d_key = cfg.d_model, cfg.n_layer, cfg.mem_tokens, cfg.assoc_heads, cfg.assoc_dim
+        S = T + k
+        parts = blocks_flops(N, S, D, cfg.d_ff)
+        d_phi = 2 * cfg.assoc_nu * d_key // H  # feature width per head
+        # per head the memory is A [d_phi, D/H]; a lookup is phi A (d_phi x D/H) and phi . z (d_phi)
+        lookup = 2 * H * d_phi * (D // H + 1)
+        read = S * (2 * D * d_key + lookup)  # W_q, then every position looks up
+        write = k * (2 * D * d_key + 2 * D * D + 2 * D * H + lookup + 2 * H * d_phi * (D // H))  # W_k, W_v, gate, v_old, k (v - v_old)^T
+        parts["associative memory"] = N * (read + write)
+        return parts
+
+    def run_layers(
+        self, h: torch.Tensor, state: ARMTState, attn_kwargs: dict, write: bool = True, caches: list | None = None
+    ) -> tuple[torch.Tensor, ARMTState]:
+        """Every layer over h [B, S, D] -> its output [B, S, D] and the state the memory tokens
+        wrote (write=False: h holds no memory tokens and the state comes back unchanged).
+        caches: one KVCache per layer when streaming."""
+        As, zs = [], []
+        for l, layer in enumerate(self.layers):
+            kwargs = attn_kwargs if caches is None else {**attn_kwargs, "cache": caches[l]}
+            h, A, z = layer(h, state.A[:, l].to(h.dtype), state.z[:, l].to(h.dtype), write=write, **kwargs)  # [B, S, D]
+            As.append(A.to(state.A.dtype))
+            zs.append(z.to(state.z.dtype))
+        return h, ARMTState(torch.stack(As, dim=1), torch.stack(zs, dim=1))
+
     def forward(self, tokens: torch.Tensor, state: ARMTState) -> tuple[torch.Tensor, ARMTState]:
         # tokens: [B, T]; state: ARMTState
         h, attn_kwargs = self.embed(tokens)  # [B, T+k, D]
-        As, zs = [], []
-        for l, layer in enumerate(self.layers):
-            h, A, z = layer(h, state.A[:, l].to(h.dtype), state.z[:, l].to(h.dtype), **attn_kwargs)  # [B, T+k, D]
-            As.append(A.to(state.A.dtype))
-            zs.append(z.to(state.z.dtype))
-        return self.head(h), ARMTState(torch.stack(As, dim=1), torch.stack(zs, dim=1))
+        h, state = self.run_layers(h, state, attn_kwargs)  # [B, T+k, D]
+        return self.head(h), state
+
+    # --- streaming: each position reads every layer's memory of the previous segment and goes
+    # through the block with the segment's keys and values cached; when the segment closes, the
+    # k memory tokens are fed the same way and their outputs write each layer's memory.
+
+    def _advance(self, segment: SegmentCache, u: torch.Tensor, write: bool = False) -> tuple[torch.Tensor, ARMTState]:
+        u, attn_kwargs = self.positions(u, offset=segment.offset)  # [B, T, D]
+        segment.offset += u.shape[1]
+        return self.run_layers(self.drop(u), segment.state, attn_kwargs, write, segment.layers)
+
+    def open_segment(self, state: ARMTState) -> SegmentCache:
+        return SegmentCache(self.cfg.n_layer, state)
+
+    def step(self, segment: SegmentCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] after the segment's earlier ones -> logits [B, V] for the next token."""
+        h, _ = self._advance(segment, self.tokens(tokens.view(-1, 1)))  # [B, 1, D]
+        return self.tokens.unembed(self.ln_f(h))[:, 0]  # [B, V]
+
+    def close_segment(self, segment: SegmentCache) -> ARMTState:
+        P = self.memory_tokens.expand(segment.state.A.shape[0], -1, -1)  # [B, k, D]
+        return self._advance(segment, P.to(segment.state.A.dtype), write=True)[1]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import GRU, NCGRU, AbsolutePositions, Block, RecurrentPositions, TokenEmbedding, init_weights
+from crt.layers import GRU, NCGRU, AbsolutePositions, RecurrentPositions, SegmentCache, SegmentTrunk, TokenEmbedding, blocks_flops, gru_flops, init_weights
 
 
 class CRTState(NamedTuple):
@@ -30,8 +30,10 @@ class CRTState(NamedTuple):
     positions: torch.Tensor  # [B, D]  r_{n-1}, hidden state of the recurrent positional GRU (zeros if unused)
 
 
-class CRT(nn.Module):
-    """CRT language model. Every constructor choice comes from `cfg` (see `ModelConfig`):
+class CRTCore(SegmentTrunk):
+    """CRT over input vectors: memory token, positions, the shallow transformer and the memory
+    RNN. The language model (`CRT`) feeds it token embeddings, CR-ViT frame vectors. Every
+    constructor choice comes from `cfg` (see `ModelConfig`):
 
     d_model, n_layer, n_head, d_ff, dropout, emb_dropout, attn_dropout: the shallow transformer.
     segment_len / eval_segment_len: the longest segment it is fed (sizes learned positions).
@@ -48,20 +50,40 @@ class CRT(nn.Module):
     tie_weights: share the LM head with the token embedding.
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("recurrent", "sinusoidal", "learned", "rotary", "none")
+    OPTIONS = {
+        **dict.fromkeys(("memory_position", "memory_init", "memory_cell", "memory_reads", "d_memory", "carry_rpe")),
+        **dict.fromkeys(("ncgru_negative", "ncgru_orthogonal_reset"), ("memory_cell = ncgru", lambda cfg: cfg.memory_cell == "ncgru")),
+    }
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        checks = [
+            (
+                cfg.memory_reads != "memory_token" or cfg.memory_position == "append",
+                "memory_reads=memory_token needs memory_position=append: a prepended memory token sees no segment token under the causal mask",
+            )
+        ]
+        if cfg.memory_cell == "ncgru":
+            checks.append(
+                (
+                    cfg.ncgru_negative <= cfg.memory_dim,
+                    f"ncgru_negative={cfg.ncgru_negative} exceeds the memory width {cfg.memory_dim}: use -1 (half) or 0..{cfg.memory_dim}",
+                )
+            )
+        return checks
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         D, d_m = cfg.d_model, cfg.memory_dim
-        # vocab_size 0: a core without token embedding or LM head, fed vectors through `encode`
-        # (CR-ViT's frames, crt/models/crvit.py)
+        # The language model's token embedding (vocab_size 0: none, CR-ViT's core) is registered
+        # here, first, so parameter names and the order init_weights draws in stay the LM's.
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights) if cfg.vocab_size else None
         self.memory_in = nn.Linear(d_m, D)  # m_{n-1} -> memory token
-        self.drop = nn.Dropout(cfg.emb_dropout)
-        self.blocks = nn.ModuleList(
-            Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(D)
+        self.build_trunk(cfg)
         if cfg.position_encoding != "recurrent":
             max_len = max(cfg.segment_len, cfg.eval_segment_len) + 1  # + memory token
             self.absolute_positions = AbsolutePositions(cfg.position_encoding, max_len, D, cfg.n_head)
@@ -105,11 +127,6 @@ class CRT(nn.Module):
         positions = torch.zeros(batch_size, self.cfg.d_model, device=device)  # [B, D]
         return CRTState(memory, positions)
 
-    def forward(self, tokens: torch.Tensor, state: CRTState) -> tuple[torch.Tensor, CRTState]:
-        # tokens: [B, T] with T <= segment length; state: CRTState
-        h, state = self.encode(self.tokens(tokens), state)  # [B, T, D]
-        return self.tokens.unembed(h), state  # [B, T, V]
-
     def encode(self, x: torch.Tensor, state: CRTState, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, CRTState]:
         """One segment of input vectors -> final-layer outputs and the next state.
 
@@ -125,7 +142,7 @@ class CRT(nn.Module):
         n_valid = None if valid is None else valid.sum(dim=1)  # [B] inputs before the padding
         if n_valid is not None and cfg.memory_position == "append":
             raise ValueError("padded segments (valid=...) need memory_position prepend or none")
-        memory_token = self.memory_in(state.memory.to(x.dtype)).unsqueeze(1)  # [B, 1, D]
+        memory_token = self.memory_token(state, x.dtype)  # [B, 1, D]
         if cfg.memory_position == "prepend":
             u, first = torch.cat([memory_token, x], dim=1), 1  # [B, T+1, D]; tokens start at 1
         elif cfg.memory_position == "append":
@@ -145,10 +162,7 @@ class CRT(nn.Module):
         else:
             u, attn_kwargs = self.absolute_positions(u)  # [B, S, D]
 
-        h = self.drop(u)  # [B, S, D]
-        for block in self.blocks:
-            h = block(h, **attn_kwargs)  # [B, S, D]
-        h = self.ln_f(h)  # [B, S, D]
+        h = self.trunk(u, attn_kwargs)  # [B, S, D]
         h_tokens = h[:, first : first + T]  # [B, T, D]
 
         # m_n = RNN(reads; m_{n-1}): the memory is updated from this segment's final-layer outputs
@@ -166,6 +180,84 @@ class CRT(nn.Module):
             memory = _at_last_valid(out, n_valid if cfg.memory_reads == "tokens" else n_valid.clamp(max=1), m_prev)  # [B, d_m]
         # The state stays in the dtype init_state gave it, whatever autocast computed in.
         return h_tokens, CRTState(memory.to(state.memory.dtype), positions_state)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head (crt.analysis.flops): the
+        blocks over T tokens and the memory token, W_m, the memory RNN over its reads and the
+        positional GRU over every position."""
+        D, d_m = cfg.d_model, cfg.memory_dim
+        S = T + (cfg.memory_position != "none")  # + the memory token
+        parts = blocks_flops(cfg.n_layer, S, D, cfg.d_ff)
+        parts["memory projection"] = 2 * d_m * D if cfg.memory_position != "none" else 0.0
+        parts["memory RNN"] = gru_flops(D, d_m, T if cfg.memory_reads == "tokens" else 1)
+        if cfg.position_encoding == "recurrent":
+            parts["positional RNN"] = gru_flops(D, D, S)
+        return parts
+
+    def memory_token(self, state: CRTState, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_m m_{n-1} + b_m: [B, 1, D]."""
+        return self.memory_in(state.memory.to(dtype or state.memory.dtype)).unsqueeze(1)
+
+    # --- streaming: one token at a time, the segment's keys and values cached (crt.infer.stream)
+    #
+    #   segment opens:   u_0 = W_m m_{n-1} + b_m          the memory token, fed like a token
+    #   each token:      u_t = e_t (+ GRU_pos step)        attends to u_0..u_t via the cache
+    #                    m  <- RNN step(h_t, m)            the memory reads h_t as it comes
+    #   segment closes:  m_n = m, r_n = r
+
+    def open_segment(self, state: CRTState) -> SegmentCache:
+        cfg = self.cfg
+        segment = SegmentCache(cfg.n_layer, state)
+        segment.memory = state.memory  # [B, d_m] the memory RNN's hidden state as it reads the segment
+        segment.r = state.positions if cfg.carry_rpe else torch.zeros_like(state.positions)  # [B, D]
+        segment.last_h = None  # [B, 1, D] the latest token's output
+        if cfg.memory_position == "prepend":
+            self._advance(segment, self.memory_token(state))
+        return segment
+
+    def _advance(self, segment: SegmentCache, u: torch.Tensor) -> torch.Tensor:
+        """Inputs u [B, T, D] after the segment's earlier ones -> final-layer outputs [B, T, D]."""
+        if self.cfg.position_encoding == "recurrent":
+            p, segment.r = self.recurrent_positions(u, segment.r)  # p: [B, T, D]; r: [B, D]
+            u, attn_kwargs = u + p, {}
+        else:
+            u, attn_kwargs = self.absolute_positions(u, offset=segment.offset)
+        segment.offset += u.shape[1]
+        return self.trunk(u, attn_kwargs, segment.layers)
+
+    def advance(self, segment: SegmentCache, x: torch.Tensor) -> torch.Tensor:
+        """One input vector x [B, 1, D] after the segment's earlier ones -> its output [B, 1, D]."""
+        h = self._advance(segment, x)  # [B, 1, D]
+        if self.cfg.memory_reads == "tokens":
+            segment.memory = self.memory_rnn(h, segment.memory.to(h.dtype))[1]  # [B, d_m]  m <- RNN step(h_t, m)
+        segment.last_h = h
+        return h
+
+    def close_segment(self, segment: SegmentCache) -> CRTState:
+        """m_n from what the memory RNN read (an appended memory token is fed first), and r_n."""
+        cfg, state = self.cfg, segment.state
+        h_memory = self._advance(segment, self.memory_token(state)) if cfg.memory_position == "append" else None  # [B, 1, D]
+        if cfg.memory_reads == "tokens":
+            memory = segment.memory  # [B, d_m] already stepped over h_1..h_L
+        else:
+            reads = h_memory if cfg.memory_reads == "memory_token" else segment.last_h  # [B, 1, D]
+            memory = self.memory_rnn(reads, state.memory)[1]  # [B, d_m]
+        carry = cfg.position_encoding == "recurrent" and cfg.carry_rpe
+        return CRTState(memory.to(state.memory.dtype), segment.r.to(state.positions.dtype) if carry else state.positions)
+
+
+class CRT(CRTCore):
+    """The CRT language model: `CRTCore` over token embeddings, read out by the (tied) LM head."""
+
+    def forward(self, tokens: torch.Tensor, state: CRTState) -> tuple[torch.Tensor, CRTState]:
+        # tokens: [B, T] with T <= segment length; state: CRTState
+        h, state = self.encode(self.tokens(tokens), state)  # [B, T, D]
+        return self.tokens.unembed(h), state  # [B, T, V]
+
+    def step(self, segment: SegmentCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] after the segment's earlier ones -> logits [B, V] for the next token."""
+        return self.tokens.unembed(self.advance(segment, self.tokens(tokens.view(-1, 1))))[:, 0]  # [B, V]
 
 
 def _at_last_valid(seq: torch.Tensor, n: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crt.config import ModelConfig
-from crt.layers import Block, TokenEmbedding, init_weights, sinusoidal_table
+from crt.layers import Block, SegmentCache, SegmentTrunk, TokenEmbedding, init_weights, sinusoidal_table
 
 
 class XLState(NamedTuple):
@@ -95,9 +95,7 @@ class RelativeAttention(nn.Module):
         self.u = nn.Parameter(torch.randn(n_head, d_model // n_head) * 0.02)  # content bias, term (c)
         self.v = nn.Parameter(torch.randn(n_head, d_model // n_head) * 0.02)  # position bias, term (d)
 
-    def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, rel: torch.Tensor, dist: torch.Tensor, allowed: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, rel: torch.Tensor, dist: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # x: [B, T, D] segment; memory: [B, M, D] cached layer inputs (already layer-normed by Block);
         # rel: [P, D] encodings R_0..R_{P-1}; dist: [T, M+T] index into rel; allowed: [B or 1, T, M+T] bool
         B, T, D = x.shape
@@ -124,7 +122,7 @@ class RelativeAttention(nn.Module):
         return self.out(y.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, T, D))  # [B, T, D]
 
 
-class TransformerXL(nn.Module):
+class TransformerXL(SegmentTrunk):
     """Transformer-XL language model with pre-LayerNorm blocks. From `cfg` (see `ModelConfig`):
 
     vocab_size, d_model, n_layer, n_head, d_ff: sizes of the embedding and the blocks.
@@ -139,25 +137,32 @@ class TransformerXL(nn.Module):
     same_length: every query attends to the last M keys only (see `attention_mask`).
     """
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    POSITIONS = ("relative",)
+    OPTIONS = dict.fromkeys(("mem_len", "clamp_len", "same_length", "eval_mem_len"))
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return []  # mem_len, eval_mem_len and clamp_len are range-checked with every config
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
-        self.mem_len = cfg.mem_len or cfg.segment_len
-        self.eval_mem_len = cfg.eval_mem_len or self.mem_len
         D = cfg.d_model
         self.tokens = TokenEmbedding(cfg.vocab_size, D, tie=cfg.tie_weights)
-        self.drop = nn.Dropout(cfg.emb_dropout)
-        self.blocks = nn.ModuleList(
-            Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, attention=RelativeAttention(D, cfg.n_head, cfg.attn_dropout))
-            for _ in range(cfg.n_layer)
+        self.build_trunk(
+            cfg,
+            nn.ModuleList(
+                Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout, attention=RelativeAttention(D, cfg.n_head, cfg.attn_dropout))
+                for _ in range(cfg.n_layer)
+            ),
         )
-        self.ln_f = nn.LayerNorm(D)
         self.apply(init_weights)  # leaves u and v at their own N(0, 0.02)
 
     def init_state(self, batch_size: int, evaluation: bool = False) -> XLState:
         """Empty memory: M = eval_mem_len if evaluation else mem_len slots, none valid."""
-        M = self.eval_mem_len if evaluation else self.mem_len
+        M = self.cfg.eval_memory_len if evaluation else self.cfg.memory_len
         w = self.ln_f.weight
         mems = w.new_zeros(batch_size, self.cfg.n_layer, M, self.cfg.d_model)  # [B, L, M, D]
         return XLState(mems, torch.zeros(batch_size, M, dtype=torch.bool, device=w.device))  # valid: [B, M]
@@ -167,10 +172,54 @@ class TransformerXL(nn.Module):
         T = tokens.shape[1]
         allowed = attention_mask(state.valid, T, self.cfg.same_length)  # [B, T, M+T]
         logits, hids = self._run(tokens, state.mems, allowed)  # [B, T, V], [B, L, T, D]
-        # keep the last M of [old memory ; this segment]: dropping the first T of M + T positions
+        state = self.remember(state, hids)
+        return logits, XLState(state.mems.detach(), state.valid)
+
+    @staticmethod
+    def flops(cfg: ModelConfig, T: int, evaluation: bool = False) -> dict[str, float]:
+        """Forward FLOPs of one segment of T tokens beside the LM head (crt.analysis.flops): every
+        layer attends over M memory and T segment keys, with P relative encodings."""
+        D, N = cfg.d_model, cfg.n_layer
+        M = cfg.eval_memory_len if evaluation else cfg.memory_len
+        K = M + T  # keys: memory then segment
+        P = K if cfg.clamp_len < 0 else min(K, cfg.clamp_len + 1)  # distinct relative encodings
+        return {
+            "attention projections": N * 2 * D * D * (T + 2 * K + P + T),  # W_q on T, W_k and W_v on M + T, W_R on P encodings, W_o on T
+            "attention scores and sums": N * 2 * T * D * (2 * K + P),  # (q+u) k^T: T x K, (q+v) (W_R R)^T: T x P, A V: T x K
+            "feed-forward": N * 2 * T * 2 * D * cfg.d_ff,
+        }
+
+    def remember(self, state: XLState, hids: torch.Tensor) -> XLState:
+        """The last M of [old memory ; a segment's layer inputs hids [B, L, T, D]]: the first T
+        of the M + T positions are dropped."""
+        T = hids.shape[2]
         mems = torch.cat([state.mems, hids.to(state.mems.dtype)], dim=2)[:, :, T:]  # [B, L, M, D]
-        valid = torch.cat([state.valid, state.valid.new_ones(tokens.shape[0], T)], dim=1)[:, T:]  # [B, M]
-        return logits, XLState(mems.detach(), valid)
+        valid = torch.cat([state.valid, state.valid.new_ones(state.valid.shape[0], T)], dim=1)[:, T:]  # [B, M]
+        return XLState(mems, valid)
+
+    # --- streaming: the segment's layer inputs so far extend the memory. A new token attends to
+    # [memory ; those] and only its own layer inputs are computed (the keys and values of the
+    # cached inputs are re-projected, as XL does for its memory).
+
+    def open_segment(self, state: XLState) -> SegmentCache:
+        segment = SegmentCache(0, state)
+        segment.hids = []  # each [B, L, 1, D]: one token's layer inputs
+        return segment
+
+    def step(self, segment: SegmentCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] after the segment's earlier ones -> logits [B, V] for the next token."""
+        state, M, t = segment.state, segment.state.mems.shape[2], len(segment.hids)
+        mems = torch.cat([state.mems, *segment.hids], dim=2)  # [B, L, M + t, D]
+        valid = torch.cat([state.valid, state.valid.new_ones(state.valid.shape[0], t + 1)], dim=1)  # [B, M + t + 1]
+        allowed = valid[:, None, :]  # [B, 1, M + t + 1]  the new token is last: every earlier key is causal
+        if self.cfg.same_length:  # as in the segment: only the last M keys
+            allowed = allowed & (torch.arange(M + t + 1, device=valid.device) > t)
+        logits, hids = self._run(tokens.view(-1, 1), mems, allowed)  # [B, 1, V], [B, L, 1, D]
+        segment.hids.append(hids.to(state.mems.dtype))
+        return logits[:, 0]  # [B, V]
+
+    def close_segment(self, segment: SegmentCache) -> XLState:
+        return self.remember(segment.state, torch.cat(segment.hids, dim=2))
 
     def forward_with_mask(self, tokens: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """One pass over the whole of `tokens` [B, N] where query i attends to key j iff allowed[i, j].
@@ -199,4 +248,3 @@ class TransformerXL(nn.Module):
             hids.append(h)  # the layer's input is what the next segment attends to
             h = block(h, memory=mems[:, l], rel=rel, dist=dist, allowed=allowed)  # [B, T, D]
         return self.tokens.unembed(self.ln_f(h)), torch.stack(hids, dim=1)  # [B, T, V], [B, L, T, D]
-

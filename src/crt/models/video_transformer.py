@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import AbsolutePositions, Block, init_weights
-from crt.layers.frames import FrameEncoder, parse_frame_shape, pool_frames
+from crt.layers import AbsolutePositions, SegmentTrunk, init_weights
+from crt.layers.frames import FRAME_OPTIONS, FrameEncoder, check_frame_options, parse_frame_shape, pool_frames
 
 
 class PooledState(NamedTuple):
@@ -25,21 +25,28 @@ class PooledState(NamedTuple):
     count: torch.Tensor  # [B, 1]  frames so far
 
 
-class VideoTransformer(nn.Module):
+class VideoTransformer(SegmentTrunk):
     """d_model, n_layer, n_head, d_ff, dropout, positions, segment_len from `cfg`, as for the
     language-model Transformer; frame_shape, patch_size, frame_layers, num_classes as CR-ViT's."""
 
+    # Options: the positions it accepts (the first is `auto`), the ModelConfig fields only it reads
+    # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
+    TASK = "video"
+    POSITIONS = ("learned", "sinusoidal", "rotary")
+    OPTIONS = dict.fromkeys(FRAME_OPTIONS)
+
+    @staticmethod
+    def check_options(cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return check_frame_options(cfg)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
         if cfg.num_classes < 1 or not cfg.frame_shape:
             raise ValueError("video_transformer needs num_classes and frame_shape (set from the data by crt train)")
         self.cfg = cfg
         D = cfg.d_model
         self.positions = AbsolutePositions(cfg.position_encoding, max(cfg.segment_len, cfg.eval_segment_len), D, cfg.n_head)
-        self.drop = nn.Dropout(cfg.emb_dropout)
-        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.d_ff, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(D)
+        self.build_trunk(cfg)
         self.apply(init_weights)  # the sequence model as the language-model Transformer's
         # frame encoder and classifier built after, with torch's initialisation, exactly as in CR-ViT
         self.frames = FrameEncoder(parse_frame_shape(cfg.frame_shape), D, cfg.n_head, cfg.d_ff, cfg.patch_size, cfg.frame_layers, cfg.dropout)
@@ -52,8 +59,6 @@ class VideoTransformer(nn.Module):
     def forward(self, frames: torch.Tensor, state: PooledState, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, PooledState]:
         # frames: [B, T, *frame_shape]; valid: bool [B, T] (a prefix per row) or None
         h, attn_kwargs = self.positions(self.frames(frames))  # [B, T, D]
-        h = self.drop(h)
-        for block in self.blocks:
-            h = block(h, **attn_kwargs)  # [B, T, D] causal: padding at the end changes no valid frame
-        total, count = pool_frames(state.total, state.count, self.ln_f(h), valid)  # [B, D], [B, 1]
+        h = self.trunk(h, attn_kwargs)  # [B, T, D] causal: padding at the end changes no valid frame
+        total, count = pool_frames(state.total, state.count, h, valid)  # [B, D], [B, 1]
         return self.head(total / count.clamp(min=1)), PooledState(total, count)  # [B, C]

@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 
 from crt.data.corpus import Documents
-from crt.train.evaluate import IGNORE, Tally, autocast
-from crt.train.segments import iter_segments, window_loss
+from crt.runtime import autocast
+from crt.state import iter_segments
+from crt.train.evaluate import IGNORE, Tally
+from crt.train.segments import window_loss
 
 
 def document_batch(docs: Documents, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,7 +39,9 @@ def document_batch(docs: Documents, rows: torch.Tensor) -> tuple[torch.Tensor, t
     return tokens[:, :n], targets, docs.answers[rows, 1 : n + 1] & inside
 
 
-def run_documents(model: nn.Module, inputs: torch.Tensor, segment_len: int, bptt_segments: int = 0, evaluation: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+def run_documents(
+    model: nn.Module, inputs: torch.Tensor, segment_len: int, bptt_segments: int = 0, evaluation: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [B, T, V]) segment by segment for a batch of documents, every row
     from `init_state` and its grid at position 0. bptt_segments: K >= 1 stops gradients every K
     segments; 0 never (the whole document)."""
@@ -70,7 +74,7 @@ def evaluate_documents(model: nn.Module, docs: Documents, batch_size: int = 100,
     segment_len: tokens per call; default the model's evaluation segment length.
     """
     cfg = model.cfg
-    segment_len = segment_len or cfg.eval_segment_len or cfg.segment_len
+    segment_len = segment_len or cfg.eval_segment
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crt.train.segments import IGNORE, iter_segments
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or CUDA when precision is bf16, else a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+from crt.runtime import autocast
+from crt.state import iter_segments
+from crt.train.segments import IGNORE
 
 
 def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = None):
@@ -60,8 +54,12 @@ class Tally:
         loss = self.nll / max(self.count, 1)
         nan = float("nan")
         return {
-            "loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": self.count, "recall": self.hits / self.answers if self.answers else nan,
-            "answers": self.answers, "answer_loss": self.answer_nll / self.answers if self.answers else nan,
+            "loss": loss,
+            "ppl": math.exp(min(loss, 700.0)),
+            "tokens": self.count,
+            "recall": self.hits / self.answers if self.answers else nan,
+            "answers": self.answers,
+            "answer_loss": self.answer_nll / self.answers if self.answers else nan,
         }
 
 
@@ -87,7 +85,7 @@ def evaluate(
     max_tokens: score only the first max_tokens + 1 tokens of data (0: all).
     """
     cfg = model.cfg
-    segment_len = segment_len or cfg.eval_segment_len or cfg.segment_len
+    segment_len = segment_len or cfg.eval_segment
     if max_tokens:
         data = data[: max_tokens + 1]
         answers = answers[: max_tokens + 1] if answers is not None else None

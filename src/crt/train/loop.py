@@ -14,63 +14,19 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from crt.config import VIDEO_ARCHS, ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
-from crt.data import Corpus, Vocab, batchify, load_chars, load_words, make_synthetic
-from crt.data.memory_tasks import make_facts, make_mqar, make_passkey, most_frequent_words
+from crt.checkpoint import Checkpoint, save_checkpoint
+from crt.config import ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
+from crt.data import Corpus, Vocab, batchify
+from crt.data.load import load_corpus
 from crt.errors import CRTError
-from crt.models import build_model
-from crt.runtime import keep_freed_memory
+from crt.models import VIDEO_ARCHS, build_model
+from crt.runtime import autocast, keep_freed_memory, resolve_device
 from crt.state import detach
-from crt.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from crt.train.documents import document_batch, document_loss, evaluate_documents
-from crt.train.evaluate import IGNORE, autocast, evaluate
+from crt.train.evaluate import IGNORE, evaluate
 from crt.train.metrics import plot_curves
 from crt.train.rundir import RunFolder
 from crt.train.segments import training_window, window_loss
-
-
-def load_corpus(t: TrainConfig, segment_len: int = 0) -> Corpus:
-    """The corpus a TrainConfig names (data + data_dir + options).
-
-    segment_len: the model's segment length, the grid mqar and facts are laid on unless
-    t.task_segment names another.
-    """
-    docs = dict(train_docs=t.synth_train_docs, valid_docs=t.synth_valid_docs, test_docs=t.synth_test_docs, seed=t.seed)
-    segment = t.task_segment or segment_len
-    if t.data in ("mqar", "facts") and not segment:
-        raise CRTError(f"data={t.data} is laid on a segment grid: give --task-segment (or load it with the model's segment_len)")
-    if t.data == "mqar":
-        return make_mqar(pairs=t.mqar_pairs, gap=t.mqar_gap, vocab=t.mqar_vocab, segment=segment, filler_vocab=t.synth_filler_vocab, **docs)
-    if t.data == "passkey":
-        return make_passkey(digits=t.passkey_digits, distance=t.passkey_distance, filler_vocab=t.synth_filler_vocab, **docs)
-    if t.data == "facts":
-        if not t.data_dir:
-            raise CRTError("data=facts hides its facts in real text: give --data-dir the folder of PTB or WikiText-2 (`crt data download ptb --dir DIR`)")
-        text = load_words(t.data_dir, map_unk=t.map_unk)
-        return make_facts(most_frequent_words(text, t.facts_words) if t.facts_words else text, count=t.facts_count, length=t.facts_length, segment=segment, **docs)
-    if t.data == "synthetic":
-        return make_synthetic(
-            pairs=t.synth_pairs, keys=t.synth_keys, values=t.synth_values, filler=t.synth_filler,
-            filler_vocab=t.synth_filler_vocab, query_rounds=t.synth_query_rounds, **docs,
-        )
-    if not t.data_dir:
-        raise CRTError(f"data={t.data} needs --data-dir: the folder of the corpus files (or `crt data download {t.data} --dir DIR`)")
-    if t.data in ("ptb", "wikitext-2", "wikitext-103", "words"):
-        kind = {"ptb": "ptb", "words": "auto"}.get(t.data, "wikitext")
-        return load_words(t.data_dir, kind=kind, map_unk=t.map_unk)
-    if t.data == "chars":
-        return load_chars(t.data_dir)
-    raise CRTError(f"unknown data {t.data!r}: use synthetic, mqar, passkey, facts, ptb, wikitext-2, wikitext-103, words or chars")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CRTError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise CRTError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -94,18 +50,47 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # Training fields a resumed run keeps: they decide its data, its batches and its carried state.
-FIXED_ON_RESUME = ("task", "data", "seed", "batch_size", "protocol", "synth_pairs", "synth_keys", "synth_values", "synth_filler", "synth_filler_vocab",
-                   "synth_query_rounds", "synth_train_docs", "synth_valid_docs", "synth_test_docs", "task_segment", "mqar_pairs", "mqar_gap",
-                   "mqar_vocab", "passkey_digits", "passkey_distance", "facts_count", "facts_length", "facts_words", "video_normalise", "video_motion", "video_size",
-                   "video_protocol", "video_classes", "video_noise")
+FIXED_ON_RESUME = (
+    "task",
+    "data",
+    "seed",
+    "batch_size",
+    "protocol",
+    "synth_pairs",
+    "synth_keys",
+    "synth_values",
+    "synth_filler",
+    "synth_filler_vocab",
+    "synth_query_rounds",
+    "synth_train_docs",
+    "synth_valid_docs",
+    "synth_test_docs",
+    "task_segment",
+    "mqar_pairs",
+    "mqar_gap",
+    "mqar_vocab",
+    "passkey_digits",
+    "passkey_distance",
+    "facts_count",
+    "facts_length",
+    "facts_words",
+    "video_normalise",
+    "video_motion",
+    "video_size",
+    "video_protocol",
+    "video_classes",
+    "video_noise",
+)
 
 
 def _check_unchanged(tcfg: TrainConfig, resume: Checkpoint) -> None:
     was = resume.train_config(in_stage=False)
     for name in FIXED_ON_RESUME:
         if getattr(tcfg, name) != getattr(was, name):
-            raise CRTError(f"--{name.replace('_', '-')} {getattr(tcfg, name)} differs from the run's {getattr(was, name)}: a resumed run keeps its data, "
-                           f"batches and carried state, which depend on it; resume without it, or start a new run")
+            raise CRTError(
+                f"--{name.replace('_', '-')} {getattr(tcfg, name)} differs from the run's {getattr(was, name)}: a resumed run keeps its data, "
+                f"batches and carried state, which depend on it; resume without it, or start a new run"
+            )
 
 
 _TRAINER_KEYS = {"optimizer": dict, "scheduler": dict, "step": int, "tokens_seen": int, "rng": dict, "stage": int, "stage_start": int}
@@ -223,7 +208,9 @@ class StreamTask(LMTask):
 
     def score(self, model: nn.Module, split: str, max_tokens: int = 0) -> dict[str, float]:
         t = self.tcfg
-        return evaluate(model, self.corpus.split(split), t.eval_batch_size, answers=self.corpus.answers.get(split), precision=t.precision, max_tokens=max_tokens)
+        return evaluate(
+            model, self.corpus.split(split), t.eval_batch_size, answers=self.corpus.answers.get(split), precision=t.precision, max_tokens=max_tokens
+        )
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         return self.score(model, "valid", self.tcfg.eval_max_tokens)
@@ -335,7 +322,9 @@ def train(
         trainer = _check_trainer(resume.load_trainer(), resume.path)
         stage, stage_start = trainer["stage"], trainer["stage_start"]
         if stage >= max(1, len(stages)):
-            raise CRTError(f"checkpoint {resume.path} is in stage {stage + 1}, but the run has {len(stages)} stages: resume with the curriculum it was trained with")
+            raise CRTError(
+                f"checkpoint {resume.path} is in stage {stage + 1}, but the run has {len(stages)} stages: resume with the curriculum it was trained with"
+            )
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     base = tcfg
@@ -363,7 +352,9 @@ def train(
             _set_rng_state(trainer["rng"])
             interval_loss, interval_tokens, interval_time, interval_steps = trainer.get("interval", (0.0, 0, 0.0, 0))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CRTError(f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another") from None
+            raise CRTError(
+                f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another"
+            ) from None
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
     run = RunFolder.open(base, resume, step)
     run_dir, metrics = run.path, run.metrics
@@ -373,9 +364,16 @@ def train(
 
     def save() -> Path:
         trainer = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "rng": _rng_state(), "stage": stage, "stage_start": stage_start, "ended": status if decided else None,
-            "interval": (interval_loss, interval_tokens, interval_time, interval_steps), **task.dump(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "rng": _rng_state(),
+            "stage": stage,
+            "stage_start": stage_start,
+            "ended": status if decided else None,
+            "interval": (interval_loss, interval_tokens, interval_time, interval_steps),
+            **task.dump(),
         }
         run.saved = True
         return save_checkpoint(run_dir, step, model, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
@@ -411,7 +409,11 @@ def train(
                 loss, n_items = task.loss(model, step)
             if not torch.isfinite(loss):
                 bar.close()
-                kept = f"the checkpoints in {run_dir} are intact" if run.saved or not run.claimed else "no checkpoint had been saved, so the new run folder was removed"
+                kept = (
+                    f"the checkpoints in {run_dir} are intact"
+                    if run.saved or not run.claimed
+                    else "no checkpoint had been saved, so the new run folder was removed"
+                )
                 raise CRTError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr or use --precision fp32; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -433,7 +435,17 @@ def train(
                 avg = interval_loss / interval_steps
                 rate = interval_tokens / max(interval_time, 1e-9)
                 extra = task.train_record(avg)
-                metrics.log({"step": step, "split": "train", "loss": avg, **extra, "lr": scheduler.get_last_lr()[0], f"{task.unit}_per_s": rate, f"{task.unit}_seen": tokens_seen})
+                metrics.log(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": avg,
+                        **extra,
+                        "lr": scheduler.get_last_lr()[0],
+                        f"{task.unit}_per_s": rate,
+                        f"{task.unit}_seen": tokens_seen,
+                    }
+                )
                 bar.set_postfix(loss=f"{avg:.3f}", **{k: f"{v:.1f}" for k, v in extra.items()}, **{f"{task.unit[:3]}_s": f"{rate:,.0f}"})
                 interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
             at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
@@ -447,9 +459,13 @@ def train(
             if passed or stage_over:
                 if condition and not passed:
                     metric = condition.split()[0]
-                    status = {"passed": False, "message": (
-                        f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
-                        f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr")}
+                    status = {
+                        "passed": False,
+                        "message": (
+                            f"{stage_label()} failed: valid {metric} {last_valid[metric]:.3f} did not reach {condition.split(None, 1)[1]} "
+                            f"within its {limit} steps; give the stage more steps (its `steps` in the preset) or change --lr"
+                        ),
+                    }
                     finished = decided = True
                 elif stage + 1 < len(stages):
                     why = f"valid {condition} held" if passed else f"its {limit} steps are done"
@@ -478,7 +494,12 @@ def train(
         test = final.test(model)
         plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
     return {
-        "run_dir": str(run_dir), "arch": mcfg.arch, "params": n_params, "step": step, "tokens_seen": tokens_seen,
-        **task.summary(last_valid), **(task.summary(test, "test") if test else {}),
+        "run_dir": str(run_dir),
+        "arch": mcfg.arch,
+        "params": n_params,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        **task.summary(last_valid),
+        **(task.summary(test, "test") if test else {}),
         "curriculum": {"stages": n_stages, "reached": stage + 1, **status},
     }

@@ -63,8 +63,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         else:
             broken.append(n)
     if broken:
-        warnings.warn(f"{path}: skipped {len(broken)} line(s) that are not complete records (line {', '.join(map(str, broken[:3]))}"
-                      f"{', ...' if len(broken) > 3 else ''}; a write cut short by a crash or a full disk)", stacklevel=2)
+        warnings.warn(
+            f"{path}: skipped {len(broken)} line(s) that are not complete records (line {', '.join(map(str, broken[:3]))}"
+            f"{', ...' if len(broken) > 3 else ''}; a write cut short by a crash or a full disk)",
+            stacklevel=2,
+        )
     return records
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from crt.checkpoint import remove_debris
 from crt.errors import CRTError
 
 try:
@@ -86,22 +87,6 @@ class RunLock:
             self.fd = None
 
 
-def remove_debris(ckpt_root: Path, keep: Path | None = None) -> None:
-    """Remove what interrupted saves left in checkpoints/: `.step-N.*.tmp` folders (each a full
-    copy of the weights and the optimizer), `step-N.old` folders and `.latest.*.tmp` files.
-    Only the process holding the run's lock calls this, so none of them is being written."""
-    if not ckpt_root.is_dir():
-        return
-    for p in ckpt_root.iterdir():
-        stale = (p.name.startswith(".step-") and p.name.endswith(".tmp")) or (p.name.startswith("step-") and p.name.endswith(".old")) \
-            or (p.name.startswith(".latest.") and p.name.endswith(".tmp"))
-        if stale and p != keep:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-
 class RunFolder:
     """The folder a `train()` call writes: claimed (a new run, or a resumed one continuing in a
     new --out-dir) or the resumed run's own, locked while training, with its metrics log.
@@ -133,8 +118,10 @@ class RunFolder:
             elif own is not None:
                 path, claimed = own, False
             else:
-                raise CRTError(f"{resume.path} is not inside a run's checkpoints/ folder, so there is no run folder to continue in: "
-                               "give --out-dir for the folder the run continues in")
+                raise CRTError(
+                    f"{resume.path} is not inside a run's checkpoints/ folder, so there is no run folder to continue in: "
+                    "give --out-dir for the folder the run continues in"
+                )
         try:
             lock = RunLock(path)
         except BaseException:

@@ -17,34 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crt.config import VIDEO_ARCHS, ModelConfig, TrainConfig
-from crt.data.video import (
-    ClipSet,
-    VideoData,
-    augment_skeleton,
-    load_msr_action3d,
-    load_smarthome,
-    make_synthetic_video,
-    pad_clips,
-    sample_frames,
-)
+from crt.config import ModelConfig, TrainConfig
+from crt.data.clips import ClipSet, VideoData, pad_clips, sample_frames
+from crt.data.load import load_video_data
+from crt.data.skeletons import augment_skeleton
 from crt.errors import CRTError
+from crt.models import VIDEO_ARCHS
 from crt.state import detach
-
-VIDEO_DATA = ("msr-action3d", "smarthome", "synthetic-video")
-
-
-def load_video_data(t: TrainConfig, segment_len: int) -> VideoData:
-    """The clips a TrainConfig names (data + data_dir + video options)."""
-    if t.data == "synthetic-video":
-        return make_synthetic_video(classes=t.video_classes, frames_per_segment=segment_len, noise=t.video_noise, seed=t.seed)
-    if t.data not in VIDEO_DATA:
-        raise CRTError(f"data={t.data!r} is not a video dataset: use one of {', '.join(VIDEO_DATA)} with --task video")
-    if not t.data_dir:
-        raise CRTError(f"data={t.data} needs --data-dir: the folder holding the clips")
-    if t.data == "msr-action3d":
-        return load_msr_action3d(t.data_dir, normalise=t.video_normalise, motion=t.video_motion)
-    return load_smarthome(t.data_dir, protocol=t.video_protocol, size=t.video_size, max_frames=t.video_max_frames)
 
 
 def classify(model: nn.Module, frames: torch.Tensor, lengths: torch.Tensor, segment_len: int, bptt_segments: int = 0) -> torch.Tensor:
@@ -77,7 +56,7 @@ def batches(clips: ClipSet, batch_size: int, max_frames: int):
 def evaluate_clips(model: nn.Module, clips: ClipSet, n_classes: int, batch_size: int = 32, max_frames: int = 64, precision: str = "fp32") -> dict[str, Any]:
     """loss (mean cross-entropy), acc (top-1), mean_class_acc (mean of per-class recalls over
     the classes present), confusion [true, predicted] counts, clips."""
-    from crt.train.evaluate import autocast
+    from crt.runtime import autocast
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -86,15 +65,18 @@ def evaluate_clips(model: nn.Module, clips: ClipSet, n_classes: int, batch_size:
     loss = 0.0
     for frames, lengths, labels in batches(clips, batch_size, max_frames):
         with autocast(device, precision):
-            logits = classify(model, frames.to(device), lengths, model.cfg.eval_segment_len or model.cfg.segment_len).float().cpu()  # [B, C]
+            logits = classify(model, frames.to(device), lengths, model.cfg.eval_segment).float().cpu()  # [B, C]
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         confusion += torch.bincount(labels * n_classes + logits.argmax(-1), minlength=n_classes**2).view(n_classes, n_classes)
     model.train(was_training)
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)  # [C] recall of each class
     present = confusion.sum(1) > 0
     return {
-        "loss": loss / len(clips), "acc": confusion.diag().sum().item() / len(clips),
-        "mean_class_acc": per_class[present].mean().item(), "clips": len(clips), "confusion": confusion,
+        "loss": loss / len(clips),
+        "acc": confusion.diag().sum().item() / len(clips),
+        "mean_class_acc": per_class[present].mean().item(),
+        "clips": len(clips),
+        "confusion": confusion,
     }
 
 
@@ -138,9 +120,14 @@ class VideoTask:
         self.tcfg, self.device = tcfg, device
         self.data = data or load_video_data(tcfg, mcfg.segment_len)
         if self.data.name == "msr-action3d" and self.data.frame_shape[-1] != (6 if tcfg.video_motion else 3):
-            raise CRTError(f"the MSR Action3D clips given have {self.data.frame_shape[-1]} values per joint but video_motion={tcfg.video_motion}: load them with motion={tcfg.video_motion}")
+            raise CRTError(
+                f"the MSR Action3D clips given have {self.data.frame_shape[-1]} values per joint but video_motion={tcfg.video_motion}: load them with motion={tcfg.video_motion}"
+            )
         if self.data.note:
-            print(f"{self.data.name}: {len(self.data.train)} train / {len(self.data.valid)} valid / {len(self.data.test)} test clips; {self.data.note}", flush=True)
+            print(
+                f"{self.data.name}: {len(self.data.train)} train / {len(self.data.valid)} valid / {len(self.data.test)} test clips; {self.data.note}",
+                flush=True,
+            )
         shape = "x".join(str(s) for s in self.data.frame_shape)
         self.mcfg = dataclasses.replace(mcfg, num_classes=len(self.data.classes), frame_shape=shape).validate()
         self.meta = {"classes": self.data.classes, "data": self.data.name}

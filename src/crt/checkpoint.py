@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from crt.errors import CRTError
 from crt.files import umask_mode, write_atomic
-from crt.train.rundir import remove_debris
 
 WEIGHTS, CONFIG, TRAINER, LATEST = "model.safetensors", "config.json", "trainer.pt", "latest"
 
@@ -79,6 +78,25 @@ def load_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
             raise CRTError(f"{path} does not fit this model: {name} is {list(t.shape)} there and {list(state[name].shape)} here (another width or vocabulary?)")
     model.load_state_dict(full)
     return [], []
+
+
+def remove_debris(ckpt_root: Path, keep: Path | None = None) -> None:
+    """Remove what interrupted saves left in checkpoints/: `.step-N.*.tmp` folders (each a full
+    copy of the weights and the optimizer), `step-N.old` folders and `.latest.*.tmp` files.
+    Only the process holding the run's lock calls this, so none of them is being written."""
+    if not ckpt_root.is_dir():
+        return
+    for p in ckpt_root.iterdir():
+        stale = (
+            (p.name.startswith(".step-") and p.name.endswith(".tmp"))
+            or (p.name.startswith("step-") and p.name.endswith(".old"))
+            or (p.name.startswith(".latest.") and p.name.endswith(".tmp"))
+        )
+        if stale and p != keep:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, Any], trainer: dict[str, Any], keep: int = 2) -> Path:
@@ -182,8 +200,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CRTError(f"{folder / CONFIG} is not valid JSON ({e}); the checkpoint is damaged") from None
     # a language model records its vocabulary, a classifier its class names
-    if not isinstance(meta, dict) or not {"model", "train", "sha256"} <= set(meta) or not {"vocab", "classes"} & set(meta) \
-            or not all(isinstance(meta[k], dict) for k in ("model", "train", "sha256")):
+    if (
+        not isinstance(meta, dict)
+        or not {"model", "train", "sha256"} <= set(meta)
+        or not {"vocab", "classes"} & set(meta)
+        or not all(isinstance(meta[k], dict) for k in ("model", "train", "sha256"))
+    ):
         raise CRTError(f"{folder / CONFIG} is not a crt checkpoint config (missing model/train/sha256/vocab or classes)")
     for key, size in (("vocab", "vocab_size"), ("classes", "num_classes")):
         if key not in meta:
@@ -193,8 +215,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CRTError(f"{folder / CONFIG}: its {key} is not a list of distinct strings; the checkpoint is damaged")
         recorded = meta["sha256"].get(key)  # absent in checkpoints written before it was recorded
         if (recorded is not None and recorded != _labels_sha256(labels)) or len(labels) != meta["model"].get(size, len(labels)):
-            raise CRTError(f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
-                           f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited")
+            raise CRTError(
+                f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
+                f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited"
+            )
     from crt.config import stages_from_list
 
     stages = stages_from_list(meta.get("stages", []))
@@ -202,3 +226,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < max(1, len(stages)):
         raise CRTError(f"{folder / CONFIG}: its stage {stage!r} is not one of its {len(stages)} stages; the checkpoint is damaged")
     return Checkpoint(folder, meta)
+
+
+def load_model(source: str | Path | Checkpoint, device: str = "auto", mcfg=None) -> tuple[nn.Module, Checkpoint]:
+    """(model in eval mode on `device`, its checkpoint) from a run directory, a checkpoint folder
+    or a loaded Checkpoint. The one way every command and benchmark rebuilds a trained model.
+
+    mcfg: the ModelConfig to build instead of the checkpoint's own, for evaluation-time fields
+        (eval_segment_len, eval_mem_len); its weights must still fit.
+    """
+    from crt.config import ModelConfig, config_from_dict
+    from crt.models import build_model
+    from crt.runtime import resolve_device
+
+    ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
+    mcfg = mcfg or config_from_dict(ModelConfig, ckpt.meta["model"])
+    model = build_model(mcfg).to(resolve_device(device))
+    ckpt.load_weights(model)
+    return model.eval(), ckpt

@@ -1,0 +1,128 @@
+"""The speed report `crt bench` writes (docs/results/bench.md): the table, the CPU-trap A/Bs, Diagonal
+Batching, and the training-rate ratios against the targets declared here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crt.analysis.bench import diagonal_summary
+from crt.analysis.results import header
+
+# (label, numerator preset, denominator preset, target ratio of training tokens/s), per precision
+RATIO_TARGETS = (
+    ("CRT L=70 / Transformer L=70 (memory costs <= 10%)", "ptb-crt-70", "ptb-transformer-70", 0.9),
+    ("CRT L=35 / Transformer-XL L=35 M=35", "ptb-crt-35", "ptb-xl-35", 1.3),
+    ("CRT L=35 / Transformer L=70", "ptb-crt-35", "ptb-transformer-70", 1.5),
+    ("Transformer L=70 / x-transformers", "ptb-transformer-70", "x-transformers", 1.2),
+    ("Transformer-XL / x-transformers XL", "ptb-xl-35", "x-transformers XL", 1.2),
+)
+BF16_SPEEDUP_TARGET = 1.8  # bf16 / fp32 training tokens/s, every model
+MFU_TARGET = ("CRT L=35", "ptb-crt-35", "bf16", 0.3)  # training MFU of this preset at this precision
+
+
+def method_notes(rounds: int, threads: int, device: str, repeats: int, steps: int, infer_tokens: int, source: str, infer_batch: int) -> str:
+    """How the numbers of a `crt bench` run were taken, for its report."""
+    return (
+        f"Each (model, precision) ran {rounds} times, once per round through the whole list, each time in a fresh process with "
+        f"{threads} threads on {device}: {repeats} timed groups of "
+        f"{steps} training steps after one warm-up step (median over all groups of all rounds reported), each step one window of the preset's batch x K segments "
+        f"of random tokens; inference streams {infer_tokens:,} tokens of {source} in {infer_batch} stream(s), one segment per call, "
+        "state carried (median of the repeats after a warm-up pass). Peak memory: "
+        + ("torch's peak allocation." if device == "cuda" else "peak resident set size of the case's process, the runtime included.")
+    )
+
+
+def report(results: list[dict[str, Any]], command: str, machine: str, notes: str) -> str:
+    def get(name: str, precision: str) -> dict[str, Any] | None:
+        return next((r for r in results if r["name"] == name and r["precision"] == precision and "error" not in r), None)
+
+    diagonal = [r for r in results if "seq_runs" in r]
+    results = [r for r in results if "seq_runs" not in r]
+    lines = [
+        *header("Speed: tokens/s, peak memory and MFU", command, machine),
+        notes,
+        "",
+        "| model | precision | params | train tokens/s | infer tokens/s | peak memory (MiB) | train MFLOP/token | MFU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['precision']} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {r['precision']} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | "
+            f"{r['peak_memory_mib']:,.0f} | {r['train_flops_per_token'] / 1e6:.2f} | {r['mfu']:.1%} |"
+        )
+    peaks = {r["precision"]: r["matmul_peak_flops"] for r in results if "error" not in r}
+    if peaks:
+        lines += [
+            "",
+            "Matmul peak measured in each case (2048^3, best of 5), last case per precision: "
+            + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in peaks.items())
+            + ".",
+        ]
+
+    targets = []
+    for precision in sorted({r["precision"] for r in results}):
+
+        def ratio(a: str, b: str, precision: str = precision) -> float | None:
+            x, y = get(a, precision), get(b, precision)
+            return x["train_tokens_per_s"] / y["train_tokens_per_s"] if x and y else None
+
+        for label, a, b, goal in RATIO_TARGETS:
+            value = ratio(a, b)
+            if value is not None:
+                targets.append(f"| {label} | {precision} | {value:.2f}x | >= {goal}x | {'met' if value >= goal else 'not met'} |")
+    for r in results:
+        fp32 = get(r["name"], "fp32")
+        if r["precision"] == "bf16" and "error" not in r and fp32:
+            value = r["train_tokens_per_s"] / fp32["train_tokens_per_s"]
+            targets.append(
+                f"| bf16 / fp32 training, {r['name']} | - | {value:.2f}x | >= {BF16_SPEEDUP_TARGET}x | {'met' if value >= BF16_SPEEDUP_TARGET else 'not met'} |"
+            )
+    base = get("ptb-crt-35", "fp32")
+    trap_rows = [r for r in results if r["name"].startswith("ptb-crt-35 [") and "error" not in r]
+    if base and trap_rows:
+        trap_lines = [
+            "",
+            "## CPU traps (A/B on CRT L=35, fp32, same run)",
+            "",
+            "| variant | train tokens/s | vs `crt train`'s setting |",
+            "| --- | ---: | ---: |",
+            f"| as `crt train` runs it (malloc keeps freed blocks, denormals kept, dropout on) | {base['train_tokens_per_s']:,.0f} | 1.00x |",
+        ]
+        trap_lines += [
+            f"| {r['name'][len('ptb-crt-35 [') : -1]} | {r['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / base['train_tokens_per_s']:.2f}x |"
+            for r in trap_rows
+        ]
+    else:
+        trap_lines = []
+    for r in results:
+        label, name, precision, goal = MFU_TARGET
+        if r["name"] == name and r["precision"] == precision and "error" not in r:
+            targets.append(f"| training MFU, {label} | {precision} | {r['mfu']:.1%} | >= {goal:.0%} | {'met' if r['mfu'] >= goal else 'not met'} |")
+    if diagonal:
+        lines += [
+            "",
+            "## Diagonal Batching: ARMT inference on one sequence",
+            "",
+            "| model | precision | segments x layers | sequential (s) | diagonal (s) | speed-up | max logit difference |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in diagonal:
+            d = diagonal_summary(r)
+            lines.append(
+                f"| {r['name']} (L={r['segment_len']}, k={r['mem_tokens']}) | {r['precision']} | {r['segments']} x {r['layers']} | "
+                f"{d['sequential_s']:.3f} | {d['diagonal_s']:.3f} | {d['speedup']:.2f}x | {r['max_logit_diff']:.1e} |"
+            )
+        lines.append(f"\nMedians of {len(diagonal[0]['seq_runs'])} timed runs each (sequential and diagonal interleaved, batch 1, after a warm-up of each).")
+    if targets:
+        lines += [
+            "",
+            "## Targets (training tokens/s ratios measured in this run)",
+            "",
+            "| ratio | precision | measured | target | |",
+            "| --- | --- | ---: | ---: | --- |",
+            *targets,
+        ]
+    return "\n".join(lines + trap_lines) + "\n"
