@@ -393,13 +393,15 @@ def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
         rows.setdefault((r["task"], r["model"]), []).append(r)
     out = CELLS.parent
     plots = _plots(rows, out) if rows else []
-    total = len(plan(knobs, [], []))
+    grid = {cell_key(t, m, knobs, s) for t, m, s in plan(knobs, [], [])}
+    done = [r for r in mine if r["key"] in grid]
+    extra = len(mine) - len(done)
     machines = sorted({r["machine"] for r in mine})
     lines = [
         *header("Memory capacity: how much a memory holds, and for how long", command, f"{describe()} (this report); the cells ran on {'; '.join(machines)}"),
-        f"Written from {len(mine)} finished cells of {total} in the default grid "
-        f"(`docs/results/memory-cells.jsonl`; `--plan` lists the missing ones), "
-        f"{sum(r['train_s'] for r in mine) / 60:.0f} cell-minutes of training in all (two cells at a time with `--jobs 2`). "
+        f"Written from {len(done)} finished cells of the {len(grid)} in the grid (`docs/results/memory-cells.jsonl`; `--plan` lists the missing ones)"
+        + (f" and {extra} kept cell{'s' * (extra > 1)} outside it, from an earlier grid, shown where they fall" if extra else "")
+        + f"; {sum(r['train_s'] for r in done) / 60:.0f} cell-minutes of training for the grid's cells (two cells at a time with `--jobs 2`). "
         "What the numbers say, against Zoology's and the RMT/ARMT papers' findings: README, section Memory capacity; how the benchmark was made: `memory-notes.md`.",
         "",
         f"Every cell: width {knobs['d_model']}, {knobs['n_layer']} layers, {knobs['n_head']} heads, feed-forward {knobs['d_ff']}, segments of {knobs['segment']} tokens, "
