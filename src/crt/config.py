@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from crt.data.options import DATA, DATA_GROUPS, DataSource, MemoryTaskOptions, SyntheticOptions, VideoOptions
 from crt.errors import CRTError
 
 
@@ -126,43 +127,11 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    # --- data ---
-    task: str = "lm"  # lm (language modelling) | video (frame-sequence classification)
-    data: str = "synthetic"  # lm: synthetic | mqar | passkey | facts | ptb | wikitext-2 | wikitext-103 | words | chars; video: msr-action3d | smarthome | synthetic-video
-    data_dir: str = ""  # directory of the corpus files (a text file for chars; for facts the PTB or WikiText folder whose text hides the facts; for msr-action3d the folder holding the archive, the archive, or its unpacked folder)
-    map_unk: bool = False  # map valid/test words unseen in train to <unk> instead of failing
-    # --- synthetic recall corpus (data=synthetic) ---
-    synth_pairs: int = 2  # key->value pairs that open each document
-    synth_keys: int = 16  # distinct keys
-    synth_values: int = 16  # distinct values
-    synth_filler: int = 32  # filler tokens between the pairs and the queries
-    synth_filler_vocab: int = 32  # distinct filler tokens
-    synth_query_rounds: int = 1  # each round queries every pair once
-    synth_train_docs: int = 4000  # documents per split, for every generated task (synthetic, mqar, passkey, facts)
-    synth_valid_docs: int = 200
-    synth_test_docs: int = 200
-    # --- long-range memory tasks (data = mqar | passkey | facts; crt.data.memory_tasks) ---
-    task_segment: int = 0  # the segment grid mqar and facts are laid on (their distances count these segments); 0: the model's segment_len
-    mqar_pairs: int = 4  # P key-value pairs per document
-    mqar_gap: int = 1  # G: whole segments of filler between the pairs' segment and the first query; -1: none (queries follow the pairs)
-    mqar_vocab: int = 32  # key-value vocabulary: keys are its first half, values its second (chance 2 / mqar_vocab)
-    passkey_digits: int = 4  # digits to keep (chance 0.1 a digit)
-    passkey_distance: int = 32  # D: filler tokens between the passkey and its query
-    facts_count: int = 4  # facts per document (bAbI QA1: the answer is the asked person's last location, chance 1/6)
-    facts_length: int = 256  # tokens of real text per document that the facts are hidden in
-    facts_words: int = 0  # keep the text's N most frequent training words, the rest become <unk> (a smaller softmax); 0: all of them
-    # --- video (task = video) ---
-    video_max_frames: int = 64  # frames per clip at most (evenly spaced); 0: all
-    video_normalise: bool = True  # skeletons: centre on the clip's centroid, unit RMS joint distance
-    video_motion: bool = False  # skeletons: append each joint's velocity (x_t - x_(t-1)) to its position (frames J x 6)
-    video_rotate: float = 0.0  # training augmentation: skeleton rotation about the vertical axis, up to +- degrees
-    video_scale: float = 0.0  # training augmentation: skeleton scale in [1 - s, 1 + s]
-    video_crop: float = 1.0  # training augmentation: temporal crop keeping a random share in [crop, 1] of the frames; 1: none
-    video_size: int = 64  # RGB frames are resized to this square size
-    video_protocol: str = "cross_subject"  # smarthome: cross_subject | cross_view1 | cross_view2
-    video_classes: int = 4  # synthetic-video: classes, one segment each
-    video_noise: float = 0.5  # synthetic-video: noise on every frame
+class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource):
+    """Training, evaluation and run fields. The data fields come first, from the option groups
+    each data module declares beside its data (`crt.data.options`): flat names, so every field
+    is one --flag and one TOML key."""
+
     # --- protocol (SPEC §8) ---
     protocol: str = "auto"  # auto | stream | document: one endless stream per batch row, or one document per row from a fresh state; auto: document for document corpora (synthetic), else stream
     loss: str = "all"  # all | answers: average the cross-entropy over every token, or over the answer tokens the task marks only
@@ -195,23 +164,21 @@ class TrainConfig:
         range): the one place training values are checked, for flags, presets, stages and
         checkpoints alike."""
         choices = {
-            "task": ("lm", "video"),
+            **{name: allowed for group in DATA_GROUPS for name, allowed in getattr(group, "CHOICES", {}).items()},
             "protocol": ("auto", "stream", "document"),
             "loss": ("all", "answers"),
             "precision": ("fp32", "bf16"),
             "device": ("auto", "cpu", "cuda"),
-            "video_protocol": ("cross_subject", "cross_view1", "cross_view2"),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise CRTError(f"unknown {name} {value!r} (--{name.replace('_', '-')}): use one of {', '.join(allowed)}")
-        data = {
-            "lm": ("synthetic", "mqar", "passkey", "facts", "ptb", "wikitext-2", "wikitext-103", "words", "chars"),
-            "video": ("msr-action3d", "smarthome", "synthetic-video"),
-        }[self.task]
+        data = DATA[self.task]
         if self.data not in data:
             raise CRTError(f"unknown data {self.data!r} for task {self.task} (--data): use one of {', '.join(data)}")
+        for group in DATA_GROUPS:
+            check_ranges(self, group.RANGES)
         check_ranges(self, _TRAIN_RANGES)
         if self.min_lr > self.lr:
             raise CRTError(f"min_lr={self.min_lr} exceeds lr={self.lr}: the cosine decays from lr down to min_lr, so give --min-lr <= --lr")
@@ -245,32 +212,7 @@ _MODEL_RANGES = {
     "mem_tokens": "[0,",
     "num_classes": "[0,",
 }
-_TRAIN_RANGES = {
-    "synth_pairs": "[1,",
-    "synth_keys": "[1,",
-    "synth_values": "[1,",
-    "synth_filler": "[0,",
-    "synth_filler_vocab": "[1,",
-    "synth_query_rounds": "[1,",
-    "synth_train_docs": "[1,",
-    "synth_valid_docs": "[1,",
-    "synth_test_docs": "[1,",
-    "task_segment": "[0,",
-    "mqar_pairs": "[1,",
-    "mqar_gap": "[-1,",
-    "mqar_vocab": "[2,",
-    "passkey_digits": "[1,",
-    "passkey_distance": "[0,",
-    "facts_count": "[1,",
-    "facts_length": "[1,",
-    "facts_words": "[0,",
-    "video_max_frames": "[0,",
-    "video_rotate": "[0,180]",
-    "video_scale": "[0,1)",
-    "video_crop": "(0,1]",
-    "video_size": "[1,",
-    "video_classes": "[2,",
-    "video_noise": "[0,",
+_TRAIN_RANGES = {  # the data fields' ranges are their option groups' (crt.data.options)
     "batch_size": "[1,",
     "bptt_segments": "[0,",
     "max_steps": "[1,",
@@ -333,11 +275,12 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
 
 
 def field_help() -> dict[str, str]:
-    """Each field's trailing comment in this file: the one place a field is explained."""
+    """Each field's trailing comment where its class declares it: the one place a field is explained."""
     import inspect
     import re
 
-    lines = inspect.getsource(ModelConfig).splitlines() + inspect.getsource(TrainConfig).splitlines()
+    classes = [ModelConfig, *(c for c in TrainConfig.__mro__ if dataclasses.is_dataclass(c))]
+    lines = [line for c in classes for line in inspect.getsource(c).splitlines()]
     found = (re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line) for line in lines)
     return {m.group(1): m.group(2) for m in found if m}
 
@@ -360,21 +303,14 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str,
     return dataclasses.replace(model, **m), dataclasses.replace(train, **t)
 
 
-GENERATED_DATA = ("synthetic", "mqar", "passkey", "facts")  # corpora built from a seed (facts: from a seed and real text)
-
-# Fields that only some tasks read: field -> (who reads it, test on the configs). The model
-# fields only some archs read are each model's OPTIONS (`_model_options`).
+# Fields that are set from the data, never read from a flag; the data fields only some tasks
+# read are their option groups' USED_BY, the model fields only some archs read each model's
+# OPTIONS (`_model_options`).
 _USED_BY = {
     "vocab_size": ("nothing: the vocabulary is set from the data", lambda m, t: False),
     "num_classes": ("nothing: the classes are set from the data", lambda m, t: False),
     "frame_shape": ("nothing: the frame shape is set from the data", lambda m, t: False),
-    **{f: ("data = synthetic", lambda m, t: t.data == "synthetic") for f in TRAIN_FIELDS if f.startswith("synth_")},
-    **{f"synth_{s}_docs": ("the generated tasks (synthetic, mqar, passkey, facts)", lambda m, t: t.data in GENERATED_DATA) for s in ("train", "valid", "test")},
-    "synth_filler_vocab": ("data = synthetic, mqar or passkey", lambda m, t: t.data in ("synthetic", "mqar", "passkey")),
-    "task_segment": ("data = mqar or facts", lambda m, t: t.data in ("mqar", "facts")),
-    **{f: (f"data = {f.split('_')[0]}", lambda m, t, f=f: t.data == f.split("_")[0]) for f in TRAIN_FIELDS if f.split("_")[0] in ("mqar", "passkey", "facts")},
-    **{f: ("task = video", lambda m, t: t.task == "video") for f in TRAIN_FIELDS if f.startswith("video_")},
-    "map_unk": ("word corpora", lambda m, t: t.data in ("ptb", "wikitext-2", "wikitext-103", "words", "facts")),
+    **{name: rule for group in DATA_GROUPS for name, rule in group.USED_BY.items()},
 }
 
 

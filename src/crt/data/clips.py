@@ -14,8 +14,47 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+
+
+@dataclass
+class VideoOptions:
+    """The frame-sequence data's fields of TrainConfig (task = video): clips, skeleton transforms,
+    training augmentation, RGB size and protocol, the synthetic video task."""
+
+    video_max_frames: int = 64  # frames per clip at most (evenly spaced); 0: all
+    video_normalise: bool = True  # skeletons: centre on the clip's centroid, unit RMS joint distance
+    video_motion: bool = False  # skeletons: append each joint's velocity (x_t - x_(t-1)) to its position (frames J x 6)
+    video_rotate: float = 0.0  # training augmentation: skeleton rotation about the vertical axis, up to +- degrees
+    video_scale: float = 0.0  # training augmentation: skeleton scale in [1 - s, 1 + s]
+    video_crop: float = 1.0  # training augmentation: temporal crop keeping a random share in [crop, 1] of the frames; 1: none
+    video_size: int = 64  # RGB frames are resized to this square size
+    video_protocol: str = "cross_subject"  # smarthome: cross_subject | cross_view1 | cross_view2
+    video_classes: int = 4  # synthetic-video: classes, one segment each
+    video_noise: float = 0.5  # synthetic-video: noise on every frame
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"video_protocol": ("cross_subject", "cross_view1", "cross_view2")}
+    RANGES: ClassVar[dict[str, str]] = {
+        "video_max_frames": "[0,", "video_rotate": "[0,180]", "video_scale": "[0,1)", "video_crop": "(0,1]", "video_size": "[1,",
+        "video_classes": "[2,", "video_noise": "[0,",
+    }  # fmt: skip
+    USED_BY: ClassVar[dict] = dict.fromkeys(
+        (
+            "video_max_frames",
+            "video_normalise",
+            "video_motion",
+            "video_rotate",
+            "video_scale",
+            "video_crop",
+            "video_size",
+            "video_protocol",
+            "video_classes",
+            "video_noise",
+        ),
+        ("task = video", lambda m, t: t.task == "video"),
+    )
 
 
 @dataclass

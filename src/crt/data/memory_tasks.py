@@ -33,6 +33,8 @@ BABILong-style facts (bAbI QA1's single supporting fact, hidden in real text):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -46,6 +48,32 @@ PEOPLE = ("mary", "john", "daniel", "sandra")
 LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 VERBS = ("went", "moved", "journeyed", "travelled")
 FACT_LEN, QUESTION_LEN = 6, 6  # "mary went to the kitchen ." and "where is mary ? kitchen <eos>"
+
+
+@dataclass
+class MemoryTaskOptions:
+    """The long-range memory tasks' fields of TrainConfig (data = mqar | passkey | facts)."""
+
+    task_segment: int = 0  # the segment grid mqar and facts are laid on (their distances count these segments); 0: the model's segment_len
+    mqar_pairs: int = 4  # P key-value pairs per document
+    mqar_gap: int = 1  # G: whole segments of filler between the pairs' segment and the first query; -1: none (queries follow the pairs)
+    mqar_vocab: int = 32  # key-value vocabulary: keys are its first half, values its second (chance 2 / mqar_vocab)
+    passkey_digits: int = 4  # digits to keep (chance 0.1 a digit)
+    passkey_distance: int = 32  # D: filler tokens between the passkey and its query
+    facts_count: int = 4  # facts per document (bAbI QA1: the answer is the asked person's last location, chance 1/6)
+    facts_length: int = 256  # tokens of real text per document that the facts are hidden in
+    facts_words: int = 0  # keep the text's N most frequent training words, the rest become <unk> (a smaller softmax); 0: all of them
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "task_segment": "[0,", "mqar_pairs": "[1,", "mqar_gap": "[-1,", "mqar_vocab": "[2,", "passkey_digits": "[1,", "passkey_distance": "[0,",
+        "facts_count": "[1,", "facts_length": "[1,", "facts_words": "[0,",
+    }  # fmt: skip
+    USED_BY: ClassVar[dict] = {
+        "task_segment": ("data = mqar or facts", lambda m, t: t.data in ("mqar", "facts")),
+        **dict.fromkeys(("mqar_pairs", "mqar_gap", "mqar_vocab"), ("data = mqar", lambda m, t: t.data == "mqar")),
+        **dict.fromkeys(("passkey_digits", "passkey_distance"), ("data = passkey", lambda m, t: t.data == "passkey")),
+        **dict.fromkeys(("facts_count", "facts_length", "facts_words"), ("data = facts", lambda m, t: t.data == "facts")),
+    }
 
 
 def _doc_counts(train_docs: int, valid_docs: int, test_docs: int) -> dict[str, int]:

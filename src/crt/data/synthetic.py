@@ -23,6 +23,8 @@ segments can reach 100% recall. `Corpus.answers` marks the answer tokens for sco
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +33,42 @@ from crt.errors import CRTError
 
 DOC, QUERY, SEP = "<doc>", "<q>", "<sep>"
 _SPECIALS = (EOS, DOC, QUERY, SEP)  # ids 0..3; keys, values and filler follow in that order
+
+
+GENERATED_DATA = ("synthetic", "mqar", "passkey", "facts")  # corpora built from a seed (facts: from a seed and real text)
+
+
+@dataclass
+class SyntheticOptions:
+    """The synthetic recall corpus's fields of TrainConfig (data = synthetic), and the document
+    counts every generated task shares."""
+
+    synth_pairs: int = 2  # key->value pairs that open each document
+    synth_keys: int = 16  # distinct keys
+    synth_values: int = 16  # distinct values
+    synth_filler: int = 32  # filler tokens between the pairs and the queries
+    synth_filler_vocab: int = 32  # distinct filler tokens
+    synth_query_rounds: int = 1  # each round queries every pair once
+    synth_train_docs: int = 4000  # documents per split, for every generated task (synthetic, mqar, passkey, facts)
+    synth_valid_docs: int = 200
+    synth_test_docs: int = 200
+
+    RANGES: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("synth_pairs", "synth_keys", "synth_values", "synth_filler_vocab", "synth_query_rounds"), "[1,"),
+        "synth_filler": "[0,",
+        **dict.fromkeys(("synth_train_docs", "synth_valid_docs", "synth_test_docs"), "[1,"),
+    }
+    # field -> (who reads it, test on (ModelConfig, TrainConfig)): for the "--flag does nothing here" warning
+    USED_BY: ClassVar[dict] = {
+        **dict.fromkeys(
+            ("synth_pairs", "synth_keys", "synth_values", "synth_filler", "synth_query_rounds"), ("data = synthetic", lambda m, t: t.data == "synthetic")
+        ),
+        "synth_filler_vocab": ("data = synthetic, mqar or passkey", lambda m, t: t.data in ("synthetic", "mqar", "passkey")),
+        **dict.fromkeys(
+            ("synth_train_docs", "synth_valid_docs", "synth_test_docs"),
+            ("the generated tasks (synthetic, mqar, passkey, facts)", lambda m, t: t.data in GENERATED_DATA),
+        ),
+    }
 
 
 def doc_length(pairs: int, filler: int, query_rounds: int = 1) -> int:
