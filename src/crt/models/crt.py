@@ -11,7 +11,7 @@ vector m carries what the model needs from the past:
 
 Per token CRT adds two small RNN steps and one attended token to a plain segment transformer,
 where Transformer-XL attends to M cached states in every layer. Each (choice) of SPEC §3 is
-a `ModelConfig` field; `ModelConfig.validate` rejects combinations that cannot work.
+a `ModelConfig` field; `CRTCore.check_options` rejects combinations that cannot work.
 """
 
 from __future__ import annotations
