@@ -44,6 +44,15 @@ print(json.dumps({"train": r["train_runs"], "infer": r["infer_runs"], "stream": 
 """
 
 
+def commit_of(tree: Path) -> str:
+    """The tree's git commit (and "+ changes" when its files differ from it), or "not a git checkout"."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "not a git checkout"
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
 def measure(tree: Path, preset: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(args.threads)}
     spec = json.dumps(
@@ -100,7 +109,7 @@ def main() -> None:
         machine=f"{describe()}; {args.threads} torch threads per measurement",
     )
     lines += [
-        f"Before: `{args.before}`; after: `{args.after}`. {args.rounds} rounds, each preset measured in both trees per round (the order alternating), "
+        f"Before: `{args.before}` (commit {commit_of(args.before)}); after: `{args.after}` (commit {commit_of(args.after)}). {args.rounds} rounds, each preset measured in both trees per round (the order alternating), "
         f"each measurement a fresh process. Train and segment-infer: `crt bench`'s case (fp32, the preset's batch and K, {args.repeats} groups of "
         f"{args.steps} steps; {args.infer_tokens:,} tokens streamed a segment per call, batch 1). Token stream: `crt.infer.open_stream`, "
         f"{args.stream_tokens} tokens fed one at a time, batch 1. Medians over all groups of all rounds, in tokens/s.",
