@@ -1,10 +1,45 @@
-"""Shared fixtures: the read-only benchmark data beside the repository (../shared/data)."""
+"""Shared fixtures: tiny seeded models, and the read-only benchmark data beside the repository (../shared/data)."""
 
 from pathlib import Path
 
 import pytest
+import torch
+
+from crt.config import ModelConfig
+from crt.models import build_model
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_config(request):
+    """Factory of tiny ModelConfigs: tiny_config(arch="crt", **fields). Width 32, 2 layers, 4 heads,
+    feed-forward 64, no dropout, vocabulary 23 and segments of 5, updated by the test module's
+    TINY dict (its own vocabulary, segment length, dropout) and then by `fields`."""
+    base = {**dict(vocab_size=23, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=5, dropout=0.0, emb_dropout=0.0), **getattr(request.module, "TINY", {})}
+
+    def make(arch: str = "crt", **fields) -> ModelConfig:
+        return ModelConfig(arch=arch, **{**base, **fields})
+
+    return make
+
+
+@pytest.fixture
+def tiny_lm(tiny_config):
+    """Factory of tiny models in eval mode, seeded: tiny_lm(arch="crt", seed=0, **fields) (fields as
+    `tiny_config`). ARMT starts with W_v = 0, so its memory stores nothing; here W_v is drawn at
+    random so that its memory path is exercised."""
+
+    def make(arch: str = "crt", seed: int = 0, **fields) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = build_model(tiny_config(arch, **fields)).eval()
+        if arch == "armt":
+            with torch.no_grad():
+                for layer in model.layers:
+                    layer.memory.value.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(3))
+        return model
+
+    return make
 
 
 @pytest.fixture

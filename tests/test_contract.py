@@ -11,12 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crt.config import ModelConfig
 from crt.infer import open_stream
-from crt.models import build_model
 from crt.state import iter_segments, reset_rows
 
 V, L = 23, 5
+TINY = dict(vocab_size=V, segment_len=L)  # the conftest tiny_lm fields of this module
 
 
 def case(arch: str, recurrent: bool = True, **kw) -> pytest.param:
@@ -62,19 +61,6 @@ CASES = [
 DEFAULTS = [c for c in CASES if not c.values[1]]  # each arch with its default options
 
 
-def model_of(arch: str, kw: dict, dropout: float = 0.0) -> torch.nn.Module:
-    """The model, seeded, in eval mode. ARMT starts with W_v = 0 (its memory stores nothing), so
-    here W_v is drawn at random: its memory then changes the logits."""
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L, dropout=dropout, emb_dropout=dropout)
-    model = build_model(ModelConfig(arch=arch, **{**cfg, **kw})).eval()
-    if arch == "armt":
-        with torch.no_grad():
-            for layer in model.layers:
-                layer.memory.value.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(3))
-    return model
-
-
 def tokens(B: int = 2, N: int = 3 * L, seed: int = 1) -> torch.Tensor:
     return torch.randint(V, (B, N), generator=torch.Generator().manual_seed(seed))
 
@@ -90,9 +76,9 @@ def segment_path(model, x: torch.Tensor, state=None, segment_len: int = L) -> tu
 
 @pytest.mark.parametrize("arch,kw,recurrent", CASES)
 @torch.no_grad()
-def test_causality(arch, kw, recurrent):
+def test_causality(arch, kw, recurrent, tiny_lm):
     """Changing token t changes no logit before t, within a segment and across segments, and changes its own."""
-    model = model_of(arch, kw)
+    model = tiny_lm(arch, **kw)
     x = tokens()
     base, _ = segment_path(model, x)
     for t in (3, L + 2, 2 * L):  # inside segment 1, inside segment 2, the first token of segment 3
@@ -105,9 +91,9 @@ def test_causality(arch, kw, recurrent):
 
 @pytest.mark.parametrize("arch,kw,recurrent", CASES)
 @torch.no_grad()
-def test_recurrence(arch, kw, recurrent):
+def test_recurrence(arch, kw, recurrent, tiny_lm):
     """Changing segment 1 changes the logits of segment 3 exactly when the state carries something read."""
-    model = model_of(arch, kw)
+    model = tiny_lm(arch, **kw)
     x = tokens()
     x2 = x.clone()
     x2[:, :L] = (x2[:, :L] + 1) % V
@@ -117,9 +103,9 @@ def test_recurrence(arch, kw, recurrent):
 
 @pytest.mark.parametrize("arch,kw,recurrent", CASES)
 @torch.no_grad()
-def test_no_hidden_state_between_calls(arch, kw, recurrent):
+def test_no_hidden_state_between_calls(arch, kw, recurrent, tiny_lm):
     """The same (tokens, state) gives the same logits and state, whatever ran in between."""
-    model = model_of(arch, kw)
+    model = tiny_lm(arch, **kw)
     x, state = tokens(N=L), model.init_state(2)
     first, after = model(x, state)
     model(tokens(N=L, seed=9), after)  # another call in between
@@ -129,8 +115,8 @@ def test_no_hidden_state_between_calls(arch, kw, recurrent):
 
 @pytest.mark.parametrize("arch,kw,recurrent", CASES)
 @torch.no_grad()
-def test_reset_rows_starts_a_new_document_in_one_row(arch, kw, recurrent):
-    model = model_of(arch, kw)
+def test_reset_rows_starts_a_new_document_in_one_row(arch, kw, recurrent, tiny_lm):
+    model = tiny_lm(arch, **kw)
     x = tokens(N=2 * L)
     _, state = model(x[:, :L], model.init_state(2))
     out, _ = model(x[:, L:], reset_rows(state, model.init_state(2), torch.tensor([False, True])))
@@ -144,9 +130,9 @@ def test_reset_rows_starts_a_new_document_in_one_row(arch, kw, recurrent):
 
 @pytest.mark.parametrize("arch,kw,recurrent", CASES)
 @torch.no_grad()
-def test_bf16_autocast_keeps_the_state_dtype(arch, kw, recurrent):
+def test_bf16_autocast_keeps_the_state_dtype(arch, kw, recurrent, tiny_lm):
     """Under bf16 autocast the logits are finite and near fp32's, and the state stays in the dtype init_state gave it."""
-    model = model_of(arch, kw)
+    model = tiny_lm(arch, **kw)
     x = tokens()
     fp32, _ = segment_path(model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -159,11 +145,11 @@ def test_bf16_autocast_keeps_the_state_dtype(arch, kw, recurrent):
 
 @pytest.mark.parametrize("K", [1, 2, 3])
 @pytest.mark.parametrize("arch,kw,recurrent", [*DEFAULTS, case("crt", memory_cell="ncgru")])
-def test_gradients_reach_exactly_K_segments_back(arch, kw, recurrent, K):
+def test_gradients_reach_exactly_K_segments_back(arch, kw, recurrent, K, tiny_lm):
     """The loss of the last segment back-propagates into exactly its last K segments through the
     state. Transformer-XL stops gradients at its memory by design (as the original), so only the
     last segment; the segment Transformer carries nothing."""
-    model = model_of(arch, kw).train()
+    model = tiny_lm(arch, **kw).train()
     captured = []
 
     def keep(module, inputs, out):  # returns None, so the output is left as it is
@@ -180,10 +166,10 @@ def test_gradients_reach_exactly_K_segments_back(arch, kw, recurrent, K):
 
 
 @pytest.mark.parametrize("arch,kw,recurrent", CASES)
-def test_stream_equals_the_segment_path(arch, kw, recurrent):
+def test_stream_equals_the_segment_path(arch, kw, recurrent, tiny_lm):
     """Token by token (three boundaries, a partial last segment, two rows) the stream's logits
     equal the segment path's. Dropout is set, and off in eval mode."""
-    model = model_of(arch, kw, dropout=0.1)
+    model = tiny_lm(arch, dropout=0.1, emb_dropout=0.1, **kw)
     x = tokens(N=17, seed=5)
     stream = open_stream(model, batch_size=2)
     streamed = torch.stack([stream.feed(x[:, t]) for t in range(x.shape[1])], dim=1)  # [B, N, V]
@@ -192,14 +178,14 @@ def test_stream_equals_the_segment_path(arch, kw, recurrent):
 
 
 @pytest.mark.parametrize("arch,kw,recurrent", DEFAULTS)
-def test_exported_step_loops_like_pytorch(tmp_path, arch, kw, recurrent):
+def test_exported_step_loops_like_pytorch(tmp_path, arch, kw, recurrent, tiny_lm):
     """The torch.export program of one segment step, looped over six segments with its own
     state, gives the model's logits and states."""
     from safetensors.numpy import load_file
 
     from crt.infer.export import export
 
-    model = model_of(arch, kw)
+    model = tiny_lm(arch, **kw)
     r = export(model, "pt2", tmp_path / "step.pt2", int8=False)
     assert r["int8_path"] is None and r["max_difference"] <= 1e-4
     program = torch.export.load(str(tmp_path / "step.pt2")).module()

@@ -7,19 +7,12 @@ import pytest
 import torch
 from cli_helpers import in_process, one_line_error
 
-from crt.config import ModelConfig
 from crt.errors import CRTError
 from crt.infer.export import export
 from crt.infer.quantize import quantize_int8
-from crt.models import build_model
 
 V, L = 41, 6
-BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L)
-
-
-def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(arch=arch, **{**BASE, **kw})).eval()
+TINY = dict(vocab_size=V, segment_len=L, dropout=0.1, emb_dropout=0.1)  # the conftest tiny_lm fields of this module
 
 
 def torch_segments(model, segments: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -51,12 +44,12 @@ ONNX_MODELS = [
 
 
 @pytest.mark.parametrize("arch,kw", ONNX_MODELS, ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()))
-def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw):
+def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw, tiny_lm):
     """onnxruntime, looping the exported step over 7 segments with its own state outputs fed back
     (more than the export's own check), reproduces the PyTorch segment path."""
     ort = pytest.importorskip("onnxruntime", reason="the edge extra: pip install -e '.[edge]'")
     pytest.importorskip("onnxscript", reason="the edge extra: pip install -e '.[edge]'")
-    model = model_of(arch, **kw)
+    model = tiny_lm(arch, **kw)
     r = export(model, "onnx", tmp_path / "step.onnx", batch_size=2, int8=arch == "crt" and not kw)
     assert r["max_difference"] <= 1e-4
     segments = [torch.randint(V, (2, L), generator=torch.Generator().manual_seed(10 + i)) for i in range(7)]
@@ -76,11 +69,11 @@ def test_onnx_step_loops_like_pytorch(tmp_path, arch, kw):
         assert any(i.data_type == 3 for i in __import__("onnx").load(str(r["int8_path"])).graph.initializer)  # INT8 tensors
 
 
-def test_pt2_int8_program_has_int8_weights_and_tracks_fp32(tmp_path):
+def test_pt2_int8_program_has_int8_weights_and_tracks_fp32(tmp_path, tiny_lm):
     """The int8 pt2 program (torchao's dynamic quantization of the linear layers) loads, holds int8
     weights, reproduces the int8 model (checked inside export) and stays near fp32."""
     pytest.importorskip("torchao", reason="the edge extra: pip install -e '.[edge]'")
-    model = model_of("crt", d_model=64, d_ff=128)
+    model = tiny_lm("crt", d_model=64, d_ff=128)
     r = export(model, "pt2", tmp_path / "step.pt2")
     assert r["int8_path"] == tmp_path / "step.int8.pt2" and r["int8_path"].is_file()
     assert r["int8_agreement"] >= 0.9 and 0 < r["int8_max_difference"] < 0.5  # int8 differs from fp32, a little
@@ -96,16 +89,16 @@ def test_pt2_int8_program_has_int8_weights_and_tracks_fp32(tmp_path):
     assert (out[0].argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
 
 
-def test_pt2_int8_without_torchao_is_one_clear_error(tmp_path, monkeypatch):
+def test_pt2_int8_without_torchao_is_one_clear_error(tmp_path, monkeypatch, tiny_lm):
     import sys
 
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if torchao were absent
     with pytest.raises(CRTError, match=r"needs torchao .*pip install -e \"\.\[edge\]\", or pass --no-int8"):
-        export(model_of(), "pt2", tmp_path / "x" / "step.pt2")
+        export(tiny_lm(), "pt2", tmp_path / "x" / "step.pt2")
     assert not (tmp_path / "x").exists()  # nothing written, not even the folder the export made
 
 
-def test_onnx_exporter_failure_is_one_clear_error(tmp_path, monkeypatch):
+def test_onnx_exporter_failure_is_one_clear_error(tmp_path, monkeypatch, tiny_lm):
     """Whatever torch.onnx raises (here a many-line error, as its decomposition failures are), the
     export says in one line what failed, suggests pt2, and leaves nothing behind."""
     pytest.importorskip("onnxscript", reason="the edge extra: pip install -e '.[edge]'")
@@ -117,12 +110,12 @@ def test_onnx_exporter_failure_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(
         CRTError, match=r"torch.onnx could not export transformer_xl \(ValueError: Cannot view a tensor\): try --format pt2; nothing was written"
     ) as e:
-        export(model_of("transformer_xl"), "onnx", tmp_path / "x" / "step.onnx")
+        export(tiny_lm("transformer_xl"), "onnx", tmp_path / "x" / "step.onnx")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x").exists()
 
 
-def test_export_that_does_not_reproduce_fails_and_writes_nothing(tmp_path, monkeypatch):
+def test_export_that_does_not_reproduce_fails_and_writes_nothing(tmp_path, monkeypatch, tiny_lm):
     pytest.importorskip("onnxruntime", reason="the edge extra: pip install -e '.[edge]'")
     pytest.importorskip("onnxscript", reason="the edge extra: pip install -e '.[edge]'")
     import crt.infer.export as ex
@@ -136,13 +129,13 @@ def test_export_that_does_not_reproduce_fails_and_writes_nothing(tmp_path, monke
     monkeypatch.setattr(ex, "_onnx_session", drifting)
     out = tmp_path / "out"
     with pytest.raises(CRTError, match="does not reproduce PyTorch over 4 segments.*nothing was written"):
-        export(model_of(), "onnx", out / "step.onnx")
+        export(tiny_lm(), "onnx", out / "step.onnx")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
-def test_int8_quantizes_linear_gru_and_embedding_layers(arch):
-    model = model_of(arch)
+def test_int8_quantizes_linear_gru_and_embedding_layers(arch, tiny_lm):
+    model = tiny_lm(arch)
     from torch.ao.nn.quantized import Embedding, dynamic
 
     q = quantize_int8(model)

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import L, V, model_of, tiny, tokens
 
 from crt.errors import CRTError
 from crt.layers import AssociativeMemory
@@ -18,6 +17,13 @@ from crt.models.rmt import RMTState
 from crt.state import iter_segments
 from crt.train.evaluate import evaluate
 
+V, L = 37, 8
+TINY = dict(vocab_size=V, segment_len=L)  # the conftest tiny_config / tiny_lm fields of this module
+
+
+def tokens(B=2, N=3 * L, seed=1):
+    return torch.randint(0, V, (B, N), generator=torch.Generator().manual_seed(seed))
+
 
 def stream(model, x, segment_len=L):
     state, out = model.init_state(x.shape[0]), []
@@ -26,9 +32,9 @@ def stream(model, x, segment_len=L):
     return torch.cat(out, dim=1), state  # [B, N, V]
 
 
-def test_rmt_write_only_memory_never_reaches_a_prediction():
+def test_rmt_write_only_memory_never_reaches_a_prediction(tiny_lm):
     """placement=write puts the memory after the segment: it is written, but no token attends to it."""
-    model = model_of(tiny("rmt", rmt_placement="write"))
+    model = tiny_lm("rmt", rmt_placement="write")
     x = tokens()
     x2 = x.clone()
     x2[:, :L] = (x2[:, :L] + 1) % V
@@ -37,32 +43,32 @@ def test_rmt_write_only_memory_never_reaches_a_prediction():
     assert not torch.allclose(sa.memory, sb.memory), "the memory is still written"
 
 
-def test_armt_with_zero_value_weights_is_a_segment_transformer():
+def test_armt_with_zero_value_weights_is_a_segment_transformer(tiny_config):
     """At initialisation (W_v = 0) ARMT stores nothing, so segment 1 cannot change segment 3."""
     torch.manual_seed(0)
-    model = build_model(tiny("armt")).eval()  # not model_of: that gives W_v random values
+    model = build_model(tiny_config("armt")).eval()  # not tiny_lm: that gives W_v random values
     x = tokens()
     x2 = x.clone()
     x2[:, :L] = (x2[:, :L] + 1) % V
     assert torch.equal(stream(model, x)[0][:, 2 * L :], stream(model, x2)[0][:, 2 * L :])
 
 
-def test_zero_state_semantics():
+def test_zero_state_semantics(tiny_lm):
     """ARMT's initial state is the all-zero (empty) memory; RMT's is the learned M_0 in every row,
     and passing it explicitly is the same call. Both documented in the models' docstrings."""
-    armt = model_of(tiny("armt"))
+    armt = tiny_lm("armt")
     s = armt.init_state(3)
     assert s.A.shape[:2] == (3, 2) and torch.count_nonzero(s.A) == 0 and torch.count_nonzero(s.z) == 0
-    rmt = model_of(tiny("rmt"))
+    rmt = tiny_lm("rmt")
     x = tokens(N=L)
     explicit = RMTState(rmt.memory_init.detach().clone().expand(2, -1, -1))
     assert torch.equal(rmt(x, rmt.init_state(2))[0], rmt(x, explicit)[0])
 
 
 @pytest.mark.parametrize("arch", ["rmt", "armt"])
-def test_chunked_evaluation_equals_the_stream(arch):
+def test_chunked_evaluation_equals_the_stream(arch, tiny_lm):
     """`evaluate` (batchified, state carried over every segment) scores exactly the stream's NLL."""
-    model = model_of(tiny(arch))
+    model = tiny_lm(arch)
     data = tokens(B=1, N=3 * L + 4).flatten()  # the last segment is short
     logits, _ = stream(model, data[None, :-1])
     nll = F.cross_entropy(logits[0], data[1:])
@@ -71,13 +77,13 @@ def test_chunked_evaluation_equals_the_stream(arch):
     assert math.isclose(result["loss"], nll.item(), rel_tol=1e-6)
 
 
-def test_config_rejects_bad_memory_settings():
+def test_config_rejects_bad_memory_settings(tiny_config):
     with pytest.raises(CRTError, match="mem_tokens"):
-        tiny("rmt", mem_tokens=0).validate()
+        tiny_config("rmt", mem_tokens=0).validate()
     with pytest.raises(CRTError, match="rmt_placement"):
-        tiny("rmt", rmt_placement="both").validate()
+        tiny_config("rmt", rmt_placement="both").validate()
     with pytest.raises(CRTError, match="assoc_heads"):
-        tiny("armt", assoc_heads=3).validate()
+        tiny_config("armt", assoc_heads=3).validate()
 
 
 # --- the associative memory on cases small enough to compute by hand ---
@@ -166,10 +172,10 @@ def test_a_weak_match_stays_weak_with_the_floor():
     "n_layer,segments,B,extra",
     [(4, 2, 2, 0), (4, 4, 1, 0), (2, 7, 3, 0), (3, 9, 2, 5), (1, 5, 2, 0), (4, 1, 2, 3), (4, 0, 2, 5)],
 )
-def test_diagonal_batching_equals_sequential(n_layer, segments, B, extra):
+def test_diagonal_batching_equals_sequential(n_layer, segments, B, extra, tiny_lm):
     """Several S and L (S < L, S = L, S > L, L = 1), batch > 1, a shorter last segment: the
     logits and the final memory of every layer equal the sequential ARMT's in fp32."""
-    model = model_of(tiny("armt", n_layer=n_layer, mem_tokens=3))
+    model = tiny_lm("armt", n_layer=n_layer, mem_tokens=3)
     x = tokens(B=B, N=segments * L + extra, seed=segments)
     seq, seq_state = stream(model, x)
     diag, diag_state = DiagonalARMT(model)(x, model.init_state(B))
@@ -180,8 +186,8 @@ def test_diagonal_batching_equals_sequential(n_layer, segments, B, extra):
     assert seq_state.A.abs().max() > 0.01, "the memory must hold something for the comparison to mean anything"
 
 
-def test_diagonal_batching_continues_from_a_given_state_with_rotary_positions():
-    model = model_of(tiny("armt", n_layer=3, positions="rotary"))
+def test_diagonal_batching_continues_from_a_given_state_with_rotary_positions(tiny_lm):
+    model = tiny_lm("armt", n_layer=3, positions="rotary")
     x = tokens(B=2, N=10 * L)
     _, state = stream(model, x[:, : 2 * L])
     seq = torch.cat([lg for _, lg, _ in iter_segments(model, x[:, 2 * L :], state, L)], dim=1)
@@ -189,10 +195,10 @@ def test_diagonal_batching_continues_from_a_given_state_with_rotary_positions():
     torch.testing.assert_close(diag, seq, rtol=1e-5, atol=1e-5)
 
 
-def test_diagonal_batching_refuses_other_models_and_training_mode():
+def test_diagonal_batching_refuses_other_models_and_training_mode(tiny_config):
     with pytest.raises(CRTError, match="ARMT"):
-        DiagonalARMT(build_model(tiny("rmt")))
-    model = build_model(tiny("armt"))
+        DiagonalARMT(build_model(tiny_config("rmt")))
+    model = build_model(tiny_config("armt"))
     model.train()
     with pytest.raises(CRTError, match="eval"):
         DiagonalARMT(model)(tokens(), model.init_state(2))
@@ -210,12 +216,12 @@ class CountLinear(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_diagonal_step_batches_the_layers():
+def test_diagonal_step_batches_the_layers(tiny_lm):
     """A grouped step makes one linear call per weight for all its active layers, not one per
     layer: a step over 4 layers makes as many calls as a step over 1."""
     calls = {}
     for n_layer in (1, 4):
-        model = model_of(tiny("armt", n_layer=n_layer))
+        model = tiny_lm("armt", n_layer=n_layer)
         h, attn_kwargs = model.embed(tokens(B=1, N=L))  # [1, T+k, D]
         state = model.init_state(1)
         with CountLinear() as count:

@@ -13,12 +13,7 @@ from crt.state import iter_segments
 from crt.train.evaluate import evaluate
 
 V, L = 23, 5
-BASE = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=L, dropout=0.1, emb_dropout=0.1)
-
-
-def model_of(arch: str = "crt", **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(arch=arch, **{**BASE, **kw})).eval()
+TINY = dict(vocab_size=V, segment_len=L, dropout=0.1, emb_dropout=0.1)  # the conftest tiny_lm fields of this module
 
 
 def segment_path(model, tokens: torch.Tensor, segment_len: int = L) -> torch.Tensor:
@@ -32,19 +27,19 @@ def stream_path(stream, tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack([stream.feed(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)  # [B, T, V]
 
 
-def test_crt_stream_keeps_one_segment_of_keys_and_values():
-    model = model_of()
+def test_crt_stream_keeps_one_segment_of_keys_and_values(tiny_lm):
+    model = tiny_lm()
     stream = Stream(model)
     for t in range(3 * L + 2):
         stream.feed(torch.tensor([t % V]))
         assert all(len(c) == (t + 1) % L + 1 for c in stream.segment.layers)  # memory token + this segment's tokens
 
 
-def test_armt_incremental_stream_writes_its_memory_at_the_boundary():
+def test_armt_incremental_stream_writes_its_memory_at_the_boundary(tiny_lm):
     """ARMT one token at a time (each layer reads last segment's associative memory, the memory
     tokens write it at the boundary) gives the segment path's logits across boundaries. W_v starts
     at zero (memory reads 0), so it is set at random here: the memory then changes the logits."""
-    model = model_of("armt")
+    model = tiny_lm("armt")
     with torch.no_grad():
         for layer in model.layers:
             layer.memory.value.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
@@ -58,8 +53,8 @@ def test_armt_incremental_stream_writes_its_memory_at_the_boundary():
     assert (logits[:, L : 2 * L] - memoryless).abs().max() > 1e-3
 
 
-def test_transformer_stream_caches_one_segment_and_rejects_other_models():
-    model = model_of("transformer")
+def test_transformer_stream_caches_one_segment_and_rejects_other_models(tiny_lm):
+    model = tiny_lm("transformer")
     tokens = torch.randint(V, (2, 13), generator=torch.Generator().manual_seed(2))
     stream = open_stream(model, batch_size=2)
     assert isinstance(stream, Stream)
@@ -71,10 +66,10 @@ def test_transformer_stream_caches_one_segment_and_rejects_other_models():
 
 
 @pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
-def test_streams_use_the_evaluation_segment_length(arch):
+def test_streams_use_the_evaluation_segment_length(arch, tiny_lm):
     """With eval_segment_len (3) shorter than the training segments (5), every stream closes its
     segments where `crt eval` does: its logits equal the segment path over segments of 3."""
-    model = model_of(arch, eval_segment_len=3, positions="learned" if arch not in ("crt", "transformer_xl") else "auto")
+    model = tiny_lm(arch, eval_segment_len=3, positions="learned" if arch not in ("crt", "transformer_xl") else "auto")
     tokens = torch.randint(V, (2, 11), generator=torch.Generator().manual_seed(8))
     logits = stream_path(open_stream(model, batch_size=2), tokens)
     torch.testing.assert_close(logits, segment_path(model, tokens, 3), atol=2e-5, rtol=1e-4)
@@ -83,11 +78,11 @@ def test_streams_use_the_evaluation_segment_length(arch):
 
 
 @pytest.mark.parametrize("arch", ["crt", "transformer", "transformer_xl", "rmt", "armt"])
-def test_greedy_generation_is_the_argmax_of_teacher_forced_logits(arch):
+def test_greedy_generation_is_the_argmax_of_teacher_forced_logits(arch, tiny_lm):
     """Generate 19 tokens greedily after a 3-token prompt (crossing four segment boundaries);
     re-reading prompt + output through the segment path, each generated token is the argmax
     at the position before it."""
-    model = model_of(arch)
+    model = tiny_lm(arch)
     prompt = [3, 1, 4]
     out = generate(model, prompt, max_new_tokens=19, temperature=0.0)
     assert len(out) == 19
@@ -96,8 +91,8 @@ def test_greedy_generation_is_the_argmax_of_teacher_forced_logits(arch):
     assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == out
 
 
-def test_sampling_is_seeded_and_respects_top_k_and_top_p():
-    model = model_of()
+def test_sampling_is_seeded_and_respects_top_k_and_top_p(tiny_lm):
+    model = tiny_lm()
     a = generate(model, [1, 2], 30, temperature=1.0, seed=7)
     assert a == generate(model, [1, 2], 30, temperature=1.0, seed=7)
     assert a != generate(model, [1, 2], 30, temperature=1.0, seed=8)
@@ -116,9 +111,9 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p():
 
 
 @pytest.mark.parametrize("arch", ["crt", "transformer_xl"])
-def test_streaming_perplexity_equals_crt_eval(arch):
+def test_streaming_perplexity_equals_crt_eval(arch, tiny_lm):
     """score_stream over a token iterator equals evaluate() with one stream, and reports on the way."""
-    model = model_of(arch)
+    model = tiny_lm(arch)
     data = torch.randint(V, (203,), generator=torch.Generator().manual_seed(4))
     reports = list(score_stream(model, iter(data.tolist()), report_every=50))
     assert [r["tokens"] for r in reports[:-1]] == [54, 104, 154] and reports[-1]["tokens"] == 202
