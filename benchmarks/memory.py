@@ -383,6 +383,34 @@ def floats_text(rows: dict, model: str) -> str:
     return f"{sizes[0]:,}" if len(sizes) == 1 else f"KV cache {sizes[0]:,}-{sizes[-1]:,}"
 
 
+def facts_floors(knobs: dict) -> str:
+    """What the fact task's text and answers give away without any memory: the share of the
+    test questions whose answer is the commonest one (what one constant answer scores), and the
+    <unk> share of the text with and without the word cap. Empty without PTB."""
+    import collections
+    import tempfile
+
+    from crt.data import load_words
+    from crt.data.load import load_corpus
+    from crt.data.memory_tasks import most_frequent_words
+
+    if not PTB.is_dir():
+        return ""
+    _, tcfg, _ = configs("facts", "transformer", knobs, 0, Path(tempfile.gettempdir()))
+    docs = load_corpus(tcfg, knobs["segment"]).documents["test"]
+    answers = collections.Counter(int(tokens[flags][0]) for tokens, flags in zip(docs.tokens, docs.answers, strict=True))
+    common = max(answers.values())
+    text = load_words(PTB)
+    unk = text.vocab.stoi["<unk>"]
+    capped = most_frequent_words(text, tcfg.facts_words)
+    share = lambda corpus: float((corpus.train == corpus.vocab.stoi["<unk>"]).float().mean())  # noqa: E731
+    return (
+        f"Facts without a memory: the commonest answer is that of {common} of the {len(docs)} test questions, so one constant answer scores "
+        f"{common / len(docs):.3f} (chance 1/6 = 0.167). `<unk>` is {share(capped):.1%} of the training text's tokens with the "
+        f"{tcfg.facts_words:,} commonest words kept ({float((text.train == unk).float().mean()):.1%} in PTB as distributed)."
+    )
+
+
 def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
     from crt.analysis.machine import describe
     from crt.analysis.results import header
@@ -434,7 +462,9 @@ def report(cells: dict[str, dict], knobs: dict, command: str) -> str:
         + " | ".join(f"({elimination_floor(TASKS[t][1]['mqar_pairs']):.3f})" if TASKS[t][0] == "mqar" else "" for t in TASKS)
         + " |"
     )
+    floors = facts_floors(knobs) if any(r["data"] == "facts" for r in mine) else ""
     lines += [
+        *(["", floors] if floors else []),
         "",
         "MQAR's second floor: a model that has kept which values a document holds, but not which key each belongs to, answers the first of P "
         "queries with probability 1/P and the last one always, by elimination: recall H_P / P (0.75 at P = 2). Recall above it needs the key-value binding. "
@@ -556,11 +586,11 @@ def main() -> None:
                     )
     if args.rescore:
         rescore(cells, knobs, Path(args.runs_dir))
-    from crt.files import write_atomic
+    from crt.analysis.results import write_results
 
     whole = [a for a in sys.argv[1:] if a not in ("--report-only", "--rescore")]
     text = report(cells, knobs, shlex.join(["python", "benchmarks/memory.py", *[a for a in whole if not a.startswith("--max-minutes")]]))
-    write_atomic(CELLS.parent / "memory.md", text)
+    write_results(CELLS.parent / "memory.md", text.split("\n"))
     print(f"written to {CELLS.parent / 'memory.md'}", file=sys.stderr)
 
 

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# a few-second synthetic CRT run that tests add their flags to
+TINY_RUN = ["--preset", "synthetic-crt", "--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--segment-len", "8", "--batch-size", "4"]
+TINY_RUN += ["--synth-train-docs", "40", "--synth-valid-docs", "5", "--synth-test-docs", "5"]
+
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -5,37 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, refused, snapshot
+from cli_helpers import TINY_RUN, cli, refused, snapshot
 
 # a small synthetic run; the flag under test is added to it
-SMALL = [
-    "--preset",
-    "synthetic-crt",
-    "--d-model",
-    "32",
-    "--n-layer",
-    "1",
-    "--d-ff",
-    "64",
-    "--segment-len",
-    "8",
-    "--batch-size",
-    "4",
-    "--synth-train-docs",
-    "40",
-    "--synth-valid-docs",
-    "5",
-    "--synth-test-docs",
-    "5",
-    "--max-steps",
-    "2",
-    "--eval-every",
-    "0",
-    "--no-progress",
-    "--no-stages",
-    "--out-dir",
-    "run",
-]
+SMALL = [*TINY_RUN, "--max-steps", "2", "--eval-every", "0", "--no-progress", "--no-stages", "--out-dir", "run"]
 
 
 @pytest.mark.parametrize(

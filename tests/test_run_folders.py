@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, interrupted_copy, refused, run_cli, snapshot
+from cli_helpers import TINY_RUN, cli, interrupted_copy, refused, run_cli, snapshot
 
 from crt.checkpoint import load_checkpoint
 from crt.config import ModelConfig, TrainConfig
@@ -18,32 +18,7 @@ from crt.train.loop import train
 from crt.train.metrics import read_metrics
 from crt.train.rundir import RunLock, claim_run_dir
 
-TINY = [
-    "--preset",
-    "synthetic-crt",
-    "--d-model",
-    "32",
-    "--n-layer",
-    "1",
-    "--d-ff",
-    "64",
-    "--segment-len",
-    "8",
-    "--batch-size",
-    "4",
-    "--synth-train-docs",
-    "40",
-    "--synth-valid-docs",
-    "5",
-    "--synth-test-docs",
-    "5",
-    "--synth-filler",
-    "4",
-    "--eval-every",
-    "0",
-    "--no-progress",
-    "--no-stages",
-]
+TINY = [*TINY_RUN, "--synth-filler", "4", "--eval-every", "0", "--no-progress", "--no-stages"]
 
 
 def configs(out: Path, **kw):
