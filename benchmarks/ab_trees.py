@@ -92,6 +92,7 @@ def main() -> None:
     from crt.analysis.results import header, write_results
 
     runs = {(t, p): {"train": [], "infer": [], "stream": []} for t in ("before", "after") for p in args.presets}
+    rounds = {key: {k: [] for k in value} for key, value in runs.items()}  # each round's median: the spread within one tree
     for r in range(args.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
         for preset in args.presets:
@@ -99,6 +100,7 @@ def main() -> None:
                 got = measure(getattr(args, name), preset, args)
                 for k, v in got.items():
                     runs[(name, preset)][k] += v
+                    rounds[(name, preset)][k].append(statistics.median(v))
                 print(
                     f"round {r + 1}/{args.rounds} {name:6} {preset}: " + ", ".join(f"{k} {statistics.median(v):,.0f} tok/s" for k, v in got.items()),
                     file=sys.stderr,
@@ -123,6 +125,17 @@ def main() -> None:
             b, a = statistics.median(runs[("before", p)][k]), statistics.median(runs[("after", p)][k])
             cells += [f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.2f}x"]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The spread within one tree: the lowest and highest of its per-round medians (tokens/s). A ratio above is noise unless it exceeds these.",
+        "",
+        "| preset | tree | train | segment infer | token stream |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in args.presets:
+        for name in ("before", "after"):
+            r = rounds[(name, p)]
+            lines.append(f"| {p} | {name} | " + " | ".join(f"{min(r[k]):,.0f}-{max(r[k]):,.0f}" for k in ("train", "infer", "stream")) + " |")
     write_results(args.out, lines)
     print("\n".join(lines))
 
