@@ -30,7 +30,7 @@ from crt.checkpoint import load_model
 from crt.config import apply_overrides, load_preset, to_dict
 from crt.data.load import load_corpus
 from crt.files import write_atomic
-from crt.runtime import resolve_device
+from crt.runtime import resolve_device, resolve_precision
 from crt.train.evaluate import evaluate
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
@@ -57,6 +57,12 @@ GRID: list[tuple[str, str, dict]] = [
     ("CRT L=35, no memory token, positions restart each segment", "ptb-crt-35", {"memory_position": "none", "carry_rpe": False}),
     # ARMT as published divides reads by z.q + 1e-5 (crt.layers.associative explains the floor)
     ("ARMT L=35 k=4, original normaliser z.q + 1e-5", "ptb-armt-35", {"assoc_floor": False}),
+    # issue 18's cell ablation: minGRU (input-only gates, no sequential matmul) for either RNN, two seeds for the noise
+    ("CRT L=35, minGRU memory", "ptb-crt-35", {"memory_cell": "mingru"}),
+    ("CRT L=35, minGRU positions", "ptb-crt-35", {"position_cell": "mingru"}),
+    ("CRT L=35, minGRU positions and memory", "ptb-crt-35", {"position_cell": "mingru", "memory_cell": "mingru"}),
+    ("CRT L=35, seed 1", "ptb-crt-35", {"seed": 1}),
+    ("CRT L=35, minGRU positions and memory, seed 1", "ptb-crt-35", {"position_cell": "mingru", "memory_cell": "mingru", "seed": 1}),
 ]
 
 
@@ -83,8 +89,9 @@ def run_row(name: str, preset: str, overrides: dict, args: argparse.Namespace, c
         "train": {
             k: v
             for k, v in to_dict(tcfg).items()
-            if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "precision", "device", "seed")
-        },
+            if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "device", "seed")
+        }
+        | {"precision": resolve_precision(tcfg.precision, next(model.parameters()).device)},  # what ran, not `auto`
         "params": summary["params"],
         "tokens_seen": summary["tokens_seen"],
         "wall_s": wall,
@@ -151,7 +158,7 @@ def report(rows: list[dict], args: argparse.Namespace, command: str, machine: st
         "Per-row settings: `benchmarks/ptb.py` GRID (presets in `src/crt/configs/`, overrides listed in the row name); "
         f"each row's full config is in `{Path(args.runs_dir) / 'results.json'}` after a run.",
         "",
-        "![test perplexity against training FLOPs per token](ptb.png)",
+        f"![test perplexity against training FLOPs per token]({Path(args.out).with_suffix('.png').name})",
     ]
     return "\n".join(lines) + "\n"
 
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=float, default=1.4e6, help="training tokens per model (equal budget)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every row (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="train only rows whose name contains this (repeatable)")
+    parser.add_argument("--row", action="append", default=[], help="train only the row of exactly this name (repeatable; with --only: either)")
     parser.add_argument("--runs-dir", default="runs/ptb-bench")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptb.md"))
     parser.add_argument("--fresh", action="store_true", help="forget finished rows and train every row again")
@@ -170,7 +178,11 @@ def main() -> None:
     args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
     argv = sys.argv[1:]
-    whole = [a for i, a in enumerate(argv) if a != "--only" and (i == 0 or argv[i - 1] != "--only") and not a.startswith("--only=")]
+    whole = [
+        a
+        for i, a in enumerate(argv)
+        if a not in ("--only", "--row") and (i == 0 or argv[i - 1] not in ("--only", "--row")) and not a.startswith(("--only=", "--row="))
+    ]
     command = shlex.join(["python", "benchmarks/ptb.py", *whole])  # the whole grid: this invocation without --only
 
     results_path = Path(args.runs_dir) / "results.json"
@@ -179,7 +191,8 @@ def main() -> None:
     _, tcfg = apply_overrides(mcfg, tcfg, {"data_dir": args.data_dir})
     corpus = load_corpus(tcfg)
     for name, preset, overrides in GRID:
-        if name in done or (args.only and not any(o in name for o in args.only)):
+        chosen = not (args.only or args.row) or name in args.row or any(o in name for o in args.only)
+        if name in done or not chosen:
             continue
         print(f"== {name}", flush=True)
         done[name] = run_row(name, preset, overrides, args, corpus)

@@ -29,6 +29,7 @@ def case(arch: str, recurrent: bool = True, **kw) -> pytest.param:
 CASES = [
     case("crt"),
     case("crt", memory_cell="ncgru"),
+    case("crt", memory_cell="mingru", position_cell="mingru"),
     case("crt", positions="sinusoidal"),
     case("crt", positions="learned"),
     case("crt", positions="rotary"),
@@ -144,7 +145,7 @@ def test_bf16_autocast_keeps_the_state_dtype(arch, kw, recurrent, tiny_lm):
 
 
 @pytest.mark.parametrize("K", [1, 2, 3])
-@pytest.mark.parametrize("arch,kw,recurrent", [*DEFAULTS, case("crt", memory_cell="ncgru")])
+@pytest.mark.parametrize("arch,kw,recurrent", [*DEFAULTS, case("crt", memory_cell="ncgru"), case("crt", memory_cell="mingru", position_cell="mingru")])
 def test_gradients_reach_exactly_K_segments_back(arch, kw, recurrent, K, tiny_lm):
     """The loss of the last segment back-propagates into exactly its last K segments through the
     state. Transformer-XL stops gradients at its memory by design (as the original), so only the

@@ -35,6 +35,7 @@ def initial_state(path) -> list[np.ndarray]:
 ONNX_MODELS = [
     ("crt", {}),
     ("crt", {"memory_cell": "ncgru"}),
+    ("crt", {"memory_cell": "mingru", "position_cell": "mingru"}),
     ("transformer", {}),
     ("transformer_xl", {}),
     ("transformer_xl", {"mem_len": 4, "same_length": True}),

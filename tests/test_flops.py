@@ -12,6 +12,7 @@ from crt.models import build_model
 CONFIGS = [
     dict(arch="crt"),
     dict(arch="crt", memory_cell="ncgru", d_memory=48),
+    dict(arch="crt", memory_cell="mingru", position_cell="mingru", d_memory=48),
     dict(arch="crt", positions="learned", memory_reads="last_token"),
     dict(arch="crt", memory_position="none", positions="rotary"),
     dict(arch="crt", memory_position="append", memory_reads="memory_token"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from crt.data.options import DATA, DATA_GROUPS, DataSource, MemoryTaskOptions, SyntheticOptions, VideoOptions
 from crt.errors import CRTError
+from crt.runtime import PRECISIONS
 
 
 @dataclass
@@ -36,10 +37,11 @@ class ModelConfig:
     # --- CRT (SPEC §3) ---
     memory_position: str = "prepend"  # prepend | append | none: where the memory token goes
     memory_init: str = "learned"  # learned | zeros: m_0
-    memory_cell: str = "gru"  # gru | ncgru: the RNN that updates the memory
+    memory_cell: str = "gru"  # gru | ncgru | mingru: the RNN that updates the memory
     memory_reads: str = "tokens"  # tokens | memory_token | last_token: what the memory RNN reads
     d_memory: int = 0  # memory width d_m; 0 means d_model
     carry_rpe: bool = True  # carry the recurrent positional GRU's state across segments
+    position_cell: str = "gru"  # gru | mingru: the RNN of the recurrent positions
     ncgru_negative: int = -1  # number of -1 entries in the NCGRU's diagonal D; -1: d_memory // 2
     ncgru_orthogonal_reset: bool = False  # make the NCGRU's U_r orthogonal too
     # --- Transformer-XL (SPEC §4) ---
@@ -149,7 +151,7 @@ class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource)
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     # --- run ---
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the device multiplies bf16 natively (crt.runtime)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 200  # steps between validations; 0: only at the end
     eval_batch_size: int = 10
@@ -167,7 +169,7 @@ class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource)
             **{name: allowed for group in DATA_GROUPS for name, allowed in getattr(group, "CHOICES", {}).items()},
             "protocol": ("auto", "stream", "document"),
             "loss": ("all", "answers"),
-            "precision": ("fp32", "bf16"),
+            "precision": PRECISIONS,
             "device": ("auto", "cpu", "cuda"),
         }
         for name, allowed in choices.items():
@@ -192,7 +194,8 @@ class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource)
 _MODEL_CHOICES = {
     "memory_position": ("prepend", "append", "none"),
     "memory_init": ("learned", "zeros"),
-    "memory_cell": ("gru", "ncgru"),
+    "memory_cell": ("gru", "ncgru", "mingru"),
+    "position_cell": ("gru", "mingru"),
     "memory_reads": ("tokens", "memory_token", "last_token"),
     "rmt_placement": ("read_write", "read", "write"),
     "readout": ("memory", "mean", "both"),

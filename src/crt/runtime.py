@@ -1,5 +1,11 @@
-"""Where and how crt runs: the device a `--device` names, the precision context, and the
-process-level settings that make CPU training fast (each measured, not guessed).
+"""Where and how crt runs: the device a `--device` names, the precision `--precision auto`
+picks and its autocast context, and the process-level settings that make CPU training fast
+(each measured, not guessed).
+
+bf16 pays only where the hardware multiplies in bf16: a CUDA GPU that supports it, or a CPU with
+AVX512-BF16 or AMX. Elsewhere oneDNN emulates bf16 matmuls, and on such a CPU (the 2-core Xeon
+of docs/results/bench.md) bf16 trained at 0.36-0.51x fp32's speed. So `auto` is bf16 on native
+hardware and fp32 elsewhere.
 
 glibc's malloc serves blocks above its mmap threshold (at most 32 MiB by default) with a fresh
 mmap() and unmaps them again on free. A training step allocates and frees the same large buffers
@@ -53,8 +59,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_bf16_units() -> list[str]:
+    """The bf16 matmul units of this CPU: AVX512-BF16 and/or AMX (empty: none, bf16 is emulated)."""
+    units = []
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        units.append("AVX512-BF16")
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        units.append("AMX")
+    return units
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 or bf16: `precision` itself, or for auto bf16 where `device` multiplies bf16 natively."""
+    if precision not in PRECISIONS:
+        raise CRTError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16_units() else "fp32"
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One line saying which precision runs, and why when auto chose it."""
+    chosen = resolve_precision(precision, device)
+    if precision != "auto":
+        return f"precision: {chosen}"
+    if device.type == "cuda":
+        why = f"{torch.cuda.get_device_name(device)} {'supports' if chosen == 'bf16' else 'does not support'} bf16"
+    elif chosen == "bf16":
+        why = f"this CPU has {' and '.join(cpu_bf16_units())}"
+    else:
+        why = "this CPU has neither AVX512-BF16 nor AMX, so bf16 would be emulated and slower"
+    return f"precision: {chosen} (--precision auto: {why})"
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or CUDA when precision is bf16, else a no-op context."""
-    if precision == "bf16":
+    """bf16 autocast on CPU or CUDA when precision is bf16 (or auto resolves to it), else a no-op context."""
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

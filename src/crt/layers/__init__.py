@@ -7,8 +7,9 @@ from crt.layers.embedding import TokenEmbedding
 from crt.layers.feedforward import FeedForward
 from crt.layers.gru import GRU, gru_flops
 from crt.layers.init import init_weights
+from crt.layers.mingru import MinGRU, mingru_flops
 from crt.layers.ncgru import NCGRU
-from crt.layers.positional import AbsolutePositions, LearnedPositions, RecurrentPositions, Rotary, apply_rotary, sinusoidal_table
+from crt.layers.positional import AbsolutePositions, LearnedPositions, Rotary, apply_rotary, recurrent_positions, sinusoidal_table
 from crt.layers.trunk import SegmentCache, SegmentTrunk
 
 __all__ = [
@@ -20,8 +21,8 @@ __all__ = [
     "GRU",
     "KVCache",
     "LearnedPositions",
+    "MinGRU",
     "NCGRU",
-    "RecurrentPositions",
     "Rotary",
     "SegmentCache",
     "SegmentTrunk",
@@ -30,5 +31,7 @@ __all__ = [
     "blocks_flops",
     "gru_flops",
     "init_weights",
+    "mingru_flops",
+    "recurrent_positions",
     "sinusoidal_table",
 ]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from crt.layers.gru import GRU
+from crt.layers.mingru import MinGRU
 
 
 def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -33,10 +34,11 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.table = nn.Embedding(max_len, dim)
 
-    def forward(self, length: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-        if offset + length > self.table.num_embeddings:
+    def forward(self, length: int, device: torch.device, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        # offset: an int, or a 0-d tensor in an exported step (whose fixed-size cache bounds it)
+        if isinstance(offset, int) and offset + length > self.table.num_embeddings:
             raise ValueError(f"sequence of {offset + length} tokens exceeds the {self.table.num_embeddings} learned positions")
-        return self.table(torch.arange(offset, offset + length, device=device))  # [T, D] positions offset..offset+T-1
+        return self.table(offset + torch.arange(length, device=device))  # [T, D] positions offset..offset+T-1
 
 
 class Rotary(nn.Module):
@@ -52,8 +54,8 @@ class Rotary(nn.Module):
             raise ValueError(f"rotary positions need an even head width, got {head_dim}")
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
-    def forward(self, length: int, device: torch.device, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(offset, offset + length, device=device, dtype=torch.float32)  # positions offset..offset+T-1
+    def forward(self, length: int, device: torch.device, offset: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        t = (offset + torch.arange(length, device=device)).float()  # positions offset..offset+T-1
         angles = t[:, None] * self.inv_freq.to(device)[None, :]  # [T, hd/2]
         angles = torch.cat([angles, angles], dim=-1)  # [T, hd]
         return angles.cos(), angles.sin()
@@ -93,11 +95,11 @@ class AbsolutePositions(nn.Module):
         elif kind not in ("sinusoidal", "none"):
             raise ValueError(f"unknown absolute positions {kind!r}")
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, dict]:
-        # x: [B, T, D]
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> tuple[torch.Tensor, dict]:
+        # x: [B, T, D]; offset: an int, or a 0-d int64 tensor (crt.infer.token_runtime's exported step)
         T, D = x.shape[1], x.shape[2]
         if self.kind == "sinusoidal":
-            return x + self.scale * sinusoidal_table(torch.arange(offset, offset + T, device=x.device), D).to(x.dtype), {}  # [B, T, D]
+            return x + self.scale * sinusoidal_table(offset + torch.arange(T, device=x.device), D).to(x.dtype), {}  # [B, T, D]
         if self.kind == "learned":
             return x + self.learned(T, x.device, offset), {}  # [B, T, D]
         if self.kind == "rotary":
@@ -105,16 +107,15 @@ class AbsolutePositions(nn.Module):
         return x, {}
 
 
-class RecurrentPositions(GRU):
-    """CRT's recurrent positional encoding: a GRU over the segment's input embeddings.
+def recurrent_positions(dim: int, cell: str = "gru") -> nn.Module:
+    """CRT's recurrent positional encoding: an RNN over the segment's input embeddings.
 
-    p_0..p_T = GRU([e_0..e_T], h) are added to e_0..e_T. The GRU's last hidden state is
+    p_0..p_T = RNN([e_0..e_T], h) are added to e_0..e_T. The RNN's last hidden state is
     returned so the caller can carry it to the next segment, and positions continue across
     segments without any relative-position arithmetic.
 
-    dim: model width (the GRU's input and hidden size).
-    forward(x [B, T, D], h [B, D]) -> (p [B, T, D], h_last [B, D]).
+    dim: model width (the RNN's input and hidden size).
+    cell: gru (the paper's) | mingru (input-only gates: the segment's matmuls run at once).
+    The module's forward(x [B, T, D], h [B, D]) -> (p [B, T, D], h_last [B, D]).
     """
-
-    def __init__(self, dim: int):
-        super().__init__(dim, dim)
+    return GRU(dim, dim) if cell == "gru" else MinGRU(dim, dim)

@@ -22,7 +22,20 @@ import torch
 import torch.nn as nn
 
 from crt.config import ModelConfig
-from crt.layers import GRU, NCGRU, AbsolutePositions, RecurrentPositions, SegmentCache, SegmentTrunk, TokenEmbedding, blocks_flops, gru_flops, init_weights
+from crt.layers import (
+    GRU,
+    NCGRU,
+    AbsolutePositions,
+    MinGRU,
+    SegmentCache,
+    SegmentTrunk,
+    TokenEmbedding,
+    blocks_flops,
+    gru_flops,
+    init_weights,
+    mingru_flops,
+    recurrent_positions,
+)
 
 
 class CRTState(NamedTuple):
@@ -42,11 +55,13 @@ class CRTCore(SegmentTrunk):
         but never read; an ablation of the read path) or none (no memory token).
     memory_init: m_0 learned (starts at zero) or fixed zeros. Both still place a memory token;
         with zeros it is W_m 0 + b_m = b_m. Only memory_position=none removes it.
-    memory_cell: gru | ncgru; d_memory: its width d_m (0: d_model).
+    memory_cell: gru | ncgru | mingru (input-only gates: no sequential matmul); d_memory: its
+        width d_m (0: d_model).
     memory_reads: what the memory RNN reads: all segment outputs h_1..h_L, the memory token's
         output (needs memory_position=append), or the last token's output only.
     positions: recurrent (CRT's GRU) | sinusoidal | learned | rotary | none; carry_rpe: carry
-        the positional GRU's state to the next segment (else it restarts at zero).
+        the positional RNN's state to the next segment (else it restarts at zero);
+        position_cell: gru | mingru, the positional RNN.
     tie_weights: share the LM head with the token embedding.
     """
 
@@ -54,7 +69,8 @@ class CRTCore(SegmentTrunk):
     # (field -> when it reads them), and its checks of them (called by ModelConfig.validate).
     POSITIONS = ("recurrent", "sinusoidal", "learned", "rotary", "none")
     OPTIONS = {
-        **dict.fromkeys(("memory_position", "memory_init", "memory_cell", "memory_reads", "d_memory", "carry_rpe")),
+        **dict.fromkeys(("memory_position", "memory_init", "memory_cell", "memory_reads", "d_memory")),
+        **dict.fromkeys(("carry_rpe", "position_cell"), ("positions = recurrent", lambda cfg: cfg.position_encoding == "recurrent")),
         **dict.fromkeys(("ncgru_negative", "ncgru_orthogonal_reset"), ("memory_cell = ncgru", lambda cfg: cfg.memory_cell == "ncgru")),
     }
 
@@ -90,7 +106,7 @@ class CRTCore(SegmentTrunk):
         self.apply(init_weights)
         # The RNNs keep torch's / NCGRU's own initialisation, so they are built after init_weights.
         if cfg.position_encoding == "recurrent":
-            self.recurrent_positions = RecurrentPositions(D)
+            self.recurrent_positions = recurrent_positions(D, cfg.position_cell)
         if cfg.position_encoding == "recurrent" and self.tokens is not None:
             # Token embeddings on the scale of the recurrent positions they are added to. The
             # positional GRU (torch's init, U(+-1/sqrt(D)) weights and biases) outputs ~1/sqrt(D)
@@ -102,6 +118,8 @@ class CRTCore(SegmentTrunk):
             nn.init.normal_(self.tokens.embed.weight, 0.0, D**-0.5)
         if cfg.memory_cell == "gru":
             self.memory_rnn = GRU(D, d_m)
+        elif cfg.memory_cell == "mingru":
+            self.memory_rnn = MinGRU(D, d_m)
         else:
             self.memory_rnn = NCGRU(D, d_m, n_negative=None if cfg.ncgru_negative < 0 else cfg.ncgru_negative, orthogonal_reset=cfg.ncgru_orthogonal_reset)
         # Chrono initialisation (Tallec & Ollivier 2018) of the memory's keep gate: b ~ log U(1, L).
@@ -190,9 +208,10 @@ class CRTCore(SegmentTrunk):
         S = T + (cfg.memory_position != "none")  # + the memory token
         parts = blocks_flops(cfg.n_layer, S, D, cfg.d_ff)
         parts["memory projection"] = 2 * d_m * D if cfg.memory_position != "none" else 0.0
-        parts["memory RNN"] = gru_flops(D, d_m, T if cfg.memory_reads == "tokens" else 1)
+        rnn_flops = {"gru": gru_flops, "ncgru": gru_flops, "mingru": mingru_flops}
+        parts["memory RNN"] = rnn_flops[cfg.memory_cell](D, d_m, T if cfg.memory_reads == "tokens" else 1)
         if cfg.position_encoding == "recurrent":
-            parts["positional RNN"] = gru_flops(D, D, S)
+            parts["positional RNN"] = rnn_flops[cfg.position_cell](D, D, S)
         return parts
 
     def memory_token(self, state: CRTState, dtype: torch.dtype | None = None) -> torch.Tensor:

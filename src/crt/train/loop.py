@@ -20,7 +20,7 @@ from crt.data import Corpus, Vocab, batchify
 from crt.data.load import load_corpus
 from crt.errors import CRTError
 from crt.models import VIDEO_ARCHS, build_model
-from crt.runtime import autocast, keep_freed_memory, resolve_device
+from crt.runtime import autocast, describe_precision, keep_freed_memory, resolve_device
 from crt.state import detach
 from crt.train.documents import document_batch, document_loss, evaluate_documents
 from crt.train.evaluate import IGNORE, evaluate
@@ -316,6 +316,7 @@ def train(
     device = resolve_device(tcfg.device)
     if device.type == "cpu":
         keep_freed_memory()
+    print(describe_precision(tcfg.precision, device), flush=True)
     stage, stage_start = 0, 0
     if resume is not None:
         _check_unchanged(tcfg, resume)
