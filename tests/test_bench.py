@@ -3,12 +3,19 @@
 import dataclasses
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import in_process, one_line_error
 
-from crt.analysis import bench, peers, speed_report
-from crt.config import load_preset
+from crt.analysis import bench, peers, rounds, speed_report
+from crt.analysis.flops import with_vocab
+from crt.config import ModelConfig, load_preset
+from crt.errors import CRTError
+from crt.models import build_model
+from crt.state import detach
+from crt.train.segments import window_loss
 
 
 def tiny_case(name: str, precision: str = "fp32", **model) -> dict:
@@ -39,6 +46,10 @@ def test_run_case_measures_every_quantity(name):
     assert r["train_tokens_per_s"] == pytest.approx(sorted(r["train_runs"])[0] + (sorted(r["train_runs"])[1] - sorted(r["train_runs"])[0]) / 2)
     assert r["peak_memory_mib"] >= r["baseline_memory_mib"] > 0
     assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["train_flops_per_token"] / r["matmul_peak_flops"])
+    # per token: 40 tokens fed one per call through crt.infer.Stream, the first quarter (10) dropped as warm-up
+    assert len(r["token_latency_runs"]) == 30 and all(x > 0 for x in r["token_latency_runs"])
+    runs = sorted(r["token_latency_runs"])
+    assert r["token_latency_p95_ms"] == pytest.approx(1e3 * runs[27]) and r["token_latency_ms"] == pytest.approx(1e3 * (runs[14] + runs[15]) / 2)
 
 
 def test_report_ratios_come_from_the_results():
@@ -143,18 +154,158 @@ def test_bench_rejects_unknown_precision(tmp_path, capsys, monkeypatch):
     one_line_error(in_process(capsys, "bench", "--precision", "fp8"), "fp8")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("x_transformers") is not None, reason="the peer libraries are installed")
+@pytest.mark.skipif(not peers.missing_packages(), reason="the peer libraries are installed")
 def test_bench_peers_without_the_extra_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line_error(in_process(capsys, "bench", "--peers"), "pip install")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("x_transformers") is None or importlib.util.find_spec("recurrent_memory_transformer_pytorch") is None,
-    reason="peer libraries not installed (pip install -e '.[bench]')",
-)
-@pytest.mark.parametrize("peer", list(peers.PEERS))
+def test_peer_cases_need_every_peer_library(monkeypatch):
+    monkeypatch.setattr(bench, "missing_packages", lambda: ["mambapy"])
+    with pytest.raises(CRTError, match=r"mambapy missing\): pip install"):
+        bench.make_cases([], ["fp32"], True, False, "cpu", 1, 1, 1, 1, 10, None, {})
+
+
+def _installed(peer: str):
+    module = peers.PACKAGES[peer]
+    return pytest.param(peer, marks=pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} not installed (pip install -e '.[bench]')"))
+
+
+@pytest.mark.parametrize("peer", [_installed(p) for p in peers.PEERS])
 def test_peers_run_on_the_state_interface(peer):
     case = {**tiny_case(peers.PEERS[peer]), "name": peer, "peer": peer}
     r = bench.run_case(case)
     assert r["train_tokens_per_s"] > 0 and r["infer_tokens_per_s"] > 0
+    if peer in peers.MATCHED:  # a pure recurrence: its package's own per-token step
+        assert r["token_latency_ms"] > 0 and r["train_flops_per_token"] > 0
+    else:  # the transformer wrappers have no per-token step
+        assert r["token_latency_runs"] is None and r["token_latency_ms"] is None
+
+
+MATCHED = [_installed(p) for p in peers.MATCHED]
+TINY = dict(arch="crt", vocab_size=23, d_model=32, n_layer=2, n_head=4, d_ff=64, segment_len=5, dropout=0.0, emb_dropout=0.0)
+
+
+def _package_forward(model, tokens):
+    """The package's own forward over a whole sequence from its zero start (no state in, none out)."""
+    if isinstance(model, peers.PeerMinGRU):
+        return model.net(tokens)  # minLM.forward
+    return model.head(model.norm_f(model.mamba(model.embedding(tokens))))  # mambapy's Mamba.forward between our embedding and tied head
+
+
+@pytest.mark.parametrize("peer", MATCHED)
+def test_matched_peer_has_its_presets_parameter_count(peer, monkeypatch):
+    """What `crt bench --peers` builds: the preset's width and cases (B, L, K), the depth nearest its parameter count."""
+    monkeypatch.setattr(bench, "missing_packages", lambda: [])  # the other peers' libraries are not needed to make the cases
+    preset = peers.PEERS[peer]
+    cases = bench.make_cases([], ["fp32"], True, False, "cpu", 1, 1, 1, 1, 10, None, {})
+    ours, case = next(c for c in cases if c["name"] == preset), next(c for c in cases if c["name"] == peer)
+    assert (case["model"], case["train"]) == (ours["model"], ours["train"])  # same width, vocabulary, segment, batch and BPTT depth
+    mcfg, tcfg = load_preset(preset)
+    mcfg = with_vocab(mcfg, tcfg, preset)
+    mcfg.mem_len = mcfg.memory_len
+    target = sum(p.numel() for p in build_model(mcfg).parameters())
+    assert case["match_params"] == target
+    torch.manual_seed(0)
+    model = peers.build_peer(peer, ModelConfig(**case["model"]), case["match_params"])
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / target - 1) <= peers.PARAM_TOLERANCE, f"{peer}: {n:,} parameters against {preset}'s {target:,}"
+    assert model.cfg.d_model == mcfg.d_model and peers.param_count(lambda: peers.build_peer(peer, mcfg, target)) == n
+    for depth in (model.depth - 1, model.depth + 1):  # the nearest depth: one layer fewer or more is no closer
+        assert abs(peers.param_count(lambda d=depth: type(model)(mcfg, d)) - target) >= abs(n - target)
+
+
+@pytest.mark.parametrize("peer", MATCHED)
+def test_matched_peer_carries_its_state_across_segments(peer):
+    torch.manual_seed(0)
+    model = peers.build_peer(peer, ModelConfig(**TINY)).eval()
+    x = torch.randint(23, (2, 12), generator=torch.Generator().manual_seed(1))  # [2, 12]
+    with torch.no_grad():
+        whole, whole_state = model(x, model.init_state(2))  # [2, 12, 23]
+        state, parts = model.init_state(2), []
+        for segment in x.split(5, dim=1):  # 5, 5 and 2 tokens, the state carried
+            logits, state = model(segment, state)
+            parts.append(logits)
+        torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5)
+        for a, b in zip(state, whole_state, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        # the state matters: the second segment from a fresh state is another answer
+        assert (model(x[:, 5:10], model.init_state(2))[0] - whole[:, 5:10]).abs().max() > 1e-3
+        # the package's own forward over the whole sequence, and its own per-token step, agree with the segments
+        torch.testing.assert_close(_package_forward(model, x), whole, atol=1e-5, rtol=1e-5)
+        stream = model.stream(2)
+        torch.testing.assert_close(torch.stack([stream.feed(x[:, t]) for t in range(12)], dim=1), whole, atol=1e-5, rtol=1e-5)
+    assert type(detach(state)) is type(state) and all(t.shape[0] == 2 for t in state)
+
+
+@pytest.mark.parametrize("peer", MATCHED)
+def test_matched_peer_trains_through_its_carried_state(peer):
+    torch.manual_seed(0)
+    model = peers.build_peer(peer, ModelConfig(**{**TINY, "dropout": 0.1})).train()
+    data = torch.randint(23, (2, 2 * 5 + 1), generator=torch.Generator().manual_seed(2))  # [B=2, K*L+1]
+    # the second segment's loss reaches back through the state the first one carried (BPTT over K = 2)
+    logits, state = model(data[:, :5], model.init_state(2))
+    logits, _ = model(data[:, 5:10], state)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(logits.square().sum(), list(state)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, state = [], model.init_state(2)
+    for _ in range(8):  # one window of K = 2 segments each step, as `crt bench` and `crt train` run it
+        loss, state = window_loss(model, data[:, :-1], data[:, 1:], model.init_state(2), 5, 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(not t.requires_grad for t in detach(state))
+
+
+def test_report_shows_per_token_latency_and_matched_sizes():
+    row = {
+        "precision": "fp32",
+        "train_tokens_per_s": 1.0,
+        "infer_tokens_per_s": 1.0,
+        "peak_memory_mib": 1.0,
+        "train_flops_per_token": 1e6,
+        "mfu": 0.1,
+        "matmul_peak_flops": 1e9,
+    }
+    matched = {"depth": 7, "width": 128, "match_params": 1000, "matched_to": "ptb-crt-35"}
+    results = [
+        {**row, "name": "ptb-crt-35", "params": 1000, "token_latency_ms": 0.25, "token_latency_p95_ms": 0.4},
+        {**row, **matched, "name": "mambapy", "params": 1030, "token_latency_ms": 1.5, "token_latency_p95_ms": 2.0},
+        {**row, "name": "x-transformers", "params": 5, "token_latency_ms": None},
+    ]
+    text = speed_report.report(results, "c", "m", "n")
+    assert "| ptb-crt-35 | fp32 | 1,000 | 1 | 1 | 0.250 / 0.400 | 1 |" in text
+    assert "| x-transformers | fp32 | 5 | 1 | 1 | - | 1 |" in text
+    assert "mambapy, 7 layers of width 128: 1,030 parameters, +3.0% of ptb-crt-35's 1,000" in text
+
+
+def test_busy_twins_follow_each_case_and_load_the_cores():
+    cases = bench.make_cases(["ptb-crt-35", "ptb-transformer-70"], ["fp32"], False, False, "cpu", 1, 1, 1, 1, 10, None, {"d_model": 64}, busy=1)
+    assert [c["name"] for c in cases] == ["ptb-crt-35", "ptb-crt-35 [busy 1]", "ptb-transformer-70", "ptb-transformer-70 [busy 1]"]
+    assert [c.get("busy", 0) for c in cases] == [0, 1, 0, 1]
+
+    def rest(case: dict) -> dict:
+        return {k: v for k, v in case.items() if k not in ("name", "busy")}
+
+    assert all(rest(a) == rest(b) for a, b in zip(cases[::2], cases[1::2]))  # nothing else differs
+
+    def spinning() -> int:  # live processes running the busy loop right now (zombies have an empty cmdline)
+        count = 0
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                count += b"while True: pass" in cmdline.read_bytes()
+            except OSError:  # the process ended while we looked
+                pass
+        return count
+
+    before = spinning()
+    with rounds.busy_cores(2):
+        assert spinning() == before + 2
+    assert spinning() == before
+
+
+def test_bench_rejects_a_negative_busy_count(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(in_process(capsys, "bench", "--busy", "-1"), "--busy -1")

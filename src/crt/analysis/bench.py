@@ -8,10 +8,16 @@ state leaks from one case to the next. Within a case:
                      batch, segment and BPTT depth; median over `repeats` timed groups of `steps`.
     infer tokens/s   streaming: one segment per call, state carried, no gradients, batch 1 by
                      default (the edge case), over the valid split or random tokens.
+    per-token ms     latency of one token per call at batch 1, state carried, no gradients (generation):
+                     median and p95 over the first min(infer tokens, LATENCY_TOKENS) tokens of the same
+                     stream after LATENCY_WARMUP; ours through crt.infer.Stream, the minGRU and Mamba
+                     peers through their package's own recurrent step (`peer.stream`); none for the
+                     x-transformers and RMT peers, whose wrappers have no per-token step.
     MFU              model FLOPs/s (tokens/s x `crt flops` training FLOPs per token) divided by
                      the peak of a large matmul measured in the same process at the same precision.
 
-The peers (`crt.analysis.peers`) are timed by the same code; `crt.analysis.rounds` runs the
+The peers (`crt.analysis.peers`) are timed by the same code, the matched ones (minGRU, Mamba) at the
+depth nearest their preset's parameter count, counted here (`match_params`); `crt.analysis.rounds` runs the
 cases in fresh processes, round after round; `crt.analysis.speed_report` writes the table.
 """
 
@@ -27,14 +33,17 @@ import torch.nn as nn
 
 from crt.analysis.flops import count_flops, with_vocab
 from crt.analysis.machine import peak_rss_mib
-from crt.analysis.peers import PEERS, PeerRMT, PeerXL
+from crt.analysis.peers import MATCHED, PEERS, build_peer, missing_packages, param_count
 from crt.config import ModelConfig, TrainConfig, apply_overrides, load_preset
 from crt.errors import CRTError
+from crt.infer.stream import STEP_METHODS, Stream
 from crt.runtime import autocast, keep_freed_memory
 from crt.state import detach, iter_segments
 from crt.train.segments import window_loss
 
 DIAGONAL_PRESET = "ptb-armt-35"  # the ARMT that --diagonal runs (with its layer count set by the flag)
+LATENCY_TOKENS = 512  # tokens fed one per call for the per-token latency (at most the case's infer_tokens)
+LATENCY_WARMUP = 16  # leading per-token times dropped: allocator and lazy-init warm-up (a quarter of them if fewer are fed)
 DEFAULT_PRESETS = ("ptb-transformer-70", "ptb-crt-70", "ptb-crt-35", "ptb-crt-17", "ptb-crt-ncgru-35", "ptb-xl-35")
 
 
@@ -99,6 +108,29 @@ def _infer_rate(model: nn.Module, stream: torch.Tensor, L: int, batch: int, repe
     return rates[1:]
 
 
+@torch.no_grad()
+def _token_latencies(model: nn.Module, tokens: torch.Tensor, precision: str, device: torch.device) -> list[float] | None:
+    """Seconds per token at batch 1, one token per call with the state carried; None if the model has no per-token step.
+
+    tokens: [n]. Ours: crt.infer.Stream (open_segment / step / close_segment, segment boundaries
+    included); a peer: its `stream`, the package's own recurrent step.
+    """
+    if all(callable(getattr(model, m, None)) for m in STEP_METHODS):
+        stream = Stream(model, 1)
+    elif callable(getattr(model, "stream", None)):
+        stream = model.stream(1)
+    else:
+        return None
+    tokens = tokens.to(device)
+    times = []
+    with autocast(device, precision):
+        for t in tokens.split(1):  # [1] each
+            t0 = _now(device)
+            stream.feed(t)
+            times.append(_now(device) - t0)
+    return times[min(LATENCY_WARMUP, len(times) // 4) :]
+
+
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -118,7 +150,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     mcfg = ModelConfig(**case["model"])
     tcfg = TrainConfig(**case["train"])
     peer = case.get("peer")
-    model = (PeerXL(mcfg) if peer and peer.startswith("x-transformers") else PeerRMT(mcfg) if peer else build_model(mcfg)).to(device)
+    model = (build_peer(peer, mcfg, case.get("match_params")) if peer else build_model(mcfg)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _peak_memory_mib(device)
@@ -132,22 +164,35 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         else torch.randint(mcfg.vocab_size, (case["infer_tokens"],), generator=torch.Generator().manual_seed(1))
     )
     infer = _infer_rate(model, stream[: case["infer_tokens"]], mcfg.segment_len, case["infer_batch"], case["repeats"], case["precision"], device)
+    latency = _token_latencies(model, stream[: min(case["infer_tokens"], LATENCY_TOKENS)], case["precision"], device)
     peak = matmul_peak(device, case["precision"])
-    flops = count_flops(mcfg).train_per_token
+    # a matched peer is another architecture: it counts its own FLOPs; the other peers share their preset's
+    flops = model.train_flops_per_token() if callable(getattr(model, "train_flops_per_token", None)) else count_flops(mcfg).train_per_token
     return {
         "name": case["name"],
         "precision": case["precision"],
         "params": sum(p.numel() for p in model.parameters()),
+        "depth": getattr(model, "depth", mcfg.n_layer),
+        "width": mcfg.d_model,
+        "match_params": case.get("match_params"),  # the parameter count of the preset a matched peer stands beside
+        "matched_to": PEERS.get(peer) if peer in MATCHED else None,
         "train_tokens_per_s": statistics.median(train),
         "train_runs": train,
         "infer_tokens_per_s": statistics.median(infer),
         "infer_runs": infer,
+        "token_latency_runs": latency,  # seconds per token, or None
+        "token_latency_ms": statistics.median(latency) * 1e3 if latency else None,
+        "token_latency_p95_ms": p95(latency) * 1e3 if latency else None,
         "peak_memory_mib": train_peak,
         "baseline_memory_mib": rss_before,
         "train_flops_per_token": flops,
         "matmul_peak_flops": peak,
         "mfu": statistics.median(train) * flops / peak,
     }
+
+
+def p95(xs: list[float]) -> float:
+    return sorted(xs)[int(0.95 * (len(xs) - 1))]
 
 
 def run_diagonal(case: dict[str, Any]) -> dict[str, Any]:
@@ -228,11 +273,18 @@ def make_cases(
     stream: list[int] | None,
     overrides: dict[str, Any],
     diagonal: tuple[int, int] | None = None,
+    busy: int = 0,
 ) -> list[dict[str, Any]]:
     """One case per (preset, precision), plus peers, CPU-trap A/Bs and, with
-    diagonal=(segments, layers), ARMT's diagonal-vs-sequential inference on DIAGONAL_PRESET."""
+    diagonal=(segments, layers), ARMT's diagonal-vs-sequential inference on DIAGONAL_PRESET.
+    busy > 0: each case is followed by its twin run with `busy` cores kept busy beside it
+    (crt.analysis.rounds.busy_cores), so a model's slowdown under load is measured side by side."""
+    from crt.models import build_model
+
     names = list(presets)
     if peers:
+        if missing := missing_packages():
+            raise CRTError(f'--peers needs the optional peer libraries ({", ".join(missing)} missing): pip install -e ".[bench]"')
         names += [p for p in PEERS.values() if p not in names]
     if traps and "ptb-crt-35" not in names:
         names.append("ptb-crt-35")
@@ -259,12 +311,20 @@ def make_cases(
             "infer_tokens": infer_tokens,
             "stream": stream,
         }
+        # a matched peer is built at the depth nearest this preset's parameter count (as overridden), counted without building it
+        ours_params = param_count(lambda: build_model(mcfg)) if peers and any(PEERS[p] == name for p in MATCHED) else None
         for precision in precisions:
             cases.append({**base, "name": name, "precision": precision})
-            cases += [{**base, "name": peer, "peer": peer, "precision": precision} for peer, ours in PEERS.items() if peers and ours == name]
+            cases += [
+                {**base, "name": peer, "peer": peer, "precision": precision, **({"match_params": ours_params} if peer in MATCHED else {})}
+                for peer, ours in PEERS.items()
+                if peers and ours == name
+            ]
         if traps and name == "ptb-crt-35":
             for label, fields, model in TRAPS:
                 cases.append({**base, **fields, "model": {**base["model"], **model}, "name": f"{name} [{label}]", "precision": "fp32"})
+    if busy:
+        cases = [twin for case in cases for twin in (case, {**case, "name": f"{case['name']} [busy {busy}]", "busy": busy})]
     if diagonal:
         segments, layers = diagonal
         mcfg, tcfg = load_preset(DIAGONAL_PRESET)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from crt.analysis.bench import diagonal_summary, run_case, run_diagonal
+from crt.analysis.bench import diagonal_summary, p95, run_case, run_diagonal
 
 
 def _worker(case: dict[str, Any], queue: Any) -> None:
@@ -16,13 +20,27 @@ def _worker(case: dict[str, Any], queue: Any) -> None:
         queue.put({"name": case["name"], "precision": case["precision"], "error": f"{type(e).__name__}: {e}"})
 
 
+@contextmanager
+def busy_cores(n: int) -> Iterator[None]:
+    """n background processes, each keeping one core busy in pure Python: another job on the machine."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def run_isolated(case: dict[str, Any]) -> dict[str, Any]:
+    """One case in a fresh process (with case["busy"] cores kept busy beside it while it runs)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(case, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
+    with busy_cores(case.get("busy", 0)):
+        proc = ctx.Process(target=_worker, args=(case, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
     return result
 
 
@@ -65,6 +83,7 @@ def run_rounds(cases: list[dict[str, Any]], rounds: int, log=print) -> list[dict
             continue
         train = [v for x in runs for v in x["train_runs"]]
         infer = [v for x in runs for v in x["infer_runs"]]
+        latency = [v for x in runs for v in x["token_latency_runs"] or []] or None
         peak = statistics.median(x["matmul_peak_flops"] for x in runs)
         merged.append(
             {
@@ -73,6 +92,9 @@ def run_rounds(cases: list[dict[str, Any]], rounds: int, log=print) -> list[dict
                 "infer_runs": infer,
                 "train_tokens_per_s": statistics.median(train),
                 "infer_tokens_per_s": statistics.median(infer),
+                "token_latency_runs": latency,
+                "token_latency_ms": statistics.median(latency) * 1e3 if latency else None,
+                "token_latency_p95_ms": p95(latency) * 1e3 if latency else None,
                 "peak_memory_mib": max(x["peak_memory_mib"] for x in runs),
                 "matmul_peak_flops": peak,
                 "mfu": statistics.median(train) * runs[0]["train_flops_per_token"] / peak,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from crt.analysis.bench import diagonal_summary
+from crt.analysis.bench import LATENCY_TOKENS, LATENCY_WARMUP, diagonal_summary
+from crt.analysis.peers import PARAM_TOLERANCE
 from crt.analysis.results import header
 
 # (label, numerator preset, denominator preset, target ratio of training tokens/s), per precision
@@ -20,15 +21,24 @@ BF16_SPEEDUP_TARGET = 1.8  # bf16 / fp32 training tokens/s, every model
 MFU_TARGET = ("CRT L=35", "ptb-crt-35", "bf16", 0.3)  # training MFU of this preset at this precision
 
 
-def method_notes(rounds: int, threads: int, device: str, repeats: int, steps: int, infer_tokens: int, source: str, infer_batch: int) -> str:
+def method_notes(rounds: int, threads: int, device: str, repeats: int, steps: int, infer_tokens: int, source: str, infer_batch: int, busy: int = 0) -> str:
     """How the numbers of a `crt bench` run were taken, for its report."""
     return (
         f"Each (model, precision) ran {rounds} times, once per round through the whole list, each time in a fresh process with "
         f"{threads} threads on {device}: {repeats} timed groups of "
         f"{steps} training steps after one warm-up step (median over all groups of all rounds reported), each step one window of the preset's batch x K segments "
         f"of random tokens; inference streams {infer_tokens:,} tokens of {source} in {infer_batch} stream(s), one segment per call, "
-        "state carried (median of the repeats after a warm-up pass). Peak memory: "
+        "state carried (median of the repeats after a warm-up pass). "
+        f"Per-token latency: the first {min(infer_tokens, LATENCY_TOKENS):,} of those tokens fed one per call at batch 1, state carried "
+        f"(median and p95, the first {min(LATENCY_WARMUP, min(infer_tokens, LATENCY_TOKENS) // 4)} dropped as warm-up); ours through `crt.infer.Stream`, "
+        "the minGRU and Mamba peers through their package's own recurrent step; - where a wrapper has no per-token step. Peak memory: "
         + ("torch's peak allocation." if device == "cuda" else "peak resident set size of the case's process, the runtime included.")
+        + (
+            f" Rows marked [busy {busy}] are the row above them run again, in the same round, while {busy} background process(es) each kept a core busy "
+            "(a pure-Python loop): the slowdown a loaded machine causes."
+            if busy
+            else ""
+        )
     )
 
 
@@ -42,17 +52,32 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
         *header("Speed: tokens/s, peak memory and MFU", command, machine),
         notes,
         "",
-        "| model | precision | params | train tokens/s | infer tokens/s | peak memory (MiB) | train MFLOP/token | MFU |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | precision | params | train tokens/s | infer tokens/s | per-token ms (median / p95) | peak memory (MiB) | train MFLOP/token | MFU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['precision']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | {r['precision']} | failed: {r['error']} | | | | | | |")
             continue
+        latency = f"{r['token_latency_ms']:.3f} / {r['token_latency_p95_ms']:.3f}" if r.get("token_latency_ms") is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['precision']} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | "
+            f"| {r['name']} | {r['precision']} | {r['params']:,} | {r['train_tokens_per_s']:,.0f} | {r['infer_tokens_per_s']:,.0f} | {latency} | "
             f"{r['peak_memory_mib']:,.0f} | {r['train_flops_per_token'] / 1e6:.2f} | {r['mfu']:.1%} |"
         )
+    matched = {r["name"]: r for r in results if r.get("match_params") and "error" not in r}  # one line per peer, whatever the precisions
+    if matched:
+        lines += [
+            "",
+            "Peers at matched parameter counts (embedding and tied head included; width fixed at the preset's, depth the one nearest its count: "
+            f"at the PTB presets within {PARAM_TOLERANCE:.0%}, tests/test_bench.py), trained at that preset's batch, segment and BPTT depth "
+            "with the state carried across segments: "
+            + "; ".join(
+                f"{name}, {r['depth']} layers of width {r['width']}: {r['params']:,} parameters, {r['params'] / r['match_params'] - 1:+.1%} "
+                f"of {r['matched_to']}'s {r['match_params']:,}"
+                for name, r in matched.items()
+            )
+            + ". Their MFLOP/token count their own matrix products (`crt.analysis.peers`).",
+        ]
     peaks = {r["precision"]: r["matmul_peak_flops"] for r in results if "error" not in r}
     if peaks:
         lines += [

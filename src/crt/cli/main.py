@@ -177,6 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from crt.checkpoint import load_checkpoint, load_model
     from crt.data import Vocab
     from crt.data.load import load_corpus
+    from crt.runtime import describe_precision, resolve_precision
     from crt.train.scoring import split_scorer
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -200,14 +201,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, _ = load_model(ckpt, tcfg.device, mcfg)
     score, mode = split_scorer(corpus, args.split, mcfg, tcfg, cap_given="eval_max_tokens" in overrides)
     result = score(model, tcfg.precision)
-    print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}")
+    print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}; {describe_precision(tcfg.precision, next(model.parameters()).device)}")
     recall = f"  recall {result['recall']:.3f} of {result['answers']:,} answers" if not math.isnan(result["recall"]) else ""
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + recall)
     if args.int8:
         from crt.infer.quantize import quantize_int8
 
         q = score(quantize_int8(model), "fp32")
-        print(f"int8 (dynamic, CPU): loss {q['loss']:.4f}  ppl {q['ppl']:.3f}  ({100 * (q['ppl'] / result['ppl'] - 1):+.2f}% vs fp32)")
+        print(
+            f"int8 (dynamic, CPU): loss {q['loss']:.4f}  ppl {q['ppl']:.3f}  ({100 * (q['ppl'] / result['ppl'] - 1):+.2f}% vs {resolve_precision(tcfg.precision, next(model.parameters()).device)})"
+        )
     unk = corpus.unk_mapped.get(args.split)
     if unk:
         print(f"{unk:,} {args.split} tokens unseen in train were mapped to <unk>")
@@ -333,12 +336,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for p in args.precision:
         if p not in ("fp32", "bf16"):
             raise CRTError(f"unknown precision {p!r}: use fp32 or bf16")
-    if args.peers:
-        try:
-            import recurrent_memory_transformer_pytorch  # noqa: F401
-            import x_transformers  # noqa: F401
-        except ImportError as e:
-            raise CRTError(f'--peers needs the optional peer libraries ({e.name} is missing): pip install -e ".[bench]"') from None
+    if args.busy < 0:
+        raise CRTError(f"--busy {args.busy}: give a number of cores to keep busy, >= 0")
     stream, source = None, "random tokens"
     if args.data_dir:
         corpus = load_corpus(TrainConfig(data="ptb", data_dir=args.data_dir))
@@ -360,10 +359,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         stream,
         overrides=_overrides(args, list(MODEL_FIELDS)),
         diagonal=(args.diagonal_segments, args.diagonal_layers) if args.diagonal else None,
+        busy=args.busy,
     )
     results = run_rounds(cases, args.rounds, log=lambda line: print(line, flush=True))
     failed = [r for r in results if "error" in r]
-    notes = method_notes(args.rounds, args.threads, device.type, args.repeats, args.steps, args.infer_tokens, source, args.infer_batch)
+    notes = method_notes(args.rounds, args.threads, device.type, args.repeats, args.steps, args.infer_tokens, source, args.infer_batch, args.busy)
     text = report(results, "crt bench " + " ".join(sys.argv[2:]), describe(device), notes)
     if args.out:
         _write_report(Path(args.out), text)
@@ -481,7 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training and streaming tokens/s, peak memory and MFU per model and precision")
     p.add_argument("--preset", action="append", help="preset to measure; repeat for several (default: the PTB grid)")
     p.add_argument("--precision", action="append", help="fp32 and/or bf16 (default: both)")
-    p.add_argument("--peers", action="store_true", help='also time x-transformers and recurrent-memory-transformer-pytorch (pip install -e ".[bench]")')
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time x-transformers and recurrent-memory-transformer-pytorch at their presets' sizes, and minGRU-pytorch and mambapy "
+        'at CRT-35\'s width and parameter count (pip install -e ".[bench]")',
+    )
+    p.add_argument(
+        "--busy", type=int, default=0, help="also run each case with this many cores kept busy by background processes (robustness to a loaded machine)"
+    )
     p.add_argument("--traps", action="store_true", help="A/B cases on CRT-35 fp32 for the known CPU traps (allocator, denormals, dropout)")
     p.add_argument(
         "--diagonal", action="store_true", help="add ARMT inference on one long sequence, Diagonal Batching vs sequential (alone unless --preset is given)"
