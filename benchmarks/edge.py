@@ -6,6 +6,10 @@ Checkpoints (default runs/ptb-bench/ptb-{crt,xl,armt}-35) come from
 `python benchmarks/ptb.py`, or `crt train --preset NAME --data-dir DIR --out-dir runs/ptb-bench/NAME`.
 For each, fp32 and int8 (dynamic quantization, `crt.infer.quantize_int8`):
 - per-token latency of greedy generation (median, p95), one token at a time with the state carried;
+- the same, fp32, beside it with the onnxruntime per-token step (`crt.infer.token_runtime`: the
+  model's own open/step/close exported with fixed-size segment caches, what `crt generate`
+  runs by default), with its export time (fresh cache, then from the cache), its max |difference|
+  from the PyTorch segment path, and `crt score`'s tokens/s through the onnxruntime segment step;
 - streaming tokens/s of `crt score`'s path (whole segments, state carried);
 - PTB test perplexity;
 - size on disk: safetensors (fp32), the int8 state dict, and the ONNX and pt2 step files;
@@ -94,13 +98,53 @@ def peak_rss(target: str, tokens: int, args: argparse.Namespace) -> float:
 # ----------------------------------------------------------------------------- measurements in this process
 
 
-def latency(model, prompt: list[int], n: int) -> tuple[float, float]:
+def latency(model, prompt: list[int], n: int, stream=None) -> tuple[float, float]:
+    """(median, p95) ms per generated token; stream: what runs it (default the eager stream)."""
     from crt.infer import generate
 
     times: list[float] = []
-    generate(model, prompt, n, temperature=0.0, latencies=times)
+    generate(model, prompt, n, temperature=0.0, latencies=times, stream=stream)
     times = sorted(times[5:])  # the first tokens warm the allocator up
     return statistics.median(times) * 1e3, times[int(0.95 * (len(times) - 1))] * 1e3
+
+
+def token_runtimes(model, prompt: list[int], n: int, data: list[int]) -> dict[str, object]:
+    """The eager stream and the onnxruntime per-token step side by side, in one process, on the
+    same prompt: (median, p95) ms of each, alternated over two rounds (the better round of
+    each is kept, so a burst of load on the machine hits neither alone); the export time into a
+    fresh cache and the load time from it; the max |difference| of the runtime's check; and
+    `crt score`'s tokens/s through the onnxruntime segment step. A model the runtime cannot run
+    gets the reason instead."""
+    from crt.infer import token_runtime
+    from crt.infer.stream import open_stream
+
+    out: dict[str, object] = {}
+    users_cache = token_runtime.CACHE_DIR
+    with tempfile.TemporaryDirectory() as cache:
+        token_runtime.CACHE_DIR = Path(cache)  # a fresh cache: the first construction exports
+        try:
+            start = time.perf_counter()
+            runtime = token_runtime.TokenRuntime(model)
+            out["export s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            runtime = token_runtime.TokenRuntime(model)  # from the cache, checked again
+            out["cached s"] = time.perf_counter() - start
+            out["max difference"] = runtime.max_difference
+            segments = token_runtime.SegmentRuntime(model)
+            out["score tokens/s"] = stream_speed(model, data, segments)
+        except Exception as e:  # the table says what did not work
+            out["unsupported"] = str(e).splitlines()[0][:160]
+            return out
+        finally:
+            token_runtime.CACHE_DIR = users_cache
+    rounds = {"eager": [], "onnxruntime": []}
+    for _ in range(2):
+        rounds["eager"].append(latency(model, prompt, n, open_stream(model, 1)))
+        runtime.reset()
+        rounds["onnxruntime"].append(latency(model, prompt, n, runtime))
+    for label, results in rounds.items():
+        out[label] = min(results)
+    return out
 
 
 def width_sweep(widths: list[int], prompt: list[int], n: int) -> list[tuple[int, int, float, float]]:
@@ -164,11 +208,12 @@ def step_latencies(model, int8_model, tmp: Path, threads: int, n: int = 100) -> 
     return out
 
 
-def stream_speed(model, data: list[int]) -> float:
+def stream_speed(model, data: list[int], segments=None) -> float:
+    """Tokens/s of `crt score`'s path; segments: what runs the segments (default PyTorch's)."""
     from crt.infer import score_stream
 
     start = time.perf_counter()
-    for _ in score_stream(model, iter(data)):
+    for _ in score_stream(model, iter(data), segments=segments):
         pass
     return len(data) / (time.perf_counter() - start)
 
@@ -201,7 +246,7 @@ def main() -> None:
     test = ptb_tokens(args.data_dir, "test")
     stream_data = test[: args.stream_tokens].tolist()
     prompt = test[:20].tolist()
-    rows, sizes, rss, steps = [], [], [], []
+    rows, sizes, rss, steps, runtimes = [], [], [], [], []
     for path in args.checkpoint or [str(ROOT / c) for c in DEFAULT_CHECKPOINTS]:
         model, vocab, mcfg, tcfg = load(path)
         name = Path(path).name
@@ -212,6 +257,8 @@ def main() -> None:
             med, p95 = latency(m, prompt, args.gen_tokens)
             rows.append((name, mcfg.arch, label, med, p95, stream_speed(m, stream_data), ppl[label], 100 * (ppl[label] / ppl["fp32"] - 1)))
             print(rows[-1], file=sys.stderr, flush=True)
+        runtimes.append((name, token_runtimes(model, prompt, args.gen_tokens, stream_data)))
+        print(runtimes[-1], file=sys.stderr, flush=True)
         ckpt = load_checkpoint(path)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(int8.state_dict(), Path(tmp) / "int8.pt")
@@ -244,6 +291,27 @@ def main() -> None:
         lines.append(f"| {name} | {arch} | {label} | {med:.2f} | {p95:.2f} | {tps:,.0f} | {p:.2f} | {change:+.2f}% |")
     fp32 = {r[0]: r for r in rows if r[2] == "fp32"}
     lines += ["", "int8 latency as a share of fp32 (median): " + ", ".join(f"{r[0]} {r[3] / fp32[r[0]][3]:.2f}x" for r in rows if r[2] == "int8") + ".", ""]
+    lines += [
+        "Per-token generation by runtime, fp32 (same prompt and tokens; the two runtimes alternated over two rounds in one process, the better round "
+        "of each kept). onnxruntime: the per-token step `crt generate` runs by default (`crt.infer.token_runtime`: the model's open_segment, step "
+        "and close_segment exported with fixed-size segment caches, 1 intra-op thread, sequential, every graph optimisation), checked against the "
+        "PyTorch segment path before use (max |difference| of logits and state over 3 segments; the bound is 1e-4). Export: into a fresh cache, "
+        "then from the cache (checked again). Score: `crt score`'s path through the onnxruntime segment step.",
+        "",
+        "| checkpoint | eager median (µs) | eager p95 (µs) | onnxruntime median (µs) | onnxruntime p95 (µs) | speed-up | max \\|difference\\| "
+        "| export (s) | from cache (s) | score tokens/s (onnxruntime) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in runtimes:
+        if "unsupported" in r:
+            lines.append(f"| {name} | | | not supported: {r['unsupported']} | | | | | | |")
+            continue
+        (em, ep), (om, op) = r["eager"], r["onnxruntime"]
+        lines.append(
+            f"| {name} | {em * 1e3:.0f} | {ep * 1e3:.0f} | {om * 1e3:.0f} | {op * 1e3:.0f} | {em / om:.1f}x | {r['max difference']:.1e} "
+            f"| {r['export s']:.1f} | {r['cached s']:.1f} | {r['score tokens/s']:,.0f} |"
+        )
+    lines.append("")
     lines += [
         f"Peak RSS of a fresh process streaming {a:,} and {b:,} tokens (MiB; checkpoints through `crt score`'s path on PTB train):",
         "",

@@ -1,5 +1,9 @@
 """Shared fixtures: tiny seeded models, and the read-only benchmark data beside the repository (../shared/data)."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,11 @@ from crt.config import ModelConfig
 from crt.models import build_model
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The onnxruntime per-token runtime caches its exported graphs (crt.infer.token_runtime): the tests,
+# and the CLI processes they start, keep theirs in a folder of their own, removed at exit.
+os.environ["CRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="crt-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CRT_CACHE_DIR"], True)
 
 
 @pytest.fixture

@@ -48,6 +48,10 @@ EVAL_FIELDS = (
     "precision",
     "device",
 )
+RUNTIME_HELP = (
+    "auto (default): the onnxruntime {graph} where onnxruntime is installed and the model supported (exported on the fly and cached, "
+    "checked against PyTorch), else PyTorch, saying why; onnxruntime: that or an error; torch: PyTorch eager. The choice is printed on stderr"
+)
 EXPORT_MAX_BATCH, EXPORT_MAX_CHECK = 4096, 1000  # bounds of `crt export`: beyond them the check alone would take gigabytes
 _PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -234,7 +238,7 @@ def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Names
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from crt.infer import generate, load_language_model
+    from crt.infer import generate, load_language_model, open_stream
     from crt.infer.text import detokenize, prompt_ids
 
     if not 0 <= args.seed < 2**63:
@@ -244,7 +248,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
     chars = tcfg.data == "chars"
     prompt = prompt_ids(args.prompt, vocab, chars)
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    stream = open_stream(model, 1, args.runtime)
+    print(f"runtime: {stream.runtime}", file=sys.stderr)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stream=stream)
     text = detokenize(out, vocab, chars)
     if args.prompt:
         text = detokenize(prompt, vocab, chars) + ("" if chars else " ") + text
@@ -253,7 +259,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     from crt.analysis.machine import peak_rss_mib
-    from crt.infer import load_language_model, score_stream
+    from crt.infer import load_language_model, open_segments, score_stream
     from crt.infer.text import read_lines, text_ids
 
     if args.report_every < 0:
@@ -262,12 +268,15 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise CRTError(f"{args.file} is not a file: give a text file to score, or - for stdin")
     model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
     chars = tcfg.data == "chars"
+    segments = open_segments(model, 1, args.runtime)
     binary, source = (sys.stdin.buffer, "stdin") if args.file == "-" else (open(args.file, "rb"), args.file)
     with binary:
         ids = text_ids(read_lines(binary, chars, source), vocab, chars, args.map_unk, source)
-        for r in score_stream(model, ids, args.report_every):
+        for i, r in enumerate(score_stream(model, ids, args.report_every, segments)):
             if not r["tokens"]:
                 raise CRTError(f"{source} has fewer than two tokens: nothing to score")
+            if i == 0:  # with the first result: a text it cannot score gets its one-line error alone
+                print(f"runtime: {segments.runtime}", file=sys.stderr)
             print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
 
 
@@ -448,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set of tokens whose probability reaches p (default 1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--runtime", default="auto", help=RUNTIME_HELP.format(graph="per-token step"))
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="running perplexity of a text stream of any length (a file or stdin), in constant memory")
@@ -456,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-every", type=int, default=10_000, help="print the running perplexity every N scored tokens (default 10000; 0: at the end only)")
     p.add_argument("--map-unk", action="store_true", help="score words the vocabulary lacks as <unk> (else they are an error)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--runtime", default="auto", help=RUNTIME_HELP.format(graph="segment step"))
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="one segment step with explicit state, as ONNX or a torch.export program, checked against PyTorch")

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crt.infer.stream import open_stream
+from crt.infer.stream import open_segments, open_stream
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -46,16 +46,18 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     latencies: list[float] | None = None,
+    stream=None,
 ) -> list[int]:
     """Feed `prompt` (>= 1 token ids), then sample `max_new_tokens` tokens, each fed back in.
 
     Seeded: the same seed gives the same tokens. latencies: if given, receives the seconds each
-    generated token took (sampling plus feeding it back in).
+    generated token took (sampling plus feeding it back in). stream: a fresh batch-1 stream of
+    `model` to feed (`open_stream(model, 1, runtime)`; default: the eager one).
     """
     if not prompt:
         raise ValueError("the prompt needs at least one token")
     device = next(model.parameters()).device
-    stream = open_stream(model, batch_size=1)
+    stream = stream if stream is not None else open_stream(model, batch_size=1)
     generator = torch.Generator(device=device).manual_seed(seed)
     for token in prompt:
         logits = stream.feed(torch.tensor([token], device=device))  # [1, V]
@@ -73,27 +75,27 @@ def generate(
 
 
 @torch.no_grad()
-def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0) -> Iterator[dict[str, float]]:
+def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0, segments=None) -> Iterator[dict[str, float]]:
     """Running perplexity of a token stream of any length, one segment in memory at a time.
 
     Every token after the first is scored from everything before it (the state carried over
     segment boundaries): `crt eval` with --eval-batch-size 1 scores the same tokens the same way
     (its default of several parallel streams restarts the state at each stream's start). Yields {tokens, loss, ppl} after every
     `report_every` scored tokens (0: only at the end), and always once at the end.
+    segments: a fresh batch-1 `open_segments(model, 1, runtime)` to run (default: PyTorch's).
     """
     device = next(model.parameters()).device
     model.eval()
     L = model.cfg.eval_segment
-    state = model.init_state(1, evaluation=True)
+    segments = segments if segments is not None else open_segments(model, 1)
     previous = None  # [V] logits after the last token of the previous segment
     nll, count, next_report = 0.0, 0, report_every
     segment: list[int] = []
 
     def run(segment: list[int]) -> None:
-        nonlocal state, previous, nll, count
+        nonlocal previous, nll, count
         x = torch.tensor([segment], device=device)  # [1, T]
-        logits, state = model(x, state)  # [1, T, V]
-        logits = logits[0].float()  # [T, V]
+        logits = segments(x)[0].float()  # [T, V]
         scored = logits[:-1] if previous is None else torch.cat([previous.unsqueeze(0), logits[:-1]])  # predictions of x[1:] (and x[0])
         targets = x[0, 1:] if previous is None else x[0]
         nll += F.cross_entropy(scored, targets, reduction="sum").item()

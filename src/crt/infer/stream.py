@@ -14,6 +14,13 @@ The driver knows no model. Each language model owns its incremental maths beside
 Segments are cfg.eval_segment_len (or segment_len) tokens long, as in `crt eval`. Memory use is
 one segment's keys and values (XL: its memory plus one segment) and the state: independent of
 the stream's length.
+
+`open_stream(model, runtime=...)` picks who runs those methods: "torch" (this eager `Stream`),
+"onnxruntime" (`crt.infer.token_runtime.TokenRuntime`: the same methods exported with
+fixed-size caches, checked against PyTorch, several times faster per token) or "auto"
+(onnxruntime where it is installed and the model supported, else this `Stream`, saying why).
+Either says what it is in `.runtime`. `open_segments` makes the same choice for whole segments
+(`crt score`): `Segments` in PyTorch or `crt.infer.token_runtime.SegmentRuntime`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn as nn
 from crt.errors import CRTError
 
 STEP_METHODS = ("open_segment", "step", "close_segment")
+RUNTIMES = ("auto", "onnxruntime", "torch")
 
 
 class Stream:
@@ -37,6 +45,7 @@ class Stream:
         if not all(callable(getattr(model, m, None)) for m in STEP_METHODS):
             raise CRTError(f"{type(model).__name__} has no token-by-token stream; stream a language model (crt, transformer, transformer_xl, rmt, armt)")
         self.model, self.cfg = model.eval(), model.cfg
+        self.runtime = "PyTorch eager stream"  # what runs the steps, for the user
         self.segment_len = self.cfg.eval_segment
         self.state = model.init_state(batch_size, evaluation=True)
         self._open()
@@ -56,6 +65,49 @@ class Stream:
         return logits
 
 
-def open_stream(model: nn.Module, batch_size: int = 1) -> Stream:
-    """The incremental stream of a crt language model (CRT, Transformer, Transformer-XL, RMT, ARMT)."""
-    return Stream(model, batch_size)
+def open_stream(model: nn.Module, batch_size: int = 1, runtime: str = "torch"):
+    """The incremental stream of a crt language model (CRT, Transformer, Transformer-XL, RMT, ARMT):
+    a `Stream` or a `TokenRuntime`, both with feed(tokens [B]) -> logits [B, V] and `.runtime`.
+
+    runtime: torch | onnxruntime (CRTError when it cannot run this model) | auto (onnxruntime,
+    else the eager Stream with the reason in its `.runtime`).
+    """
+    return _open(Stream, "TokenRuntime", model, batch_size, runtime)
+
+
+class Segments:
+    """A model over consecutive segments with its state carried: __call__(tokens [B, T]) ->
+    logits [B, T, V], T <= the segment length (what `crt score` runs)."""
+
+    def __init__(self, model: nn.Module, batch_size: int = 1):
+        self.model, self.runtime = model.eval(), "PyTorch eager, whole segments"
+        self.state = model.init_state(batch_size, evaluation=True)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.model(tokens, self.state)  # [B, T, V]
+        return logits
+
+
+def open_segments(model: nn.Module, batch_size: int = 1, runtime: str = "torch"):
+    """`Segments` of `model`, or their onnxruntime form (`SegmentRuntime`); runtime as in `open_stream`."""
+    return _open(Segments, "SegmentRuntime", model, batch_size, runtime)
+
+
+def _open(eager, fast: str, model: nn.Module, batch_size: int, runtime: str):
+    """eager(model, batch_size), or token_runtime.<fast> for runtime onnxruntime, or the latter
+    falling back to the former (which then says why) for auto."""
+    if runtime not in RUNTIMES:
+        raise CRTError(f"unknown runtime {runtime!r}: use {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return eager(model, batch_size)
+    from crt.infer import token_runtime
+
+    try:
+        return getattr(token_runtime, fast)(model, batch_size)
+    except CRTError as e:
+        if runtime == "onnxruntime":
+            raise
+        fallback = eager(model, batch_size)
+        fallback.runtime += f" (onnxruntime cannot run it: {e})"
+        return fallback

@@ -1,7 +1,7 @@
 """Building blocks shared by every model in crt."""
 
 from crt.layers.associative import AssociativeMemory
-from crt.layers.attention import CausalSelfAttention, KVCache
+from crt.layers.attention import CausalSelfAttention, FixedKVCache, KVCache
 from crt.layers.block import Block, blocks_flops
 from crt.layers.embedding import TokenEmbedding
 from crt.layers.feedforward import FeedForward
@@ -18,6 +18,7 @@ __all__ = [
     "Block",
     "CausalSelfAttention",
     "FeedForward",
+    "FixedKVCache",
     "GRU",
     "KVCache",
     "LearnedPositions",
