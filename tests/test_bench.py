@@ -53,7 +53,7 @@ def test_run_case_measures_every_quantity(name):
 
 
 def test_report_ratios_come_from_the_results():
-    def row(name, precision, rate):
+    def row(name, precision, rate, mfu=0.5):
         return {
             "name": name,
             "precision": precision,
@@ -62,21 +62,27 @@ def test_report_ratios_come_from_the_results():
             "infer_tokens_per_s": 1.0,
             "peak_memory_mib": 1.0,
             "train_flops_per_token": 1e6,
-            "mfu": 0.5,
+            "mfu": mfu,
             "matmul_peak_flops": 1e9,
         }
 
     results = [
-        row("ptb-crt-35", "fp32", 300.0),
-        row("ptb-transformer-70", "fp32", 100.0),
+        row("ptb-crt-35", "fp32", 300.0, mfu=0.45),
+        row("ptb-crt-35 [busy 1]", "fp32", 150.0, mfu=0.2),
+        row("ptb-transformer-70", "fp32", 100.0, mfu=0.6),
+        row("x-transformers", "fp32", 50.0, mfu=0.1),  # a peer: not one of our models' MFUs
         row("ptb-crt-35", "bf16", 450.0),
         {"name": "ptb-xl-35", "precision": "fp32", "error": "RuntimeError: boom"},
     ]
     text = speed_report.report(results, "crt bench", "machine", "notes")
-    assert "| CRT L=35 / Transformer L=70 | fp32 | 3.00x | >= 1.5x | met |" in text
-    assert "| bf16 / fp32 training, ptb-crt-35 | - | 1.50x | >= 1.8x | not met |" in text
+    targets = text.split("## Targets")[1]
+    assert "| Transformer L=70 / x-transformers, training tokens/s | fp32 | 2.00x | >= 1.2x | met |" in targets
+    assert "| CRT L=35 MFU / Transformer L=70 MFU | fp32 | 0.75x | >= 1.0x | not met |" in targets
+    assert "| lowest training MFU of our models (ptb-crt-35) | fp32 | 45.0% | >= 50% | not met |" in targets
+    assert "| bf16 / fp32 training, ptb-crt-35 | - | 1.50x | >= 2.0x (native bf16) | not met |" in targets
+    assert "| ptb-crt-35 | fp32 | 300 | 150 | 0.50x | - | - |" in text.split("## Under a busy core")[1]
     assert "failed: RuntimeError: boom" in text
-    assert "Transformer-XL" not in text.split("## Targets")[1]  # no ratio from a failed case
+    assert "Transformer-XL" not in targets  # no ratio from a failed case
 
 
 def test_trap_cases_change_only_what_they_test():
