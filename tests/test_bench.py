@@ -83,6 +83,7 @@ def test_report_ratios_come_from_the_results():
     assert "| ptb-crt-35 | fp32 | 300 | 150 | 0.50x | - | - |" in text.split("## Under a busy core")[1]
     assert "failed: RuntimeError: boom" in text
     assert "Transformer-XL" not in targets  # no ratio from a failed case
+    assert "## CPU traps" not in text  # a busy twin is not a trap A/B
 
 
 def test_trap_cases_change_only_what_they_test():

@@ -140,7 +140,7 @@ def report(results: list[dict[str, Any]], command: str, machine: str, notes: str
                 f"{r['train_tokens_per_s'] / quiet['train_tokens_per_s']:.2f}x | {ms(quiet)} | {ms(r)} |"
             )
     base = get("ptb-crt-35", "fp32")
-    trap_rows = [r for r in results if r["name"].startswith("ptb-crt-35 [") and "error" not in r]
+    trap_rows = [r for r in results if r["name"].startswith("ptb-crt-35 [") and " [busy " not in r["name"] and "error" not in r]
     if base and trap_rows:
         trap_lines = [
             "",
