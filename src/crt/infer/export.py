@@ -187,28 +187,39 @@ def _onnx_session(path: Path):
     return run
 
 
-def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def write_onnx(module: nn.Module, example: tuple, path: Path, purpose: str, what: str, hint: str = "", **names) -> None:
+    """torch.onnx.export of `module` traced on `example` into one self-contained file at `path`.
+
+    purpose: what needs the exporter, for the missing-extra error; what: the model part named when
+    the export fails (with the exporter's reason in one line, then `hint`); names: input_names,
+    output_names and opset_version, passed on."""
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
-        raise CRTError('ONNX export needs onnx and onnxscript (the edge extra): pip install -e ".[edge]"') from None
-    n_state = len(example) - 1
+        raise CRTError(f'{purpose} needs onnx and onnxscript (the edge extra): pip install -e ".[edge]"') from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(
-                step,
-                example,
-                str(path),
-                dynamo=True,
-                verbose=False,
-                external_data=False,  # one self-contained file
-                input_names=["tokens"] + [f"state_in_{i}" for i in range(n_state)],
-                output_names=["logits"] + [f"state_out_{i}" for i in range(n_state)],
-            )
+            torch.onnx.export(module, example, str(path), dynamo=True, verbose=False, external_data=False, **names)  # external_data=False: one file
+        except CRTError:  # the model's own refusal, already one line
+            raise
         except Exception as e:  # the exporter raises many types; the user needs the reason in one line
             reason = next((line.strip() for line in str(e).splitlines() if "Error" in line or "Cannot" in line), type(e).__name__)
-            raise CRTError(f"torch.onnx could not export {step.model.cfg.arch} ({reason[:200]}): try --format pt2; nothing was written") from None
+            raise CRTError(f"torch.onnx could not export {what} ({reason[:200]}){hint}") from None
+
+
+def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    n_state = len(example) - 1
+    write_onnx(
+        step,
+        example,
+        path,
+        "ONNX export",
+        step.model.cfg.arch,
+        ": try --format pt2; nothing was written",
+        input_names=["tokens"] + [f"state_in_{i}" for i in range(n_state)],
+        output_names=["logits"] + [f"state_out_{i}" for i in range(n_state)],
+    )
 
 
 def export(

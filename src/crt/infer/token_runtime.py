@@ -47,7 +47,7 @@ import torch.nn as nn
 from torch.utils._pytree import register_pytree_node, tree_flatten, tree_unflatten
 
 from crt.errors import CRTError
-from crt.infer.export import SegmentStep, _freeze_cayley, _write_onnx
+from crt.infer.export import SegmentStep, _freeze_cayley, _write_onnx, write_onnx
 from crt.layers import FixedKVCache, KVCache, SegmentCache
 
 TOLERANCE = 1e-4  # max |difference| of fp32 logits and state, onnxruntime vs the PyTorch segment path
@@ -162,26 +162,15 @@ def _examples(graph: _Graph, layout: Layout) -> tuple[torch.Tensor, ...]:
 
 
 def _export(graph: _Graph, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError:
-        raise CRTError('the onnxruntime per-token step needs onnx and onnxscript (the edge extra): pip install -e ".[edge]"') from None
-    try:
-        torch.onnx.export(
-            graph,
-            example,
-            str(path),
-            dynamo=True,
-            verbose=False,
-            external_data=False,  # one self-contained file
-            opset_version=23,  # SDPA as one Attention op
-            input_names=[f"in_{i}" for i in range(len(example))],
-        )
-    except CRTError:
-        raise
-    except Exception as e:  # the exporter raises many types; the user needs the reason in one line
-        reason = next((line.strip() for line in str(e).splitlines() if "Error" in line or "Cannot" in line), type(e).__name__)
-        raise CRTError(f"torch.onnx could not export {graph.model.cfg.arch}'s {graph.method} ({reason[:200]})") from None
+    write_onnx(
+        graph,
+        example,
+        path,
+        "the onnxruntime per-token step",
+        f"{graph.model.cfg.arch}'s {graph.method}",
+        opset_version=23,  # SDPA as one Attention op
+        input_names=[f"in_{i}" for i in range(len(example))],
+    )
 
 
 @contextlib.contextmanager
