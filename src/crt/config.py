@@ -149,6 +149,7 @@ class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource)
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    grad_accum: int = 1  # micro-batches per step: the batch_size rows are trained in this many pieces, their gradients summed (same update, less memory)
     # --- run ---
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the device multiplies bf16 natively (crt.runtime)
@@ -227,6 +228,7 @@ _TRAIN_RANGES = {  # the data fields' ranges are their option groups' (crt.data.
     "beta1": "[0,1)",
     "beta2": "[0,1)",
     "grad_clip": "[0,",
+    "grad_accum": "[1,",
     "seed": "[0,4294967295]",
     "eval_every": "[0,",
     "eval_batch_size": "[1,",

@@ -181,7 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from crt.checkpoint import load_checkpoint, load_model
     from crt.data import Vocab
     from crt.data.load import load_corpus
-    from crt.runtime import describe_precision, resolve_precision
+    from crt.runtime import describe_precision, resolve_device, resolve_precision
+    from crt.train.distributed import join
     from crt.train.scoring import split_scorer
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -202,6 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CRTError(
             f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
         )
+    join(resolve_device(tcfg.device))  # under torchrun: each process scores its share of the split
     model, _ = load_model(ckpt, tcfg.device, mcfg)
     score, mode = split_scorer(corpus, args.split, mcfg, tcfg, cap_given="eval_max_tokens" in overrides)
     result = score(model, tcfg.precision)
@@ -537,10 +539,26 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"crt: warning: {message}\n"  # one line, no source excerpt
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+    from crt.train.distributed import leave
+
+    # under torchrun, rank 0 alone talks; another rank says only why it failed, naming itself
+    rank = int(os.environ.get("RANK", "0") or 0)
+    out, errors = sys.stdout, sys.stderr
+    with open(os.devnull, "w") as quiet:
+        if rank:
+            sys.stdout = sys.stderr = quiet
+        try:
+            return _run(args, errors, f" (rank {rank})" if rank else "")
+        finally:
+            leave()
+            sys.stdout, sys.stderr = out, errors
+
+
+def _run(args: argparse.Namespace, errors, who: str) -> int:
     try:
         args.func(args)
     except CRTError as e:
-        print(f"crt: error: {e}", file=sys.stderr)
+        print(f"crt: error{who}: {e}", file=errors)
         return 2
     except TrainingFailed:
         return 1
@@ -548,13 +566,13 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e) and "out of memory" not in str(e):
             raise
         print(
-            f"crt: error: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): lower the sizes you asked for "
+            f"crt: error{who}: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'MemoryError'}): lower the sizes you asked for "
             "(model width, batch, documents, tokens)",
-            file=sys.stderr,
+            file=errors,
         )
         return 2
     except KeyboardInterrupt:
-        print("crt: interrupted", file=sys.stderr)
+        print("crt: interrupted", file=sys.stderr)  # rank > 0: quiet (torchrun stops the others when one fails)
         return 130
     return 0
 

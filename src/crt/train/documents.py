@@ -21,6 +21,7 @@ import torch.nn as nn
 from crt.data.corpus import Documents
 from crt.runtime import autocast
 from crt.state import iter_segments
+from crt.train.distributed import row_share, world
 from crt.train.evaluate import IGNORE, Tally
 from crt.train.segments import window_loss
 
@@ -51,25 +52,34 @@ def run_documents(
 
 
 def document_loss(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, is_answer: torch.Tensor, segment_len: int, bptt_segments: int, loss: str
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    is_answer: torch.Tensor,
+    segment_len: int,
+    bptt_segments: int,
+    loss: str,
+    total: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy of one batch of documents, each from a fresh state, and the count it averages over.
 
     inputs, targets, is_answer: [B, n] from `document_batch`. bptt_segments: K >= 1 stops
     gradients every K segments; 0 back-propagates through the whole document. loss: all | answers.
+    total: what the summed loss is divided by (`window_loss`); 0: the count here.
     """
     if loss == "answers":
         targets = torch.where(is_answer, targets, IGNORE)  # [B, n] only the answers count
         scored = targets.ne(IGNORE).any(dim=0).nonzero()
         n = int(scored[-1]) + 1 if len(scored) else 1
         inputs, targets = inputs[:, :n], targets[:, :n]  # nothing after the last answer reaches the loss
-    loss, _ = window_loss(model, inputs, targets, model.init_state(inputs.shape[0]), segment_len, bptt_segments)
+    loss, _ = window_loss(model, inputs, targets, model.init_state(inputs.shape[0]), segment_len, bptt_segments, total=total)
     return loss, int(targets.ne(IGNORE).sum())
 
 
 @torch.no_grad()
 def evaluate_documents(model: nn.Module, docs: Documents, batch_size: int = 100, segment_len: int | None = None, precision: str = "fp32") -> dict[str, float]:
-    """Score every document from a fresh state; the scores of `Tally.result`.
+    """Score every document from a fresh state; the scores of `Tally.result`. Under torchrun each
+    process scores a contiguous share of the documents and the sums are reduced.
 
     segment_len: tokens per call; default the model's evaluation segment length.
     """
@@ -79,11 +89,13 @@ def evaluate_documents(model: nn.Module, docs: Documents, batch_size: int = 100,
     was_training = model.training
     model.eval()
     tally = Tally()
+    w = world()
+    mine = row_share(len(docs), w.size, w.rank)  # this process's documents
     with autocast(device, precision):
-        for lo in range(0, len(docs), batch_size):
-            inputs, targets, is_answer = (t.to(device) for t in document_batch(docs, torch.arange(lo, min(lo + batch_size, len(docs)))))
+        for lo in range(mine.start, mine.stop, batch_size):
+            inputs, targets, is_answer = (t.to(device) for t in document_batch(docs, torch.arange(lo, min(lo + batch_size, mine.stop))))
             for start, logits in run_documents(model, inputs, segment_len, evaluation=True):
                 T = logits.shape[1]
                 tally.add(logits, targets[:, start : start + T], is_answer[:, start : start + T])
     model.train(was_training)
-    return tally.result()
+    return tally.reduced().result()

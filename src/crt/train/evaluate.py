@@ -1,4 +1,8 @@
-"""Perplexity over a whole split with the state carried across every segment (SPEC §3.6)."""
+"""Perplexity over a whole split with the state carried across every segment (SPEC §3.6).
+
+Under torchrun each process scores its contiguous share of the split's rows and the sums are
+reduced (`Tally.reduced`): the split is scored once, and its scores do not depend on the world size.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 
 from crt.runtime import autocast
 from crt.state import iter_segments
+from crt.train.distributed import all_reduce_sum, row_share, world
 from crt.train.segments import IGNORE
 
 
@@ -47,6 +52,13 @@ class Tally:
         self.answer_nll += nll[is_answer].sum().item()
         self.hits += int(((logits.argmax(-1) == targets) & is_answer).sum())
         self.answers += int(is_answer.sum())
+
+    def reduced(self) -> Tally:
+        """The sums of every process's tally (in one process: this tally)."""
+        names = list(vars(self))
+        for name, total in zip(names, all_reduce_sum([float(getattr(self, n)) for n in names])):
+            setattr(self, name, type(getattr(self, name))(total))
+        return self
 
     def result(self) -> dict[str, float]:
         """loss (mean NLL over every scored token, nats), ppl, tokens, recall (share of answers
@@ -91,21 +103,26 @@ def evaluate(
         answers = answers[: max_tokens + 1] if answers is not None else None
     batch_size = max(1, min(batch_size, len(data) - 1))
     device = next(model.parameters()).device
-    inputs, targets, is_answer = (t.to(device) for t in streams(data, batch_size, answers))
+    w = world()
+    mine = row_share(batch_size, w.size, w.rank)  # this process's rows (all of them in one process)
+    inputs, targets, is_answer = (t[mine].to(device) for t in streams(data, batch_size, answers))
+    rows = inputs.shape[0]  # 0 on a process left without rows (fewer rows than processes)
     was_training = model.training
     model.eval()
     tally = Tally()
     with autocast(device, precision):
-        if stride:
+        if not rows:
+            pass
+        elif stride:
             n = inputs.shape[1]
             for c in range(0, n, stride):
                 lo = max(0, c + stride - segment_len)  # window [lo, c + stride) of at most segment_len tokens
-                logits, _ = model(inputs[:, lo : c + stride], model.init_state(batch_size, evaluation=True))
+                logits, _ = model(inputs[:, lo : c + stride], model.init_state(rows, evaluation=True))
                 tally.add(logits[:, c - lo :], targets[:, c : c + stride], is_answer[:, c : c + stride])
         else:
-            state = model.init_state(batch_size, evaluation=True)
+            state = model.init_state(rows, evaluation=True)
             for start, logits, _ in iter_segments(model, inputs, state, segment_len):
                 T = logits.shape[1]
                 tally.add(logits, targets[:, start : start + T], is_answer[:, start : start + T])
     model.train(was_training)
-    return tally.result()
+    return tally.reduced().result()

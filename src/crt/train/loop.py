@@ -7,6 +7,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,25 @@ from crt.errors import CRTError
 from crt.models import VIDEO_ARCHS, build_model
 from crt.runtime import autocast, describe_precision, keep_freed_memory, resolve_device
 from crt.state import detach
+from crt.train.distributed import (
+    Micro,
+    all_reduce_sum,
+    anchor,
+    broadcast_from_main,
+    dist_backend,
+    drop_unused_grads,
+    gather_to_main,
+    join,
+    micro_rows,
+    reached,
+    replicate,
+    seed_process,
+    world,
+)
 from crt.train.documents import document_batch, document_loss, evaluate_documents
 from crt.train.evaluate import IGNORE, evaluate
 from crt.train.metrics import plot_curves
-from crt.train.rundir import RunFolder
+from crt.train.rundir import FollowerRun, RunFolder
 from crt.train.segments import training_window, window_loss
 
 
@@ -139,7 +155,7 @@ class LMTask:
         self.corpus = corpus = corpus or load_corpus(tcfg, mcfg.segment_len)
         if tcfg.loss == "answers" and not corpus.answers:
             raise CRTError(f"--loss answers needs a task that marks its answers, and {corpus.name} marks none: use --loss all")
-        for split, n in corpus.unk_mapped.items():
+        for split, n in corpus.unk_mapped.items() if world().main else ():
             print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
         self.mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
         self.meta = {"vocab": corpus.vocab.to_list(), "data": corpus.name}
@@ -169,42 +185,60 @@ class LMTask:
 class StreamTask(LMTask):
     """The stream protocol: the next window of K segments of the batchified training stream,
     the state carried from window to window and restarted each epoch; evaluation streams the
-    whole split with the state carried."""
+    whole split with the state carried.
+
+    This process trains its micro-batches of the global batch (`crt.train.distributed`): groups
+    of contiguous rows, each with its own carried state, the same rows at any world size."""
 
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, corpus: Corpus | None = None):
         super().__init__(mcfg, tcfg, device, corpus)
         B, K, L = tcfg.batch_size, tcfg.bptt_segments, self.mcfg.segment_len
         if K < 1:
             raise CRTError(f"bptt_segments={K}: the stream protocol needs K >= 1 segments per update (0 means a whole document, under --protocol document)")
-        self.stream = batchify(self.corpus.train, B).to(device)  # [B, n]
-        self.marks = batchify(self.corpus.answers["train"], B).to(device) if tcfg.loss == "answers" else None  # [B, n]
+        stream = batchify(self.corpus.train, B)  # [B, n]
+        marks = batchify(self.corpus.answers["train"], B) if tcfg.loss == "answers" else None  # [B, n]
+        self.rows = micro_rows(B, tcfg.grad_accum)
+        self.streams = [stream[r].to(device) for r in self.rows]  # per micro-batch [b, n]
+        self.marks = [marks[r].to(device) for r in self.rows] if marks is not None else None
         self.window = K * L
-        self.n_windows = (self.stream.shape[1] - 1) // self.window
+        self.n_windows = (stream.shape[1] - 1) // self.window
         if self.n_windows < 1:
             raise CRTError(
                 f"the training split ({len(self.corpus.train)} tokens) is too short for batch_size * bptt_segments * segment_len = {B * self.window}: lower one of them"
             )
 
     def start(self, model: nn.Module) -> None:
-        self.state = model.init_state(self.tcfg.batch_size)
+        self.states = [model.init_state(r.stop - r.start) for r in self.rows]
 
     def load(self, trainer: dict[str, Any]) -> None:
-        self.state = type(self.state)(*(t.to(self.device) for t in trainer["state"]))
+        """The carried state of every row of the global batch [B, ...], this process's rows taken."""
+        whole = trainer["state"]
+        self.states = [type(self.states[0])(*(t[r].to(self.device) for t in whole)) for r in self.rows]
 
     def dump(self) -> dict[str, Any]:
-        return {"state": [t.detach().cpu() for t in self.state]}
+        """The carried state of every row of the global batch, in row order (on rank 0; collective)."""
+        mine = [torch.cat(parts) for parts in zip(*([t.detach().cpu() for t in s] for s in self.states))]
+        ranks = gather_to_main(mine)
+        return {"state": [torch.cat(parts) for parts in zip(*ranks)]} if ranks is not None else {}
 
-    def loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, int]:
+    def micro_batches(self, model: nn.Module, step: int) -> list[Micro]:
         w = step % self.n_windows
         if w == 0 and step > 0:
-            self.state = model.init_state(self.tcfg.batch_size)  # a new epoch starts the streams over
-        x, y = training_window(self.stream, w, self.window)  # [B, K*L] each
-        scored = training_window(self.marks, w, self.window)[1] if self.marks is not None else None  # [B, K*L]: targets that are answers
-        loss, self.state = window_loss(model, x, y, self.state, self.mcfg.segment_len, self.tcfg.bptt_segments, scored)
-        return loss, x.numel()
+            self.start(model)  # a new epoch starts the streams over
+        out = []
+        for a, stream in enumerate(self.streams):
+            x, y = training_window(stream, w, self.window)  # [b, K*L] each
+            scored = training_window(self.marks[a], w, self.window)[1] if self.marks is not None else None  # [b, K*L]: targets that are answers
+
+            def run(total: int, a=a, x=x, y=y, scored=scored) -> torch.Tensor:
+                loss, self.states[a] = window_loss(model, x, y, self.states[a], self.mcfg.segment_len, self.tcfg.bptt_segments, scored, total=total)
+                return loss
+
+            out.append(Micro(int(scored.sum()) if scored is not None else y.numel(), x.numel(), run))
+        return out
 
     def after_step(self) -> None:
-        self.state = detach(self.state)
+        self.states = [detach(s) for s in self.states]
 
     def score(self, model: nn.Module, split: str, max_tokens: int = 0) -> dict[str, float]:
         t = self.tcfg
@@ -239,13 +273,24 @@ class DocumentTask(LMTask):
     def dump(self) -> dict[str, Any]:
         return {}
 
-    def loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, int]:
+    def micro_batches(self, model: nn.Module, step: int) -> list[Micro]:
+        """The global batch is the step's slice of this epoch's permutation, the same at any world
+        size; this process takes its micro-batches of it (a distributed sampler over whole batches)."""
         t = self.tcfg
         epoch, i = divmod(step, self.per_epoch)
         order = torch.randperm(len(self.docs), generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
-        inputs, targets, is_answer = (x.to(self.device) for x in document_batch(self.docs, order[i * t.batch_size : (i + 1) * t.batch_size]))
-        loss, _ = document_loss(model, inputs, targets, is_answer, self.mcfg.segment_len, t.bptt_segments, t.loss)
-        return loss, int(targets.ne(IGNORE).sum())
+        batch = order[i * t.batch_size : (i + 1) * t.batch_size]
+        out = []
+        for rows in micro_rows(t.batch_size, t.grad_accum):
+            inputs, targets, is_answer = (x.to(self.device) for x in document_batch(self.docs, batch[rows]))
+            inside = targets.ne(IGNORE)  # [b, n]
+            count = int((inside & is_answer).sum()) if t.loss == "answers" else int(inside.sum())
+
+            def run(total: int, inputs=inputs, targets=targets, is_answer=is_answer) -> torch.Tensor:
+                return document_loss(model, inputs, targets, is_answer, self.mcfg.segment_len, t.bptt_segments, t.loss, total=total)[0]
+
+            out.append(Micro(count, int(inside.sum()), run))
+        return out
 
     def after_step(self) -> None:
         pass
@@ -278,6 +323,10 @@ def make_task(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, data=N
 
         return VideoTask(mcfg, tcfg, device, data)
     raise CRTError(f"unknown task {tcfg.task!r}: use lm or video")
+
+
+def _silent(*args, **kwargs) -> None:
+    """print() on the ranks that do not print (every rank but 0)."""
 
 
 def train(
@@ -313,10 +362,12 @@ def train(
             stage_config(tcfg, stages, i).validate()
         except CRTError as e:
             raise CRTError(f"stage {i + 1} ({s.label}): {e}") from None
-    device = resolve_device(tcfg.device)
+    device = join(resolve_device(tcfg.device))
+    w = world()
     if device.type == "cpu":
         keep_freed_memory()
-    print(describe_precision(tcfg.precision, device), flush=True)
+    say = print if w.main else _silent  # rank 0 alone prints, logs and writes
+    say(describe_precision(tcfg.precision, device) + (f"; {w.size} processes ({dist_backend()})" if w.size > 1 else ""), flush=True)
     stage, stage_start = 0, 0
     if resume is not None:
         _check_unchanged(tcfg, resume)
@@ -334,8 +385,11 @@ def train(
     if resume is not None:
         task.check_resume(resume.meta, resume.path)
     mcfg = task.mcfg
-    model = build_model(mcfg).to(device)
-    optimizer = make_optimizer(model, base)
+    module = build_model(mcfg).to(device)  # the same initial weights on every rank (same seed; DDP checks)
+    seed_process(tcfg.seed, w.rank)
+    model = replicate(module, device)  # what the losses call; `module` is what is scored and saved
+    optimizer = make_optimizer(module, base)
+    params = [p for p in module.parameters() if p.requires_grad]
     # read at every step: a stage may change lr, min_lr or warmup_steps (`tcfg` is rebound when it starts)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, tcfg) / base.lr)
 
@@ -345,42 +399,63 @@ def train(
     interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
     task.start(model)
     if resume is not None:
-        resume.load_weights(model)
+        resume.load_weights(module)
         try:
             optimizer.load_state_dict(trainer["optimizer"])
             scheduler.load_state_dict(trainer["scheduler"])
             task.load(trainer)
-            _set_rng_state(trainer["rng"])
+            saved_world = trainer.get("world", 1)
+            if saved_world == w.size:
+                _set_rng_state(trainer["rank_rng"][w.rank] if w.rank else trainer["rng"])
+            else:
+                if w.rank == 0:
+                    _set_rng_state(trainer["rng"])
+                say(
+                    f"crt: warning: {resume.path} was written by {saved_world} process{'es' if saved_world > 1 else ''} and resumes on {w.size}: "
+                    "the carried state and the data position continue exactly (they belong to the rows of the global batch, not to a process), "
+                    "but the other ranks' random streams (dropout) start afresh, so the run is not bit-identical to one that kept its world size",
+                    file=sys.stderr,
+                    flush=True,
+                )
             interval_loss, interval_tokens, interval_time, interval_steps = trainer.get("interval", (0.0, 0, 0.0, 0))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise CRTError(
                 f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another"
             ) from None
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
-    run = RunFolder.open(base, resume, step)
-    run_dir, metrics = run.path, run.metrics
+    run = RunFolder.open(base, resume, step) if w.main else FollowerRun()
+    run.path = run_dir = broadcast_from_main(run.path)
+    metrics = run.metrics
     meta = {"model": to_dict(mcfg), "train": to_dict(base), "stages": stages_to_list(stages), **task.meta}
-    n_params = count_parameters(model)
+    n_params = count_parameters(module)
     n_stages = max(1, len(stages))
 
-    def save() -> Path:
+    def save() -> None:
+        """A checkpoint of the whole run (collective: every rank's carried state and random
+        streams are gathered; rank 0 writes it, atomically)."""
+        rank_rng = gather_to_main(_rng_state())
+        dumped = task.dump()
+        if not w.main:
+            return
         trainer = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step,
             "tokens_seen": tokens_seen,
-            "rng": _rng_state(),
+            "rng": rank_rng[0],
+            "world": w.size,
+            "rank_rng": rank_rng,
             "stage": stage,
             "stage_start": stage_start,
             "ended": status if decided else None,
             "interval": (interval_loss, interval_tokens, interval_time, interval_steps),
-            **task.dump(),
+            **dumped,
         }
         run.saved = True
-        return save_checkpoint(run_dir, step, model, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
+        save_checkpoint(run_dir, step, module, {**meta, "stage": stage}, trainer, keep=tcfg.keep_checkpoints)
 
     def validate() -> dict[str, float]:
-        result = task.validate(model)
+        result = task.validate(module)
         metrics.log({"step": step, "split": "valid", "stage": stage + 1, **result})
         return result
 
@@ -393,9 +468,10 @@ def train(
     with run:  # on an error before the first checkpoint, a new run folder is removed again
         if stages:
             verb = "resuming" if step > stage_start else "from"
-            print(f"-- {stage_label()}, {verb} step {step + 1}" + (f", until valid {stages[stage].advance}" if stages[stage].advance else ""), flush=True)
+            say(f"-- {stage_label()}, {verb} step {step + 1}" + (f", until valid {stages[stage].advance}" if stages[stage].advance else ""), flush=True)
         model.train()
-        bar = tqdm(total=base.max_steps, initial=step, disable=None if progress else True, desc=run_dir.name, dynamic_ncols=True)
+        bar = tqdm(total=base.max_steps, initial=step, disable=None if progress and w.main else True, desc=run_dir.name, dynamic_ncols=True)
+        write = bar.write if w.main else _silent
         last_valid: dict[str, float] = {}
         status = {"passed": True, "message": ""}
         finished = capped()
@@ -406,26 +482,46 @@ def train(
             status = {"passed": False, "message": f"stopped at max_steps = {base.max_steps} in {stage_label()}: the curriculum was not completed"}
         while not finished:
             t0 = time.perf_counter()
-            with autocast(device, tcfg.precision):
-                loss, n_items = task.loss(model, step)
-            if not torch.isfinite(loss):
+            micros = task.micro_batches(model, step)
+            # the global count of targets the step's mean divides by, and of tokens trained on
+            total, n_items = (int(v) for v in all_reduce_sum([sum(m.count for m in micros), sum(m.tokens for m in micros)]))
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, used = 0.0, [False] * len(params)
+            for a, micro in enumerate(micros):
+                last = a == len(micros) - 1
+                # DDP averages the gradients of the processes, so each loss is scaled by the world size;
+                # only the last micro-batch's backward reduces them (the others accumulate locally)
+                with nullcontext() if last or w.size == 1 else model.no_sync():
+                    with autocast(device, tcfg.precision):
+                        loss = micro.run(max(total, 1))
+                    step_loss += loss.item()
+                    loss = loss * w.size
+                    if w.size > 1:
+                        here = reached(loss, params)
+                        used = [u or h for u, h in zip(used, here)]
+                        if last:
+                            loss = loss + anchor(params, here)
+                    loss.backward()
+            # the global batch's mean loss, the same on every rank, and the parameters any rank used
+            step_loss, *used = all_reduce_sum([step_loss, *used] if w.size > 1 else [step_loss])
+            if not math.isfinite(step_loss):
                 bar.close()
                 kept = (
                     f"the checkpoints in {run_dir} are intact"
                     if run.saved or not run.claimed
                     else "no checkpoint had been saved, so the new run folder was removed"
                 )
-                raise CRTError(f"the training loss became {loss.item()} at step {step + 1}: lower --lr or use --precision fp32; {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                raise CRTError(f"the training loss became {step_loss} at step {step + 1}: lower --lr or use --precision fp32; {kept}")
+            if w.size > 1:
+                drop_unused_grads(params, used)
             if tcfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                nn.utils.clip_grad_norm_(module.parameters(), tcfg.grad_clip)
             optimizer.step()
             scheduler.step()
             task.after_step()
             step += 1
             tokens_seen += n_items
-            interval_loss += loss.item()
+            interval_loss += step_loss
             interval_tokens += n_items
             interval_steps += 1
             interval_time += time.perf_counter() - t0
@@ -452,7 +548,7 @@ def train(
             at_eval = tcfg.eval_every > 0 and step % tcfg.eval_every == 0
             if at_eval or capped() or stage_over:
                 last_valid = validate()
-                bar.write(f"step {step}: valid {task.describe(last_valid)}")
+                write(f"step {step}: valid {task.describe(last_valid)}")
             # the curriculum: pass on the measured condition, fail at the step limit
             condition = stages[stage].advance if stages else ""
             passed = bool(condition) and (at_eval or stage_over or capped()) and stages[stage].passed(last_valid)
@@ -474,7 +570,7 @@ def train(
                     tcfg = stage_config(base, stages, stage)
                     task = make_task(mcfg, tcfg, device)
                     task.start(model)
-                    bar.write(f"-- {stage_label()}, from step {step + 1}: {why}" + (f"; until valid {stages[stage].advance}" if stages[stage].advance else ""))
+                    write(f"-- {stage_label()}, from step {step + 1}: {why}" + (f"; until valid {stages[stage].advance}" if stages[stage].advance else ""))
                     metrics.log({"step": step, "split": "stage", "stage": stage + 1, "label": stages[stage].label})
                     last_valid = {}
                 else:
@@ -487,13 +583,14 @@ def train(
                 save()  # a checkpoint at a stage boundary starts the next stage
         bar.close()
         if status["message"]:
-            print(f"crt: {status['message']}", file=sys.stderr, flush=True)
+            say(f"crt: {status['message']}", file=sys.stderr, flush=True)
         # scores on the last stage's data, whichever stage the run ended in
         final = task if stage == len(stages) - 1 or not stages else make_task(mcfg, stage_config(base, stages, len(stages) - 1), device)
         if not last_valid or final is not task:
-            last_valid = final.validate(model)
-        test = final.test(model)
-        plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
+            last_valid = final.validate(module)
+        test = final.test(module)
+        if w.main:
+            plot_curves(metrics.path, run_dir / "curves.png", title=f"{mcfg.arch} on {meta['data']}", valid_key=task.valid_key, valid_label=task.valid_label)
     return {
         "run_dir": str(run_dir),
         "arch": mcfg.arch,

@@ -156,3 +156,22 @@ def _remove_claim(path: Path, created: Path | None, tensorboard: bool) -> None:
         (path / "checkpoints").rmdir()  # only if empty
     except OSError:
         pass
+
+
+class _NoLog:
+    def log(self, record) -> None:
+        pass
+
+
+class FollowerRun:
+    """What a rank other than 0 holds of the run folder: its path (set from rank 0) and no
+    writes, since rank 0 alone logs, plots and saves."""
+
+    def __init__(self):
+        self.path, self.claimed, self.saved, self.metrics = None, False, False, _NoLog()
+
+    def __enter__(self) -> FollowerRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass

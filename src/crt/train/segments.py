@@ -24,12 +24,21 @@ def training_window(stream: torch.Tensor, w: int, window: int) -> tuple[torch.Te
 
 
 def window_loss(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: tuple, segment_len: int, bptt_segments: int, scored: torch.Tensor | None = None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    state: tuple,
+    segment_len: int,
+    bptt_segments: int,
+    scored: torch.Tensor | None = None,
+    total: int = 0,
 ) -> tuple[torch.Tensor, tuple]:
     """Mean next-token cross-entropy over one training window, and the state after it.
 
     inputs, targets: [B, N] (targets are inputs shifted by one; IGNORE counts for nothing). scored: optional bool [B, N],
-    the targets that count (`--loss answers`); default all. Logits are scored in fp32 even
+    the targets that count (`--loss answers`); default all. total: what the summed loss is
+    divided by; 0: the targets that count here (the trainer passes the count of the whole
+    global batch, whose rows other micro-batches and processes hold). Logits are scored in fp32 even
     under autocast. The one training step that `crt train`, `crt bench` and the profiler share.
     """
     if scored is not None:
@@ -39,4 +48,4 @@ def window_loss(
     for start, logits, state in iter_segments(model, inputs, state, segment_len, bptt_segments):
         T = logits.shape[1]
         loss_sum = loss_sum + F.cross_entropy(logits.float().flatten(0, 1), targets[:, start : start + T].flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss_sum / max(int(targets.ne(IGNORE).sum()), 1), state  # the mean over the targets that count
+    return loss_sum / max(total or int(targets.ne(IGNORE).sum()), 1), state  # the mean over the targets that count

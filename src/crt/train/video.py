@@ -24,6 +24,7 @@ from crt.data.skeletons import augment_skeleton
 from crt.errors import CRTError
 from crt.models import VIDEO_ARCHS
 from crt.state import detach
+from crt.train.distributed import Micro, micro_rows, world
 
 
 def classify(model: nn.Module, frames: torch.Tensor, lengths: torch.Tensor, segment_len: int, bptt_segments: int = 0) -> torch.Tensor:
@@ -123,7 +124,7 @@ class VideoTask:
             raise CRTError(
                 f"the MSR Action3D clips given have {self.data.frame_shape[-1]} values per joint but video_motion={tcfg.video_motion}: load them with motion={tcfg.video_motion}"
             )
-        if self.data.note:
+        if self.data.note and world().main:
             print(
                 f"{self.data.name}: {len(self.data.train)} train / {len(self.data.valid)} valid / {len(self.data.test)} test clips; {self.data.note}",
                 flush=True,
@@ -148,21 +149,30 @@ class VideoTask:
     def dump(self) -> dict[str, Any]:
         return {}
 
-    def loss(self, model: nn.Module, step: int) -> tuple[torch.Tensor, int]:
+    def micro_batches(self, model: nn.Module, step: int) -> list[Micro]:
+        """The step's clips; this process takes its micro-batches of them (`crt.train.distributed`)."""
         t = self.tcfg
         epoch, i = divmod(step, self.per_epoch)
         order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch))
-        chosen = order[i * t.batch_size : (i + 1) * t.batch_size]
-        clips = []
-        for j in chosen.tolist():
-            clip = sample_frames(self.data.train.clips[j], t.video_max_frames, t.video_crop)
-            if clip.dim() == 3 and (t.video_rotate or t.video_scale):  # skeleton joints [T, J, 3 or 6]
-                clip = augment_skeleton(clip, t.video_rotate, t.video_scale)
-            clips.append(clip)
-        frames, lengths = pad_clips(clips)
-        logits = classify(model, frames.to(self.device), lengths, self.mcfg.segment_len, t.bptt_segments)  # [B, C]
-        labels = self.data.train.labels[chosen].to(self.device)  # [B]
-        return F.cross_entropy(logits.float(), labels), int(lengths.sum())
+        batch = order[i * t.batch_size : (i + 1) * t.batch_size]
+        out = []
+        for rows in micro_rows(t.batch_size, t.grad_accum):
+            chosen = batch[rows]
+            clips = []
+            for j in chosen.tolist():
+                clip = sample_frames(self.data.train.clips[j], t.video_max_frames, t.video_crop)
+                if clip.dim() == 3 and (t.video_rotate or t.video_scale):  # skeleton joints [T, J, 3 or 6]
+                    clip = augment_skeleton(clip, t.video_rotate, t.video_scale)
+                clips.append(clip)
+            frames, lengths = pad_clips(clips)
+
+            def run(total: int, frames=frames, lengths=lengths, chosen=chosen) -> torch.Tensor:
+                logits = classify(model, frames.to(self.device), lengths, self.mcfg.segment_len, t.bptt_segments)  # [b, C]
+                labels = self.data.train.labels[chosen].to(self.device)  # [b]
+                return F.cross_entropy(logits.float(), labels, reduction="sum") / total  # the mean over the global batch's clips
+
+            out.append(Micro(len(chosen), int(lengths.sum()), run))
+        return out
 
     def after_step(self) -> None:
         pass
