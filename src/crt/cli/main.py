@@ -555,7 +555,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, errors, who: str) -> int:
+    from crt.train.distributed import launched
+
     try:
+        if launched() and args.func not in (cmd_train, cmd_eval):
+            name = args.func.__name__.removeprefix("cmd_")
+            raise CRTError(f"crt {name} runs in one process, and torchrun started several: only train and eval run distributed; run it without torchrun")
         args.func(args)
     except CRTError as e:
         print(f"crt: error{who}: {e}", file=errors)

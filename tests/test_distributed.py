@@ -1,0 +1,216 @@
+"""Data-parallel training under torchrun (crt.train.distributed): 2 Gloo processes against 1.
+
+The 2-process runs are launched as a user launches them (`torchrun --standalone
+--nproc_per_node 2 -m crt train ...`, here via `python -m torch.distributed.run`), and compared
+with the 1-process run of the same global batch, trained in this process. No dropout, fp32.
+
+Tolerance: 1e-5 relative on every step's loss and on perplexity. The processes see half the
+rows each, so matrix products run on other shapes and sum in another order (about 1e-7 apart
+over these 6 steps); a wrong share, normaliser or state gives differences of 1e-3 and more.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import cli, refused
+
+from crt.train.distributed import World, anchor, drop_unused_grads, micro_rows, reached, row_share, seed_process, world
+from crt.train.evaluate import Tally
+
+RTOL = 1e-5
+
+# a tiny CRT on characters: K = 1, so the memory RNN that writes the next state gets no gradient in
+# any step, and m_0 only in the first (the pitfall DDP without find_unused_parameters must survive)
+STREAM = ["--preset", "ptb-crt-35", "--data", "chars", "--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--n-head", "2", "--segment-len", "16"]
+STREAM += ["--batch-size", "4", "--bptt-segments", "1", "--max-steps", "6", "--eval-every", "0", "--checkpoint-every", "3", "--log-every", "1"]
+STREAM += ["--dropout", "0", "--emb-dropout", "0", "--precision", "fp32", "--eval-max-tokens", "3000", "--no-progress"]
+# the segment Transformer on the recall task's documents, the loss on the answers only: the ranks'
+# micro-batches hold different numbers of answers, so the mean needs the global count
+DOCS = ["--preset", "synthetic-transformer", "--no-stages", "--d-model", "32", "--n-layer", "1", "--d-ff", "64", "--batch-size", "8"]
+DOCS += ["--synth-train-docs", "64", "--synth-valid-docs", "10", "--synth-test-docs", "6", "--loss", "answers", "--protocol", "document"]
+DOCS += ["--max-steps", "4", "--eval-every", "0", "--log-every", "1", "--dropout", "0", "--emb-dropout", "0", "--precision", "fp32", "--no-progress"]
+
+
+def torchrun(*args: str, cwd: Path, module: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *(["-m", "crt"] if module else []), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**env, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def records(run: Path, split: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in records(run, "train")]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    g = torch.Generator().manual_seed(0)
+    words = "the cat sat on a mat and dog ran far away while birds sang".split()
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (12,), generator=g).tolist()) for _ in range(2000)]
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stream_runs(text):
+    """The CRT stream run on 2 processes with --grad-accum 2 (4 micro-batches of one row), and its
+    resume from the step-3 checkpoint, also on 2 processes."""
+    root = text.parent
+    torchrun("train", *STREAM, "--data-dir", str(text), "--grad-accum", "2", "--out-dir", "two", cwd=root)
+    torchrun("train", "--resume", "two/checkpoints/step-0000003", "--out-dir", "two-resumed", "--no-progress", cwd=root)
+    return root / "two", root / "two-resumed"
+
+
+def test_two_processes_train_as_one(stream_runs, text, capsys, monkeypatch):
+    monkeypatch.chdir(text.parent)
+    rc, _, err = cli(capsys, "train", *STREAM, "--data-dir", str(text), "--out-dir", "one")
+    assert rc == 0, err
+    one, (two, _) = Path("one"), stream_runs
+    assert len(losses(one)) == len(losses(two)) == 6
+    assert losses(two) == pytest.approx(losses(one), rel=RTOL)
+    assert [r["tokens_seen"] for r in records(two, "train")] == [r["tokens_seen"] for r in records(one, "train")]
+    assert records(two, "valid")[-1]["ppl"] == pytest.approx(records(one, "valid")[-1]["ppl"], rel=RTOL)
+    # the unused memory RNN was left alone, as in one process (a zero gradient would still have decayed it)
+    from crt.checkpoint import load_model
+
+    a, _ = load_model(one)
+    b, _ = load_model(two)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=1e-6, msg=name)
+
+
+def test_two_process_checkpoint_resumes_exactly(stream_runs):
+    two, resumed = stream_runs
+    assert losses(resumed) == losses(two)  # bit for bit: the same processes redo the same steps
+    assert records(resumed, "valid")[-1]["ppl"] == records(two, "valid")[-1]["ppl"]
+    trainer = torch.load(two / "checkpoints" / "step-0000006" / "trainer.pt", weights_only=False)
+    assert trainer["world"] == 2 and len(trainer["rank_rng"]) == 2
+    assert trainer["state"][0].shape[0] == 4  # every row of the global batch, not rank 0's share
+
+
+def test_other_world_size_continues_the_state_with_a_warning(stream_runs, capsys, tmp_path):
+    two, _ = stream_runs
+    rc, _, err = cli(capsys, "train", "--resume", str(two / "checkpoints" / "step-0000003"), "--out-dir", str(tmp_path / "one"), "--no-progress")
+    assert rc == 0, err
+    assert "written by 2 processes and resumes on 1" in err
+    assert losses(tmp_path / "one") == pytest.approx(losses(two), rel=RTOL)  # no dropout: the same run
+
+
+def test_two_processes_train_documents_as_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torchrun("train", *DOCS, "--out-dir", "two", cwd=tmp_path)
+    rc, _, err = cli(capsys, "train", *DOCS, "--out-dir", "one")
+    assert rc == 0, err
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+    for key in ("ppl", "recall", "answer_loss"):
+        assert records(tmp_path / "two", "valid")[-1][key] == pytest.approx(records(tmp_path / "one", "valid")[-1][key], rel=RTOL)
+
+
+EVAL_SCRIPT = """
+import json, sys
+import torch
+from crt.checkpoint import load_model
+from crt.data.load import load_corpus
+from crt.train.distributed import join, leave, world
+from crt.train.documents import evaluate_documents
+from crt.train.evaluate import evaluate
+
+join(torch.device("cpu"))
+model, ckpt = load_model(sys.argv[1], "cpu")
+corpus = load_corpus(ckpt.train_config(), model.cfg.segment_len)
+out = {"stream": evaluate(model, corpus.valid, 5), "stride": evaluate(model, corpus.valid[:800], 3, stride=8)}
+if world().main:
+    print(json.dumps(out))
+leave()
+"""
+
+
+def test_eval_is_the_same_at_any_world_size(stream_runs, text):
+    """One split scored once: 2 processes, each its share of the rows (5 rows: 3 and 2), sums reduced."""
+    from crt.checkpoint import load_model
+    from crt.data.load import load_corpus
+    from crt.train.evaluate import evaluate
+
+    two, _ = stream_runs
+    script = text.parent / "eval_two.py"
+    script.write_text(EVAL_SCRIPT)
+    result = json.loads(torchrun(str(script), str(two.resolve()), cwd=text.parent, module=False).stdout.strip().splitlines()[-1])
+    model, ckpt = load_model(two, "cpu")
+    corpus = load_corpus(ckpt.train_config(), model.cfg.segment_len)
+    one = {"stream": evaluate(model, corpus.valid, 5), "stride": evaluate(model, corpus.valid[:800], 3, stride=8)}
+    for mode in one:
+        assert result[mode]["tokens"] == one[mode]["tokens"]  # every token scored once, none twice
+        assert result[mode]["loss"] == pytest.approx(one[mode]["loss"], rel=1e-6)
+
+
+# --- the pieces, in one process
+
+
+def test_row_shares_partition_the_batch():
+    for n, parts in [(10, 3), (4, 4), (2, 3), (32, 8)]:
+        shares = [row_share(n, parts, i) for i in range(parts)]
+        assert [r for s in shares for r in range(n)[s]] == list(range(n))  # contiguous, in order, each row once
+        assert max(s.stop - s.start for s in shares) - min(s.stop - s.start for s in shares) <= 1
+    assert world() == World(0, 1)
+    assert micro_rows(8, 2) == [slice(0, 4), slice(4, 8)]
+
+
+def test_a_batch_that_does_not_split_is_refused(capsys, tmp_path):
+    refused(cli(capsys, "train", *DOCS, "--grad-accum", "3", "--out-dir", str(tmp_path / "r")), "--batch-size 8", "multiple of 3")
+
+
+def test_grad_accum_is_the_same_update(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, extra in [("whole", []), ("pieces", ["--grad-accum", "4"])]:
+        rc, _, err = cli(capsys, "train", *DOCS, "--out-dir", name, *extra)
+        assert rc == 0, err
+    assert losses(tmp_path / "pieces") == pytest.approx(losses(tmp_path / "whole"), rel=RTOL)
+
+
+def test_each_rank_draws_its_own_random_stream():
+    torch.manual_seed(7)
+    seed_process(7, 0)  # rank 0 keeps the run's stream: one process is the run it always was
+    zero = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(4), zero)
+    draws = []
+    for rank in (1, 2):
+        torch.manual_seed(7)
+        seed_process(7, rank)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], zero) and not torch.equal(draws[1], zero) and not torch.equal(draws[0], draws[1])
+
+
+def test_anchor_reaches_exactly_the_unused_parameters():
+    used, idle = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    params = [*used.parameters(), *idle.parameters()]
+    loss = used(torch.ones(1, 3)).sum()
+    here = reached(loss, params)
+    assert here == [True, True, False, False]
+    (loss + anchor(params, here)).backward()
+    assert all(p.grad is not None for p in params)  # DDP's reduction sees every parameter
+    assert not any(p.grad.any() for p in idle.parameters())  # with zeros where the step did not reach
+    drop_unused_grads(params, here)
+    assert [p.grad is None for p in params] == [False, False, True, True]
+
+
+def test_tally_reduced_is_itself_in_one_process():
+    t = Tally()
+    t.nll, t.count, t.hits, t.answers = 3.5, 7, 2, 4
+    assert t.reduced().result() == Tally.result(t) and t.count == 7 and isinstance(t.count, int)
+
+
+def test_commands_that_do_not_run_distributed_are_refused(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(cli(capsys, "flops"), "torchrun", "train and eval")
