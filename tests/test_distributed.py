@@ -67,7 +67,8 @@ def stream_runs(text):
     """The CRT stream run on 2 processes with --grad-accum 2 (4 micro-batches of one row), and its
     resume from the step-3 checkpoint, also on 2 processes."""
     root = text.parent
-    torchrun("train", *STREAM, "--data-dir", str(text), "--grad-accum", "2", "--out-dir", "two", cwd=root)
+    proc = torchrun("train", *STREAM, "--data-dir", str(text), "--grad-accum", "2", "--out-dir", "two", cwd=root)
+    assert "2 processes, gloo, DDP with find_unused_parameters=False" in proc.stdout  # read off the DDP object itself
     torchrun("train", "--resume", "two/checkpoints/step-0000003", "--out-dir", "two-resumed", "--no-progress", cwd=root)
     return root / "two", root / "two-resumed"
 
@@ -214,3 +215,11 @@ def test_tally_reduced_is_itself_in_one_process():
 def test_commands_that_do_not_run_distributed_are_refused(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     refused(cli(capsys, "flops"), "torchrun", "train and eval")
+
+
+def test_world_size_without_torchrun_is_a_clear_error(capsys, monkeypatch, tmp_path):
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(cli(capsys, "train", *DOCS, "--out-dir", str(tmp_path / "r")), "WORLD_SIZE=2", "launch with torchrun")
+    assert not torch.distributed.is_initialized()

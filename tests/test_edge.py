@@ -10,6 +10,7 @@ from cli_helpers import in_process, one_line_error
 from crt.errors import CRTError
 from crt.infer.export import export
 from crt.infer.quantize import quantize_int8
+from crt.runtime import resolve_precision
 
 V, L = 41, 6
 TINY = dict(vocab_size=V, segment_len=L, dropout=0.1, emb_dropout=0.1)  # the conftest tiny_lm fields of this module
@@ -189,7 +190,8 @@ def test_cli_generate_score_eval_int8_and_export(tmp_path, capsys, monkeypatch):
     lines = score.stdout.strip().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("tokens 359 ") and "ppl" in lines[-1] and "peak RSS" in lines[-1]
     ev = in_process(capsys, "eval", "--checkpoint", "r", "--int8")
-    assert ev.returncode == 0 and "int8 (dynamic, CPU)" in ev.stdout and "% vs fp32" in ev.stdout, ev.stderr
+    auto = resolve_precision("auto", torch.device("cpu"))  # bf16 on a CPU with native bf16, else fp32
+    assert ev.returncode == 0 and "int8 (dynamic, CPU)" in ev.stdout and f"% vs {auto}" in ev.stdout, ev.stderr
     exp = in_process(capsys, "export", "--checkpoint", "r", "--format", "pt2", "--out", "e/step.pt2")
     assert exp.returncode == 0, exp.stderr
     assert (tmp_path / "e" / "step.pt2").is_file() and (tmp_path / "e" / "step.pt2.state.safetensors").is_file()

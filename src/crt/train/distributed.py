@@ -80,7 +80,13 @@ def join(device: torch.device) -> torch.device:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as e:  # WORLD_SIZE set by hand, without torchrun's rendezvous
+            raise CRTError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the process group cannot start ({str(e).splitlines()[0][:160]}): "
+                "launch with torchrun (`torchrun --nproc_per_node N -m crt train ...`), or unset WORLD_SIZE for one process"
+            ) from None
     elif (dist.get_backend() == "nccl") != (device.type == "cuda"):
         raise CRTError(f"the process group runs {dist.get_backend()} and this job asks for {device.type}: run one device type per torchrun job")
     return device
@@ -168,9 +174,11 @@ def seed_process(seed: int, rank: int) -> None:
         random.seed(rank_seed(seed, rank))
 
 
-def dist_backend() -> str:
-    """The process group's backend (gloo, nccl), or "none" in one process."""
-    return dist.get_backend() if world().size > 1 else "none"
+def describe_processes(model: nn.Module) -> str:
+    """How the processes train, for the run's opening line ("" in one process)."""
+    if world().size == 1:
+        return ""
+    return f"; {world().size} processes, {dist.get_backend()}, DDP with find_unused_parameters={model.find_unused_parameters}"
 
 
 class Replica(DistributedDataParallel):

@@ -28,7 +28,7 @@ from crt.train.distributed import (
     all_reduce_sum,
     anchor,
     broadcast_from_main,
-    dist_backend,
+    describe_processes,
     drop_unused_grads,
     gather_to_main,
     join,
@@ -367,7 +367,6 @@ def train(
     if device.type == "cpu":
         keep_freed_memory()
     say = print if w.main else _silent  # rank 0 alone prints, logs and writes
-    say(describe_precision(tcfg.precision, device) + (f"; {w.size} processes ({dist_backend()})" if w.size > 1 else ""), flush=True)
     stage, stage_start = 0, 0
     if resume is not None:
         _check_unchanged(tcfg, resume)
@@ -388,6 +387,7 @@ def train(
     module = build_model(mcfg).to(device)  # the same initial weights on every rank (same seed; DDP checks)
     seed_process(tcfg.seed, w.rank)
     model = replicate(module, device)  # what the losses call; `module` is what is scored and saved
+    say(describe_precision(tcfg.precision, device) + describe_processes(model), flush=True)
     optimizer = make_optimizer(module, base)
     params = [p for p in module.parameters() if p.requires_grad]
     # read at every step: a stage may change lr, min_lr or warmup_steps (`tcfg` is rebound when it starts)
