@@ -80,7 +80,8 @@ def report(rows: list[dict], args: argparse.Namespace, text: bytes) -> list[str]
         "BPE: 2,048 tokens trained on the train split only. **Not converged**: a short equal-step budget, so a tokenizer that packs more "
         "bytes into a token has also seen more text.",
         "",
-        "bpb = total NLL / ln 2 / UTF-8 bytes of the scored tokens, over the whole split with the state carried.",
+        "bpb = total NLL / ln 2 / UTF-8 bytes of the scored tokens, over the whole split with the state carried. "
+        "train min is wall time (BPE training, data, steps and the end-of-run validation) and measures no speed: the 2 cores may be shared.",
         "",
         "| tokenizer | vocab | params | steps | tokens seen | bytes/token | ~bytes seen | train min | valid bpb | test bpb |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
