@@ -54,7 +54,6 @@ def test_bpe_encodes_line_by_line_as_a_whole(bpe):
     """No token spans a newline, so `crt score` (line by line) sees the ids a split gets."""
     text = corpus_text(50, seed=2) + UNICODE
     whole = bpe.encode(text).tolist()
-    assert whole == [i for line in text.splitlines(keepends=True) for i in bpe.encode(line).tolist()] or "\r" in text
     by_newline = [i for line in text.split("\n") for i in bpe.encode(line).tolist() + bpe.encode("\n").tolist()][: len(whole)]
     assert whole == by_newline
     assert len(whole) < len(text.encode())  # merges happened
@@ -65,7 +64,7 @@ def test_decoding_broken_bytes_replaces_them_and_never_crashes(bpe):
     assert byte.decode([0xF0, 0x9F]) == "\ufffd"  # the first half of an emoji
     assert byte.decode([0x61, 0xFF, 0x62]) == "a\ufffdb"
     cut = bpe.encode("🙂").tolist()
-    assert "\ufffd" in bpe.decode(cut[:1]) or len(cut) == 1
+    assert len(cut) > 1 and bpe.decode(cut[:1]) == "\ufffd"  # a rare emoji stays in byte pieces; its first alone is no UTF-8
     with pytest.raises(Exception, match="outside the vocabulary"):
         byte.decode([256])
     with pytest.raises(Exception, match="outside the vocabulary"):
