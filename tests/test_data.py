@@ -89,7 +89,7 @@ def test_words_chunked_reading_matches_line_by_line(tmp_path, monkeypatch):
         assert c.vocab.decode(c.train) == expected, block
     (d / "ptb.valid.txt").write_bytes(b"x\n" * 50 + b"y \xc3(\n")  # invalid UTF-8 late in the file
     monkeypatch.setattr(corpus_mod, "_CHUNK_BYTES", 16)
-    raises_one_line(r"ptb\.valid\.txt is not UTF-8 text \(bad byte at offset 102\)", load_words, d)
+    raises_one_line(r"ptb\.valid\.txt is not UTF-8 text \(invalid continuation byte at line 51, byte 3; offset 102 in the file\)", load_words, d)
 
 
 def test_words_kind_detection_and_explicit_kind(tmp_path):
@@ -136,7 +136,7 @@ def test_map_unk_reuses_the_training_unk(tmp_path):
         (lambda d: write_corpus(d, "a\n", " \n\t\n\n", "a\n"), r"ptb\.valid\.txt has no words"),
         (
             lambda d: (write_corpus(d, "a\n", "a\n", "a\n"), (d / "ptb.test.txt").write_bytes(b"a\nb\xff\n")),
-            r"ptb\.test\.txt is not UTF-8 text \(bad byte at offset 3\)",
+            r"ptb\.test\.txt is not UTF-8 text \(invalid start byte at line 2, byte 2; offset 3 in the file\)",
         ),
     ],
     ids=["missing-dir", "no-corpus-files", "nested-folder", "missing-split", "empty-file", "whitespace-file", "not-utf8"],
@@ -168,7 +168,7 @@ def test_chars_errors(tmp_path):
     raises_one_line(r"is not a file", load_chars, tmp_path)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("abc caf\xe9 x".encode("latin-1"))
-    raises_one_line(r"not UTF-8 text \(bad byte at offset 7\)", load_chars, bad)
+    raises_one_line(r"not UTF-8 text \(invalid continuation byte at line 1, byte 8; offset 7 in the file\)", load_chars, bad)
     short = tmp_path / "short.txt"
     short.write_text("x" * 30)
     raises_one_line(r"30 characters, too few to split.*each split needs >= 2", load_chars, short)  # 5% of 30 = 1

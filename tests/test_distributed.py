@@ -207,9 +207,10 @@ def test_anchor_reaches_exactly_the_unused_parameters():
 
 
 def test_tally_reduced_is_itself_in_one_process():
-    t = Tally()
-    t.nll, t.count, t.hits, t.answers = 3.5, 7, 2, 4
-    assert t.reduced().result() == Tally.result(t) and t.count == 7 and isinstance(t.count, int)
+    t = Tally(token_bytes=torch.ones(5, dtype=torch.int64))
+    t.nll, t.count, t.hits, t.answers, t.answer_nll, t.bytes = 3.5, 7, 2, 4, 1.5, 9
+    before = t.result()
+    assert t.reduced().result() == before and t.count == 7 and isinstance(t.count, int) and t.token_bytes.shape == (5,)
 
 
 def test_commands_that_do_not_run_distributed_are_refused(capsys, monkeypatch):

@@ -37,8 +37,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _labels_sha256(labels: list[str]) -> str:
-    """SHA-256 of a vocabulary or class list, in order: a permuted or edited list is caught."""
+def _labels_sha256(labels: list[str] | dict[str, Any]) -> str:
+    """SHA-256 of a vocabulary or class list, in order, or of a tokenizer's record: a permuted
+    or edited list (or BPE) is caught."""
     return hashlib.sha256(json.dumps(labels, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -108,7 +109,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, 
     try:
         save_weights(model, tmp / WEIGHTS)
         torch.save(trainer, tmp / TRAINER)
-        labels = {k: _labels_sha256(meta[k]) for k in ("vocab", "classes") if k in meta}
+        labels = {k: _labels_sha256(meta[k]) for k in ("vocab", "classes", "tokenizer") if k in meta}
         meta = {**meta, "step": step, "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS), TRAINER: _sha256(tmp / TRAINER), **labels}}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
         for f in (tmp, *tmp.iterdir()):
@@ -155,7 +156,7 @@ def resolve(path: str | Path) -> Path:
 @dataclass
 class Checkpoint:
     path: Path
-    meta: dict[str, Any]  # config.json: model, train, stages, stage, vocab (or classes), step, ...
+    meta: dict[str, Any]  # config.json: model, train, stages, stage, vocab and tokenizer (or classes), step, ...
 
     def train_config(self, in_stage: bool = True):
         """The run's TrainConfig: its [train] fields, plus (in_stage) the curriculum's changes up
@@ -219,6 +220,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"{folder / CONFIG}: its {key} ({len(labels)} entries) is not the one the model was trained with "
                 f"({meta['model'].get(size)} entries, SHA-256 differs); the checkpoint is damaged or was edited"
             )
+    if "tokenizer" in meta and meta["sha256"].get("tokenizer") != _labels_sha256(meta["tokenizer"]):
+        raise CRTError(f"{folder / CONFIG}: its tokenizer is not the one the model was trained with (SHA-256 differs); the checkpoint is damaged or was edited")
     from crt.config import stages_from_list
 
     stages = stages_from_list(meta.get("stages", []))

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from crt.data.options import DATA, DATA_GROUPS, DataSource, MemoryTaskOptions, SyntheticOptions, VideoOptions
+from crt.data.options import DATA, DATA_GROUPS, DataSource, MemoryTaskOptions, SyntheticOptions, VideoOptions, tokenizer_kind
 from crt.errors import CRTError
 from crt.runtime import PRECISIONS
 
@@ -22,7 +22,7 @@ from crt.runtime import PRECISIONS
 @dataclass
 class ModelConfig:
     arch: str = "crt"  # crt | transformer | transformer_xl | rmt | armt; video: crvit | video_transformer
-    vocab_size: int = 0  # set from the data
+    vocab_size: int = 0  # --tokenizer bpe: the BPE vocabulary to train (the model gets the size trained); other tokenizers: set from the data
     d_model: int = 128  # model width
     n_layer: int = 3  # transformer blocks
     n_head: int = 4  # attention heads
@@ -180,6 +180,7 @@ class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource)
         data = DATA[self.task]
         if self.data not in data:
             raise CRTError(f"unknown data {self.data!r} for task {self.task} (--data): use one of {', '.join(data)}")
+        tokenizer_kind(self)  # a tokenizer that makes no sense for the data is refused here
         for group in DATA_GROUPS:
             check_ranges(self, group.RANGES)
         check_ranges(self, _TRAIN_RANGES)
@@ -312,7 +313,7 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str,
 # read are their option groups' USED_BY, the model fields only some archs read each model's
 # OPTIONS (`_model_options`).
 _USED_BY = {
-    "vocab_size": ("nothing: the vocabulary is set from the data", lambda m, t: False),
+    "vocab_size": ("--tokenizer bpe (other tokenizers set the vocabulary from the data)", lambda m, t: t.task == "lm" and tokenizer_kind(t) == "bpe"),
     "num_classes": ("nothing: the classes are set from the data", lambda m, t: False),
     "frame_shape": ("nothing: the frame shape is set from the data", lambda m, t: False),
     **{name: rule for group in DATA_GROUPS for name, rule in group.USED_BY.items()},
@@ -402,7 +403,21 @@ def _configs(doc: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
 
 # Training fields a stage may not change: they define the run (its data, its seed, where it
 # lives, its budget, its optimizer's groups) rather than the next difficulty.
-_FIXED_IN_STAGES = ("task", "data", "data_dir", "seed", "out_dir", "max_steps", "max_tokens", "device", "precision", "weight_decay", "beta1", "beta2")
+_FIXED_IN_STAGES = (
+    "task",
+    "data",
+    "data_dir",
+    "tokenizer",
+    "seed",
+    "out_dir",
+    "max_steps",
+    "max_tokens",
+    "device",
+    "precision",
+    "weight_decay",
+    "beta1",
+    "beta2",
+)
 # Validation scores a stage may advance on, and whether a higher score is better.
 STAGE_METRICS = {"recall": True, "acc": True, "mean_class_acc": True, "ppl": False, "loss": False}
 

@@ -114,7 +114,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         _, tcfg = apply_overrides(mcfg, ckpt.train_config(in_stage=False), overrides)
         _warn_unused([(mcfg, tcfg)], overrides)
         stages = _pin(stages_from_list(ckpt.meta.get("stages", [])), pinned)
-        summary = train(mcfg, tcfg, stages, resume=ckpt, progress=not args.no_progress)
+        corpus = None
+        if tcfg.task == "lm" and ckpt.meta.get("stage", 0) == 0:  # encoded with the run's saved tokenizer, not a new one
+            from crt.data.load import load_corpus
+            from crt.data.tokenizer import from_meta
+
+            corpus = load_corpus(tcfg, mcfg.segment_len, saved=from_meta(ckpt.meta))
+        summary = train(mcfg, tcfg, stages, resume=ckpt, corpus=corpus, progress=not args.no_progress)
         print_table([summary])
         if not summary["curriculum"]["passed"]:
             raise TrainingFailed
@@ -179,8 +185,8 @@ def _pin(stages, pinned: set[str]):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from crt.checkpoint import load_checkpoint, load_model
-    from crt.data import Vocab
     from crt.data.load import load_corpus
+    from crt.data.tokenizer import from_meta
     from crt.runtime import describe_precision, resolve_device, resolve_precision
     from crt.train.distributed import join
     from crt.train.scoring import split_scorer
@@ -197,8 +203,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return _eval_video(ckpt, mcfg, tcfg, args)
     if args.confusion:
         raise CRTError("--confusion is for video classifiers: a language model has no confusion matrix; drop it")
-    corpus = load_corpus(tcfg, mcfg.segment_len)
-    vocab = Vocab.from_list(ckpt.meta["vocab"])
+    saved = from_meta(ckpt.meta)
+    corpus = load_corpus(tcfg, mcfg.segment_len, saved=saved)
+    vocab = saved.vocab
     if vocab.itos != corpus.vocab.itos:
         raise CRTError(
             f"checkpoint vocabulary ({len(vocab)} types) differs from that of {tcfg.data} {tcfg.data_dir} ({len(corpus.vocab)} types): evaluate on the corpus the model was trained on"
@@ -209,7 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = score(model, tcfg.precision)
     print(f"{mcfg.arch} {ckpt.path} on {corpus.name} {args.split}: {mode}; {describe_precision(tcfg.precision, next(model.parameters()).device)}")
     recall = f"  recall {result['recall']:.3f} of {result['answers']:,} answers" if not math.isnan(result["recall"]) else ""
-    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + recall)
+    bpb = f"  bpb {result['bpb']:.4f} over {result['bytes']:,} bytes" if not math.isnan(result["bpb"]) else ""
+    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  tokens {result['tokens']:,}" + bpb + recall)
     if args.int8:
         from crt.infer.quantize import quantize_int8
 
@@ -241,22 +249,18 @@ def _eval_video(ckpt, mcfg: ModelConfig, tcfg: TrainConfig, args: argparse.Names
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from crt.infer import generate, load_language_model, open_stream
-    from crt.infer.text import detokenize, prompt_ids
 
     if not 0 <= args.seed < 2**63:
         raise CRTError(f"--seed {args.seed}: give a seed in 0 .. 2**63 - 1")
     if args.max_new_tokens < 0 or not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise CRTError("need --max-new-tokens >= 0, --temperature >= 0 (0: greedy), --top-k >= 0 (0: all) and 0 < --top-p <= 1")
-    model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
-    chars = tcfg.data == "chars"
-    prompt = prompt_ids(args.prompt, vocab, chars)
+    model, tokenizer, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
+    prompt = tokenizer.prompt(args.prompt)
     stream = open_stream(model, 1, args.runtime)
     print(f"runtime: {stream.runtime}", file=sys.stderr)
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stream=stream)
-    text = detokenize(out, vocab, chars)
-    if args.prompt:
-        text = detokenize(prompt, vocab, chars) + ("" if chars else " ") + text
-    print(text)
+    # decoded together: a character whose bytes straddle the prompt's end comes out whole
+    print(tokenizer.decode(prompt + out if args.prompt else out))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -268,18 +272,18 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise CRTError(f"--report-every {args.report_every}: give a number of tokens >= 0 (0: at the end only)")
     if args.file != "-" and not Path(args.file).is_file():
         raise CRTError(f"{args.file} is not a file: give a text file to score, or - for stdin")
-    model, vocab, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
-    chars = tcfg.data == "chars"
+    model, tokenizer, mcfg, tcfg = load_language_model(args.checkpoint, args.device)
     segments = open_segments(model, 1, args.runtime)
     binary, source = (sys.stdin.buffer, "stdin") if args.file == "-" else (open(args.file, "rb"), args.file)
     with binary:
-        ids = text_ids(read_lines(binary, chars, source), vocab, chars, args.map_unk, source)
-        for i, r in enumerate(score_stream(model, ids, args.report_every, segments)):
+        ids = text_ids(read_lines(binary, source), tokenizer, args.map_unk, source)
+        for i, r in enumerate(score_stream(model, ids, args.report_every, segments, tokenizer.token_bytes())):
             if not r["tokens"]:
                 raise CRTError(f"{source} has fewer than two tokens: nothing to score")
             if i == 0:  # with the first result: a text it cannot score gets its one-line error alone
                 print(f"runtime: {segments.runtime}", file=sys.stderr)
-            print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+            bpb = f"  bpb {r['bpb']:.4f}" if not math.isnan(r["bpb"]) else ""
+            print(f"tokens {r['tokens']:,}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}{bpb}  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -299,8 +303,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     source = resolve(args.checkpoint).resolve()
     if Path(args.out).resolve().parent in (source, source.parent):
         raise CRTError(f"--out {args.out} is inside the checkpoint folder it exports from: write the program somewhere else")
-    model, _, mcfg, _ = load_language_model(args.checkpoint)
-    r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8)  # out of memory: main() says so
+    model, tokenizer, mcfg, _ = load_language_model(args.checkpoint)
+    r = export(model, args.format, args.out, args.batch_size, args.check_segments, int8=args.int8, tokenizer=tokenizer)  # out of memory: main() says so
     size = r["path"].stat().st_size / 2**20
     print(f"{mcfg.arch} segment step -> {r['path']} ({size:.2f} MiB): (tokens [{args.batch_size}, {mcfg.eval_segment}], *state) -> (logits, *state)")
     print(f"checked over {args.check_segments} segments: max |difference| from PyTorch {r['max_difference']:.2e}")
@@ -310,6 +314,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             f"same argmax at {100 * r['int8_agreement']:.1f}% of positions"
         )
     print(f"initial state -> {r['state_path']}")
+    print(f"tokenizer ({tokenizer.kind}) -> {r['tokenizer_path']}")
 
 
 def cmd_flops(args: argparse.Namespace) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from crt.errors import CRTError
@@ -21,6 +20,7 @@ from crt.errors import CRTError
 EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
+TEXT_FILES = {s: f"{s}.txt" for s in SPLITS}  # a folder of running text (--data text)
 
 # File names of the word-level corpora, split -> file name. WikiText-2 and -103 share one layout.
 WORD_FILES = {
@@ -128,6 +128,8 @@ class Corpus:
     documents: split -> Documents, for corpora made of separate samples (the memory tasks):
         what the document protocol trains and scores. The streams are the same documents
         concatenated, for the stream protocol. Empty for running text (PTB, WikiText, chars).
+    tokenizer: what maps text to these ids (`crt.data.tokenizer`), saved in the checkpoint;
+        None: words over `vocab` (the word corpora and the memory tasks).
     """
 
     name: str
@@ -138,6 +140,18 @@ class Corpus:
     unk_mapped: dict[str, int] = field(default_factory=dict)
     answers: dict[str, torch.Tensor] = field(default_factory=dict)
     documents: dict[str, Documents] = field(default_factory=dict)
+    tokenizer: Any = None
+
+    def __post_init__(self):
+        if self.tokenizer is None:
+            from crt.data.tokenizer import WordTokenizer  # tokenizer.py builds on this module
+
+            self.tokenizer = WordTokenizer(self.vocab)
+
+    @property
+    def token_bytes(self) -> torch.Tensor | None:
+        """[V] UTF-8 bytes of each id (for bits per byte); None for words, whose bytes are undefined."""
+        return self.tokenizer.token_bytes()
 
     @classmethod
     def from_documents(cls, name: str, vocab: Vocab, documents: dict[str, Documents]) -> "Corpus":
@@ -173,14 +187,25 @@ def _detect_kind(directory: Path) -> str:
     raise CRTError(f"{directory} holds both PTB and WikiText files: say which with --data ptb or --data wikitext-2 (load_words: kind='ptb' or 'wikitext')")
 
 
-def _read_lines_chunked(path: Path) -> Iterator[str]:
+def utf8_error(source: object, data: bytes, e: UnicodeDecodeError, offset: int | None = 0, line: int = 1) -> CRTError:
+    """The one-line error for text that is not UTF-8: its reason, line and byte (both 1-based)
+    and its offset in the file. data: the bytes decoded, starting on line `line` at file offset
+    `offset` (None: a stream, no offset to give); e: the error decoding them raised."""
+    line += data.count(b"\n", 0, e.start)
+    byte = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    where = f"; offset {offset + e.start} in the file" if offset is not None else ""
+    return CRTError(f"{source} is not UTF-8 text ({e.reason} at line {line}, byte {byte}{where}): re-encode it as UTF-8")
+
+
+def _read_lines_chunked(path: Path, newlines: bool = True) -> Iterator[str]:
     """Yield the decoded text of `path` in pieces that end on a line boundary.
 
-    Reads bytes and decodes each piece strictly, so a decoding error can name its exact byte
-    offset. Cutting at b"\\n" is safe: in UTF-8 that byte never occurs inside a multi-byte
-    character. \\r\\n and lone \\r become \\n, as in Python's text mode (universal newlines).
+    Reads bytes and decodes each piece strictly, so a decoding error can name its line and
+    byte. Cutting at b"\\n" is safe: in UTF-8 that byte never occurs inside a multi-byte
+    character. newlines: \\r\\n and lone \\r become \\n, as in Python's text mode (universal
+    newlines); False keeps the text as it is (what the byte and BPE tokenizers read).
     """
-    offset = 0
+    offset, line = 0, 1
     carry = b""
     with open(path, "rb") as f:
         while True:
@@ -198,13 +223,14 @@ def _read_lines_chunked(path: Path) -> Iterator[str]:
                 try:
                     text = data.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise CRTError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}): re-encode it as UTF-8") from None
+                    raise utf8_error(path, data, e, offset, line) from None
                 if offset == 0 and text.startswith("\ufeff"):
-                    text = text[1:]  # a byte-order mark is not a word
-                if "\r" in text:
+                    text = text[1:]  # a byte-order mark is an encoding artefact, not text
+                if newlines and "\r" in text:
                     text = text.replace("\r\n", "\n").replace("\r", "\n")
                 yield text
                 offset += len(data)
+                line += data.count(b"\n")
             if not block:
                 return
 
@@ -269,18 +295,9 @@ def _encode_file(path: Path, vocab: Vocab, grow: bool, split: str, map_unk: bool
     return torch.frombuffer(ids, dtype=torch.int64)  # [N]
 
 
-def load_words(directory: str | Path, kind: str = "auto", map_unk: bool = False) -> Corpus:
-    """Load a word-level corpus: PTB (ptb.{train,valid,test}.txt) or WikiText-2/103 (wiki.*.tokens).
-
-    Tokens are the whitespace-split words of each line followed by <eos> (PyTorch's
-    word_language_model convention): PTB gives 929,589 / 73,760 / 82,430 tokens, vocab 10,000.
-    The vocabulary is built from the training file only, in first-occurrence order (so ids are
-    reproducible from the file alone). A valid/test word never seen in train is an error unless
-    map_unk=True, which maps it to <unk> (appended to the vocab if train lacks it) and counts
-    the mapped tokens in `unk_mapped`.
-
-    kind: "auto" (detect from the file names), "ptb" or "wikitext".
-    """
+def word_files(directory: str | Path, kind: str = "auto") -> tuple[Path, str, dict[str, Path]]:
+    """(folder, kind, split -> file) of a word-level corpus folder, every file checked to exist.
+    kind: "auto" (detect from the file names), "ptb" or "wikitext"."""
     directory = Path(directory).expanduser()
     if kind not in ("auto", *WORD_FILES):
         raise CRTError(f"unknown word corpus kind {kind!r}: use auto, {', '.join(WORD_FILES)}")
@@ -294,12 +311,25 @@ def load_words(directory: str | Path, kind: str = "auto", map_unk: bool = False)
     for split, fname in files.items():
         if not (directory / fname).is_file():
             raise CRTError(f"{directory} lacks {fname} (the {split} split): put all of {', '.join(files.values())} in that folder")
+    return directory, kind, {split: directory / fname for split, fname in files.items()}
 
+
+def load_words(directory: str | Path, kind: str = "auto", map_unk: bool = False) -> Corpus:
+    """Load a word-level corpus: PTB (ptb.{train,valid,test}.txt) or WikiText-2/103 (wiki.*.tokens).
+
+    Tokens are the whitespace-split words of each line followed by <eos> (PyTorch's
+    word_language_model convention): PTB gives 929,589 / 73,760 / 82,430 tokens, vocab 10,000.
+    The vocabulary is built from the training file only, in first-occurrence order (so ids are
+    reproducible from the file alone). A valid/test word never seen in train is an error unless
+    map_unk=True, which maps it to <unk> (appended to the vocab if train lacks it) and counts
+    the mapped tokens in `unk_mapped`.
+
+    kind: "auto" (detect from the file names), "ptb" or "wikitext".
+    """
+    directory, kind, files = word_files(directory, kind)
     vocab = Vocab()
     unk_counts: dict[str, int] = {}
-    streams = {
-        split: _encode_file(directory / files[split], vocab, grow=(split == "train"), split=split, map_unk=map_unk, unk_counts=unk_counts) for split in SPLITS
-    }
+    streams = {split: _encode_file(files[split], vocab, grow=(split == "train"), split=split, map_unk=map_unk, unk_counts=unk_counts) for split in SPLITS}
     if kind == "ptb":
         name = "ptb"
     else:
@@ -308,31 +338,36 @@ def load_words(directory: str | Path, kind: str = "auto", map_unk: bool = False)
 
 
 # ---------------------------------------------------------------------------------------------
-# character-level corpora
+# character corpora and running text
 
 
-def load_chars(path: str | Path, valid_fraction: float = 0.05, test_fraction: float = 0.05) -> Corpus:
-    """Character-level corpus from one UTF-8 text file (characters are tokens, newline included).
+def read_text(path: Path, split: str = "") -> str:
+    """The whole of a UTF-8 text file as it is (\\r kept), decoded strictly (an error names the
+    line and byte), a byte-order mark dropped. An empty file is an error."""
+    text = "".join(_read_lines_chunked(path, newlines=False))
+    if not text:
+        what = f"the {split} split" if split else "text"
+        raise CRTError(f"{path} is empty: put {what} there (UTF-8)")
+    return text
 
-    The file is split contiguously: the first 1 - valid - test of it is train, then valid, then
-    test (contiguous, not shuffled, so held-out text is unseen continuation). The vocabulary is
-    every character of the whole file, sorted by code point: with a few hundred symbols at most
-    there is no OOV problem worth failing on, and sorted order makes ids independent of where a
-    character first appears.
-    """
+
+def text_splits(path: str | Path, valid_fraction: float = 0.05, test_fraction: float = 0.05) -> dict[str, str]:
+    """split -> text of running text: one UTF-8 file split contiguously (the first 1 - valid -
+    test of its characters is train, then valid, then test: held-out text is unseen
+    continuation), or a folder of train.txt, valid.txt and test.txt."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CRTError(f"text file {path} does not exist: pass --data-dir with the path of a UTF-8 text file")
-    if not path.is_file():
-        raise CRTError(f"{path} is not a file: for character data pass --data-dir with the path of one UTF-8 text file")
+        raise CRTError(f"text file {path} does not exist: pass --data-dir with the path of a UTF-8 text file (or a folder of {', '.join(TEXT_FILES.values())})")
+    if path.is_dir():
+        missing = [f for f in TEXT_FILES.values() if not (path / f).is_file()]
+        if missing:
+            raise CRTError(
+                f"{path} lacks {', '.join(missing)}: a text folder holds {', '.join(TEXT_FILES.values())}; or pass --data-dir one text file to split"
+            )
+        return {split: read_text(path / f, split) for split, f in TEXT_FILES.items()}
     if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
         raise CRTError(f"valid_fraction={valid_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CRTError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): re-encode it as UTF-8") from None
-    text = text.removeprefix("\ufeff")  # a byte-order mark is an encoding artefact, not text
+    text = read_text(path)
     n = len(text)
     n_valid, n_test = int(n * valid_fraction), int(n * test_fraction)
     n_train = n - n_valid - n_test
@@ -341,20 +376,35 @@ def load_chars(path: str | Path, valid_fraction: float = 0.05, test_fraction: fl
             f"{path} has {n} characters, too few to split with valid_fraction={valid_fraction} and test_fraction={test_fraction} "
             f"(each split needs >= 2 characters): use a longer file or larger fractions"
         )
+    return {"train": text[:n_train], "valid": text[n_train : n_train + n_valid], "test": text[n_train + n_valid :]}
 
-    # Code points as a numpy array: the vocab is np.unique (sorted), ids are searchsorted positions,
-    # no per-character Python work even for a 100 MB file.
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # [n]
-    alphabet = np.unique(cps)  # [V] sorted code points
-    ids = torch.from_numpy(np.searchsorted(alphabet, cps).astype(np.int64))  # [n]
-    vocab = Vocab(chr(c) for c in alphabet.tolist())
-    return Corpus(
-        name=path.stem,
-        vocab=vocab,
-        train=ids[:n_train],
-        valid=ids[n_train : n_train + n_valid],
-        test=ids[n_train + n_valid :],
-    )
+
+def load_text(splits: dict[str, str], name: str, tokenizer: Any) -> Corpus:
+    """A corpus of running text (split -> text) with the ids of `tokenizer` (`crt.data.tokenizer`)."""
+    streams = {}
+    for split in SPLITS:
+        try:
+            streams[split] = tokenizer.encode(splits[split])
+        except CRTError as e:
+            raise CRTError(f"{name} {split} split: {e}") from None
+    return Corpus(name=name, vocab=tokenizer.vocab, tokenizer=tokenizer, **streams)
+
+
+def load_chars(path: str | Path, valid_fraction: float = 0.05, test_fraction: float = 0.05) -> Corpus:
+    """Character-level corpus from one UTF-8 text file (characters are tokens, newline included).
+
+    The file is split contiguously as `text_splits` does. The vocabulary is every character of
+    the whole file, sorted by code point (`CharTokenizer`): with a few hundred symbols at most
+    there is no OOV problem worth failing on, and sorted order makes ids independent of where a
+    character first appears.
+    """
+    from crt.data.tokenizer import CharTokenizer
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CRTError(f"{path} is not a file: for character data pass --data-dir with the path of one UTF-8 text file")
+    splits = text_splits(path, valid_fraction, test_fraction)
+    return load_text(splits, path.stem, CharTokenizer.build(splits.values()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ feeding each call's state outputs back in. The initial state is written beside t
 PyTorch's logits and state over `check_segments` consecutive segments within `tolerance`, else
 nothing is written and the command fails.
 
+The tokenizer is written beside it too (FILE-stem.tokenizer.json), so an app can turn text into
+the program's token ids and back: for bpe the HF `tokenizers` JSON itself (`Tokenizer.from_file`
+in Python, Rust or JavaScript), for word, char and byte {"kind": ..., "vocab": [id -> string]}.
+
 The int8 model is written beside it (FILE.int8.onnx or FILE.int8.pt2), with dynamic int8
 quantization of the linear layers (int8 weights, activations quantized per call): for ONNX,
 onnxruntime's quantizer rewrites the checked fp32 graph; for pt2, torchao quantizes the model
@@ -24,6 +28,7 @@ difference of either int8 file from fp32 is reported, not bounded.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -36,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from crt.data.tokenizer import Tokenizer
 from crt.errors import CRTError
 from crt.files import umask_mode
 from crt.layers import NCGRU
@@ -223,14 +229,21 @@ def _write_onnx(step: SegmentStep, example: tuple[torch.Tensor, ...], path: Path
 
 
 def export(
-    model: nn.Module, fmt: str, out: str | Path, batch_size: int = 1, check_segments: int = 4, tolerance: float = TOLERANCE, int8: bool = True
+    model: nn.Module,
+    fmt: str,
+    out: str | Path,
+    batch_size: int = 1,
+    check_segments: int = 4,
+    tolerance: float = TOLERANCE,
+    int8: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> dict[str, object]:
     """Write the segment step of `model` to `out` as onnx or pt2, checked against PyTorch.
 
     Also writes OUT.state.safetensors (the initial state, in input order) and, with int8=True,
     OUT with suffix .int8.onnx or .int8.pt2 (dynamic int8 quantization of the linear layers;
-    its difference from fp32 is reported, not bounded).
-    Returns {path, int8_path, max_difference, int8_max_difference, int8_agreement, state_path}.
+    its difference from fp32 is reported, not bounded), and with a tokenizer OUT-stem.tokenizer.json.
+    Returns {path, int8_path, max_difference, int8_max_difference, int8_agreement, state_path, tokenizer_path}.
     """
     from safetensors.torch import save_file
 
@@ -239,7 +252,9 @@ def export(
     out = Path(out)
     if out.is_dir():
         raise CRTError(f"{out} is a folder: give --out a file name (e.g. model.{fmt})")
+    tokenizer_path = out.parent / f"{out.stem}.tokenizer.json" if tokenizer is not None else None
     targets = [out, out.parent / (out.name + ".state.safetensors")] + ([out.parent / f"{out.stem}.int8.{fmt}"] if int8 else [])
+    targets += [tokenizer_path] if tokenizer_path else []
     for target in targets:  # a file we write may replace an earlier export, never a device, a pipe or a link
         if target.is_symlink() or (target.exists() and not target.is_file()):
             raise CRTError(f"{target} exists and is not a regular file (a device, a pipe, a link?): export writes only files; give --out another path")
@@ -299,6 +314,8 @@ def export(
                     result.update(_int8_report(reference, runtime))
             state_path = Path(tmp) / (out.name + ".state.safetensors")
             save_file({f"state_in_{i}": s.contiguous() for i, s in enumerate(step.initial)}, str(state_path))
+            if tokenizer is not None:
+                (Path(tmp) / tokenizer_path.name).write_text(tokenizer_json(tokenizer), encoding="utf-8")
             # every file checked: move them into place (rename is atomic on one filesystem)
             for f in Path(tmp).iterdir():
                 umask_mode(f)
@@ -310,4 +327,11 @@ def export(
     if int8:
         result["int8_path"] = out.parent / f"{out.stem}.int8.{fmt}"
     result["state_path"] = out.parent / (out.name + ".state.safetensors")
+    result["tokenizer_path"] = tokenizer_path
     return result
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> str:
+    """What an app needs to tokenize: for bpe the HF tokenizers JSON, else the kind and the vocab."""
+    meta = tokenizer.to_meta()
+    return meta["hf"] if tokenizer.kind == "bpe" else json.dumps({**meta, "vocab": tokenizer.labels()}, ensure_ascii=False)

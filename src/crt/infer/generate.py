@@ -75,13 +75,16 @@ def generate(
 
 
 @torch.no_grad()
-def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0, segments=None) -> Iterator[dict[str, float]]:
+def score_stream(
+    model: nn.Module, tokens: Iterable[int], report_every: int = 0, segments=None, token_bytes: torch.Tensor | None = None
+) -> Iterator[dict[str, float]]:
     """Running perplexity of a token stream of any length, one segment in memory at a time.
 
     Every token after the first is scored from everything before it (the state carried over
     segment boundaries): `crt eval` with --eval-batch-size 1 scores the same tokens the same way
     (its default of several parallel streams restarts the state at each stream's start). Yields {tokens, loss, ppl} after every
-    `report_every` scored tokens (0: only at the end), and always once at the end.
+    `report_every` scored tokens (0: only at the end), and always once at the end; with
+    token_bytes ([V] UTF-8 bytes of each id) also bpb, bits per byte of the scored tokens (else nan).
     segments: a fresh batch-1 `open_segments(model, 1, runtime)` to run (default: PyTorch's).
     """
     device = next(model.parameters()).device
@@ -89,22 +92,24 @@ def score_stream(model: nn.Module, tokens: Iterable[int], report_every: int = 0,
     L = model.cfg.eval_segment
     segments = segments if segments is not None else open_segments(model, 1)
     previous = None  # [V] logits after the last token of the previous segment
-    nll, count, next_report = 0.0, 0, report_every
+    nll, count, n_bytes, next_report = 0.0, 0, 0, report_every
     segment: list[int] = []
 
     def run(segment: list[int]) -> None:
-        nonlocal previous, nll, count
+        nonlocal previous, nll, count, n_bytes
         x = torch.tensor([segment], device=device)  # [1, T]
         logits = segments(x)[0].float()  # [T, V]
         scored = logits[:-1] if previous is None else torch.cat([previous.unsqueeze(0), logits[:-1]])  # predictions of x[1:] (and x[0])
         targets = x[0, 1:] if previous is None else x[0]
         nll += F.cross_entropy(scored, targets, reduction="sum").item()
         count += len(targets)
+        n_bytes += int(token_bytes[targets.cpu()].sum()) if token_bytes is not None else 0
         previous = logits[-1]
 
     def report() -> dict[str, float]:
         loss = nll / max(count, 1)
-        return {"tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0))}  # exp overflows beyond ~709
+        bpb = nll / math.log(2) / n_bytes if n_bytes else math.nan
+        return {"tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb}  # exp overflows beyond ~709
 
     for token in tokens:
         segment.append(token)

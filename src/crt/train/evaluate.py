@@ -38,31 +38,41 @@ def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = 
 
 
 class Tally:
-    """Running sums of next-token scores over the segments of a split."""
+    """Running sums of next-token scores over the segments of a split.
 
-    def __init__(self):
-        self.nll, self.count, self.answer_nll, self.hits, self.answers = 0.0, 0, 0.0, 0, 0
+    token_bytes: [V] UTF-8 bytes of each token id (`Corpus.token_bytes`), to sum the bytes of
+    the scored text for bits per byte; None (words) leaves `bytes` at 0 and bpb undefined.
+    """
+
+    def __init__(self, token_bytes: torch.Tensor | None = None):
+        self.nll, self.count, self.answer_nll, self.hits, self.answers, self.bytes = 0.0, 0, 0.0, 0, 0, 0
+        self.token_bytes = token_bytes
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, is_answer: torch.Tensor) -> None:
         """logits [B, T, V], targets [B, T] (IGNORE counts for nothing), is_answer [B, T] bool."""
         logits = logits.float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none").view_as(targets)  # [B, T]
         self.nll += nll.sum().item()
-        self.count += int(targets.ne(IGNORE).sum())
+        scored = targets.ne(IGNORE)  # [B, T]
+        self.count += int(scored.sum())
+        if self.token_bytes is not None:
+            self.bytes += int(self.token_bytes.to(targets.device)[targets[scored]].sum())
         self.answer_nll += nll[is_answer].sum().item()
         self.hits += int(((logits.argmax(-1) == targets) & is_answer).sum())
         self.answers += int(is_answer.sum())
 
     def reduced(self) -> Tally:
         """The sums of every process's tally (in one process: this tally)."""
-        names = list(vars(self))
+        names = [n for n, v in vars(self).items() if isinstance(v, (int, float))]  # the running sums, not token_bytes
         for name, total in zip(names, all_reduce_sum([float(getattr(self, n)) for n in names])):
             setattr(self, name, type(getattr(self, name))(total))
         return self
 
     def result(self) -> dict[str, float]:
         """loss (mean NLL over every scored token, nats), ppl, tokens, recall (share of answers
-        predicted by argmax; nan without answers), answers (their count), answer_loss (their mean NLL)."""
+        predicted by argmax; nan without answers), answers (their count), answer_loss (their mean
+        NLL), bytes (UTF-8 bytes of the scored tokens; 0 for words) and bpb (bits per byte: total
+        NLL / ln 2 / bytes, comparable across tokenizers; nan without bytes)."""
         loss = self.nll / max(self.count, 1)
         nan = float("nan")
         return {
@@ -72,6 +82,8 @@ class Tally:
             "recall": self.hits / self.answers if self.answers else nan,
             "answers": self.answers,
             "answer_loss": self.answer_nll / self.answers if self.answers else nan,
+            "bytes": self.bytes,
+            "bpb": self.nll / math.log(2) / self.bytes if self.bytes else nan,
         }
 
 
@@ -85,6 +97,7 @@ def evaluate(
     answers: torch.Tensor | None = None,
     precision: str = "fp32",
     max_tokens: int = 0,
+    token_bytes: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Score every token of `data`; the scores of `Tally.result`.
 
@@ -95,6 +108,7 @@ def evaluate(
         segment_len - s tokens of context (except at the start of a stream).
     answers: bool [N] marking answer tokens; recall = share of them predicted by argmax.
     max_tokens: score only the first max_tokens + 1 tokens of data (0: all).
+    token_bytes: [V] UTF-8 bytes of each id, for bits per byte (`Tally`).
     """
     cfg = model.cfg
     segment_len = segment_len or cfg.eval_segment
@@ -109,7 +123,7 @@ def evaluate(
     rows = inputs.shape[0]  # 0 on a process left without rows (fewer rows than processes)
     was_training = model.training
     model.eval()
-    tally = Tally()
+    tally = Tally(token_bytes)
     with autocast(device, precision):
         if not rows:
             pass

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from crt.checkpoint import Checkpoint, save_checkpoint
 from crt.config import ModelConfig, Stage, TrainConfig, stage_config, stages_from_list, stages_to_list, to_dict
-from crt.data import Corpus, Vocab, batchify
+from crt.data import Corpus, batchify
 from crt.data.load import load_corpus
+from crt.data.tokenizer import from_meta as tokenizer_from_meta
 from crt.errors import CRTError
 from crt.models import VIDEO_ARCHS, build_model
 from crt.runtime import autocast, describe_precision, keep_freed_memory, resolve_device
@@ -69,6 +70,7 @@ def count_parameters(model: nn.Module) -> int:
 FIXED_ON_RESUME = (
     "task",
     "data",
+    "tokenizer",
     "seed",
     "batch_size",
     "protocol",
@@ -152,16 +154,18 @@ class LMTask:
         if tcfg.loss not in ("all", "answers"):
             raise CRTError(f"unknown loss {tcfg.loss!r}: use all (every token) or answers (the answer tokens the task marks)")
         self.tcfg, self.device = tcfg, device
-        self.corpus = corpus = corpus or load_corpus(tcfg, mcfg.segment_len)
+        self.corpus = corpus = corpus or load_corpus(tcfg, mcfg.segment_len, mcfg.vocab_size)
         if tcfg.loss == "answers" and not corpus.answers:
             raise CRTError(f"--loss answers needs a task that marks its answers, and {corpus.name} marks none: use --loss all")
         for split, n in corpus.unk_mapped.items() if world().main else ():
             print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
+        if (corpus.tokenizer.kind != "word" or tcfg.tokenizer != "auto") and world().main:
+            print(f"tokenizer: {corpus.tokenizer.describe()} (--tokenizer {tcfg.tokenizer})", flush=True)
         self.mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
-        self.meta = {"vocab": corpus.vocab.to_list(), "data": corpus.name}
+        self.meta = {"vocab": corpus.tokenizer.labels(), "tokenizer": corpus.tokenizer.to_meta(), "data": corpus.name}
 
     def check_resume(self, meta: dict[str, Any], path: Path) -> None:
-        if Vocab.from_list(meta["vocab"]).itos != self.corpus.vocab.itos:
+        if tokenizer_from_meta(meta) != self.corpus.tokenizer:
             raise CRTError(f"checkpoint {path} was trained with another vocabulary than {self.tcfg.data} {self.tcfg.data_dir}: resume on the same data")
 
     def test(self, model: nn.Module) -> dict[str, float] | None:
@@ -171,7 +175,8 @@ class LMTask:
     @staticmethod
     def describe(r: dict[str, float]) -> str:
         recall = f"  recall {r['recall']:.3f} of {r['answers']:,} answers (their loss {r['answer_loss']:.3f})" if not math.isnan(r["recall"]) else ""
-        return f"loss {r['loss']:.4f}  ppl {r['ppl']:.2f}" + recall
+        bpb = f"  bpb {r['bpb']:.4f}" if not math.isnan(r["bpb"]) else ""
+        return f"loss {r['loss']:.4f}  ppl {r['ppl']:.2f}" + bpb + recall
 
     @staticmethod
     def train_record(avg_loss: float) -> dict[str, float]:
@@ -243,7 +248,13 @@ class StreamTask(LMTask):
     def score(self, model: nn.Module, split: str, max_tokens: int = 0) -> dict[str, float]:
         t = self.tcfg
         return evaluate(
-            model, self.corpus.split(split), t.eval_batch_size, answers=self.corpus.answers.get(split), precision=t.precision, max_tokens=max_tokens
+            model,
+            self.corpus.split(split),
+            t.eval_batch_size,
+            answers=self.corpus.answers.get(split),
+            precision=t.precision,
+            max_tokens=max_tokens,
+            token_bytes=self.corpus.token_bytes,
         )
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -316,7 +327,7 @@ def make_task(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, data=N
     if tcfg.task == "lm":
         if mcfg.arch in VIDEO_ARCHS:
             raise CRTError(f"{mcfg.arch} classifies frame sequences: train it with --task video")
-        corpus = data or load_corpus(tcfg, mcfg.segment_len)
+        corpus = data or load_corpus(tcfg, mcfg.segment_len, mcfg.vocab_size)
         return (DocumentTask if resolve_protocol(tcfg, corpus) == "document" else StreamTask)(mcfg, tcfg, device, corpus)
     if tcfg.task == "video":
         from crt.train.video import VideoTask

@@ -43,7 +43,14 @@ def split_scorer(corpus: Corpus, split: str, mcfg: ModelConfig, tcfg: TrainConfi
 
     def score(model: nn.Module, precision: str) -> dict:
         return evaluate(
-            model, data, tcfg.eval_batch_size, stride=mcfg.eval_stride, answers=corpus.answers.get(split), precision=precision, max_tokens=tcfg.eval_max_tokens
+            model,
+            data,
+            tcfg.eval_batch_size,
+            stride=mcfg.eval_stride,
+            answers=corpus.answers.get(split),
+            precision=precision,
+            max_tokens=tcfg.eval_max_tokens,
+            token_bytes=corpus.token_bytes,
         )
 
     mode = f"sliding window {seg}, stride {mcfg.eval_stride}" if mcfg.eval_stride else f"segments of {seg}, state carried"
