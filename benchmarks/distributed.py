@@ -33,6 +33,7 @@ import torch
 from crt.analysis.results import header, write_results
 from crt.config import load_preset
 from crt.models import build_model
+from crt.runtime import describe_precision
 from crt.train.distributed import reached
 from crt.train.segments import window_loss
 
@@ -107,7 +108,8 @@ def main() -> None:
     ref = statistics.median(rates[kinds[0]])
     lines = header("Data-parallel training on CPU: 1 process against 2 torchrun processes (Gloo)")
     lines += [
-        f"CRT-35 (`--preset ptb-crt-35`, width 128, 3 layers) on PTB, global batch 32 streams x 2 segments x 35 tokens, precision auto, "
+        f"CRT-35 (`--preset ptb-crt-35`, width 128, 3 layers) on PTB, global batch 32 streams x 2 segments x 35 tokens, "
+        f"{describe_precision('auto', torch.device('cpu'))}, "
         f"{args.steps} steps per run, {args.rounds} rounds alternating the three; tokens/s is the median of a run's train records "
         "(global tokens over rank 0's wall time), first record left out; medians over rounds.",
         "",
@@ -120,7 +122,7 @@ def main() -> None:
     lines += [
         "",
         f"The graph walk that finds a step's unused parameters (DDP runs only): {walk:.1f} ms per step, against {step:.0f} ms for that "
-        "window's forward and backward in this process (median of 6).",
+        "window's forward and backward in fp32 in this process (median of 6).",
         "",
         "What 2 cores can show: whether 2 processes of 1 thread keep up with 1 process of 2 threads on the same global batch. "
         "They cannot show scaling: the processes share the cores the 1-process run already uses. On a machine with one GPU "
