@@ -219,7 +219,7 @@ def test_cli_memory_tasks_train_eval_and_refuse_bad_input(tmp_path, capsys, monk
 # the memory works: passkey two segments away
 
 
-def _passkey_run(tmp_path: Path, arch: str) -> dict:
+def _passkey_run(tmp_path: Path, arch: str, curriculum: bool = True) -> dict:
     from crt.train.loop import train
 
     m = ModelConfig(arch=arch, d_model=64, n_layer=2, n_head=4, d_ff=256, segment_len=16, dropout=0.0, emb_dropout=0.0, d_memory=256)
@@ -245,7 +245,7 @@ def _passkey_run(tmp_path: Path, arch: str) -> dict:
         out_dir=str(tmp_path / arch),
     )
     stages = [Stage({"passkey_distance": 4}, 200), Stage({"passkey_distance": 16}, 200), Stage({"passkey_distance": 32}, 300)]
-    return train(m, t, stages, progress=False)
+    return train(m, t, stages if curriculum else stages[-1:], progress=False)
 
 
 def test_crt_solves_passkey_two_segments_away_and_the_segment_transformer_cannot(tmp_path):
@@ -253,5 +253,7 @@ def test_crt_solves_passkey_two_segments_away_and_the_segment_transformer_cannot
     # boundaries past the key's, so only carried state can answer (chance 0.1 a digit)
     crt = _passkey_run(tmp_path, "crt")
     assert crt["test_recall"] >= 0.9, crt
-    floor = _passkey_run(tmp_path, "transformer")
+    # the segment Transformer has no path across segments at all, so its floor needs no curriculum:
+    # the last stage's 300 steps at distance 32 (what both are tested on)
+    floor = _passkey_run(tmp_path, "transformer", curriculum=False)
     assert floor["test_recall"] <= 0.2, floor
