@@ -552,10 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.devnull, "w") as quiet:
         if rank:
             sys.stdout = sys.stderr = quiet
+        rc = None
         try:
-            return _run(args, errors, f" (rank {rank})" if rank else "")
+            rc = _run(args, errors, f" (rank {rank})" if rank else "")
+            return rc
         finally:
-            leave()
+            leave(finished=rc in (0, 1))  # 1: the job ran to its end on every rank and did not pass
             sys.stdout, sys.stderr = out, errors
 
 

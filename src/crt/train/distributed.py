@@ -92,9 +92,15 @@ def join(device: torch.device) -> torch.device:
     return device
 
 
-def leave() -> None:
-    """Destroy the process group, if one was joined (at the end of the command)."""
+def leave(finished: bool = True) -> None:
+    """Destroy the process group, if one was joined (at the end of the command).
+
+    finished: every rank got here (the command succeeded): meet at a barrier first, so that no
+    rank tears down its connections while another still uses them (Gloo then aborts the
+    process). After an error the others may never arrive: no barrier (torchrun stops them)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
