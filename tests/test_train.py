@@ -483,3 +483,32 @@ def test_default_demo_answers_are_out_of_segment_reach():
                     if i == len(stages) - 1:
                         query = a - 2  # its <q>
                         assert query // L - value_pos // L - 1 >= 2  # two whole segments between them
+
+
+def test_patience_stops_once_valid_loss_stalls_and_a_resume_reports_it(tmp_path, monkeypatch, capsys):
+    from crt.train.loop import StreamTask
+
+    scripted = iter([3.0, 2.0, 2.5, 2.0, 2.6, 1.0, 1.0])  # best 2.0 at the 2nd; 2.5 and 2.0 (not below it) make two without improvement
+    real = StreamTask.validate
+
+    def validate(self, model):
+        return {**real(self, model), "loss": next(scripted)}
+
+    monkeypatch.setattr(StreamTask, "validate", validate)
+    m, t = configs(tmp_path, max_steps=20, eval_every=2, patience=2, eval_test=True)
+    summary = train(m, t, progress=False)
+    assert summary["step"] == 8 and summary["curriculum"]["passed"]  # the 4th validation, at step 8, is the 2nd without improvement
+    assert "stopped early at step 8" in capsys.readouterr().err
+    records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
+    valid = [r for r in records if r["split"] == "valid"]
+    test = [r for r in records if r["split"] == "test"]
+    assert [r["step"] for r in valid] == [r["step"] for r in test] == [2, 4, 6, 8]
+    from crt.data.load import load_corpus
+
+    assert {r["tokens"] for r in test} == {len(load_corpus(t, m.segment_len).test) - 1}  # the whole test split each time
+    again = train(m, t, resume=load_checkpoint(summary["run_dir"]), progress=False)
+    assert again["step"] == 8 and "stopped early at step 8" in capsys.readouterr().err  # ended: not trained on
+
+
+def test_patience_with_a_curriculum_is_refused(capsys, tmp_path):
+    refused(cli(capsys, "train", "--patience", "3", "--out-dir", str(tmp_path / "r")), "--patience 3", "--no-stages")

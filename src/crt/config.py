@@ -155,6 +155,8 @@ class TrainConfig(VideoOptions, MemoryTaskOptions, SyntheticOptions, DataSource)
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the device multiplies bf16 natively (crt.runtime)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 200  # steps between validations; 0: only at the end
+    eval_test: bool = False  # at every validation also score the whole test split (a test curve, e.g. test perplexity at matched training FLOPs)
+    patience: int = 0  # stop early once valid loss has not improved for this many validations in a row; 0: never
     eval_batch_size: int = 10
     eval_max_tokens: int = 0  # cap on tokens scored at periodic validation; 0: whole split
     checkpoint_every: int = 0  # steps between checkpoints; 0: at validations and the end
@@ -232,6 +234,7 @@ _TRAIN_RANGES = {  # the data fields' ranges are their option groups' (crt.data.
     "grad_accum": "[1,",
     "seed": "[0,4294967295]",
     "eval_every": "[0,",
+    "patience": "[0,",
     "eval_batch_size": "[1,",
     "eval_max_tokens": "[0,",
     "checkpoint_every": "[0,",
@@ -315,6 +318,7 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str,
 _USED_BY = {
     "vocab_size": ("--tokenizer bpe (other tokenizers set the vocabulary from the data)", lambda m, t: t.task == "lm" and tokenizer_kind(t) == "bpe"),
     "num_classes": ("nothing: the classes are set from the data", lambda m, t: False),
+    "eval_test": ("language models (--task lm)", lambda m, t: t.task == "lm"),
     "frame_shape": ("nothing: the frame shape is set from the data", lambda m, t: False),
     **{name: rule for group in DATA_GROUPS for name, rule in group.USED_BY.items()},
 }

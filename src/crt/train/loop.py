@@ -373,6 +373,10 @@ def train(
             stage_config(tcfg, stages, i).validate()
         except CRTError as e:
             raise CRTError(f"stage {i + 1} ({s.label}): {e}") from None
+    if tcfg.patience and stages:
+        raise CRTError(
+            f"--patience {tcfg.patience} stops a run without a curriculum, and this one has {len(stages)} stages: add --no-stages, or let each stage's advance condition end it"
+        )
     device = join(resolve_device(tcfg.device))
     w = world()
     if device.type == "cpu":
@@ -408,6 +412,7 @@ def train(
     # the loss, tokens, seconds and steps since the last train record: saved with a checkpoint,
     # so the first record after a resume averages the same steps as an uninterrupted run's
     interval_loss, interval_tokens, interval_time, interval_steps = 0.0, 0, 0.0, 0
+    best_loss, since_best = math.inf, 0  # early stopping (--patience): the best valid loss, validations since it
     task.start(model)
     if resume is not None:
         resume.load_weights(module)
@@ -429,6 +434,7 @@ def train(
                     flush=True,
                 )
             interval_loss, interval_tokens, interval_time, interval_steps = trainer.get("interval", (0.0, 0, 0.0, 0))
+            best_loss, since_best = trainer.get("early", (math.inf, 0))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise CRTError(
                 f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another"
@@ -460,6 +466,7 @@ def train(
             "stage_start": stage_start,
             "ended": status if decided else None,
             "interval": (interval_loss, interval_tokens, interval_time, interval_steps),
+            "early": (best_loss, since_best),
             **dumped,
         }
         run.saved = True
@@ -468,6 +475,8 @@ def train(
     def validate() -> dict[str, float]:
         result = task.validate(module)
         metrics.log({"step": step, "split": "valid", "stage": stage + 1, **result})
+        if tcfg.eval_test and tcfg.task == "lm":
+            metrics.log({"step": step, "split": "test", "stage": stage + 1, **task.score(module, "test")})
         return result
 
     def capped() -> bool:
@@ -486,7 +495,7 @@ def train(
         last_valid: dict[str, float] = {}
         status = {"passed": True, "message": ""}
         finished = capped()
-        decided = False  # the curriculum itself ended the run (its last condition held, or a stage failed); not a --max-steps cap
+        decided = False  # the run ended itself (its curriculum passed or failed, or --patience stopped it); not a --max-steps cap
         if resume is not None and trainer.get("ended"):  # it had already passed or failed: report it again
             status, finished, decided = trainer["ended"], True, True
         elif finished and stages:
@@ -560,6 +569,13 @@ def train(
             if at_eval or capped() or stage_over:
                 last_valid = validate()
                 write(f"step {step}: valid {task.describe(last_valid)}")
+                best_loss, since_best = (last_valid["loss"], 0) if last_valid["loss"] < best_loss else (best_loss, since_best + 1)
+                if tcfg.patience and since_best >= tcfg.patience and not capped():
+                    status = {
+                        "passed": True,
+                        "message": f"stopped early at step {step}: valid loss has not improved on {best_loss:.4f} for {since_best} validations (--patience)",
+                    }
+                    finished = decided = True  # recorded: a resume reports it again rather than train on
             # the curriculum: pass on the measured condition, fail at the step limit
             condition = stages[stage].advance if stages else ""
             passed = bool(condition) and (at_eval or stage_over or capped()) and stages[stage].passed(last_valid)
