@@ -1,13 +1,18 @@
-"""The paper's PTB comparison at one equal budget: quality per FLOP (SPEC §1, §6).
+"""The paper's PTB comparison: every row trained to convergence on valid, several seeds (SPEC §1, §6).
 
-    python benchmarks/ptb.py --data-dir ../shared/data/ptb            # the grid, ~1 hour on 2 CPU cores
-    python benchmarks/ptb.py --data-dir DIR --tokens 2e7 --set d_model=512 --set d_ff=2048 --set device=cuda
+    python benchmarks/ptb.py --data-dir ../shared/data/ptb --plan 30           # time each row: the grid's cost on this CPU
+    python benchmarks/ptb.py --data-dir ../shared/data/ptb --epochs 15 --seeds 0,1,2 --only "CRT L=35"
+    python benchmarks/ptb.py --data-dir DIR --epochs 15 --set d_model=256 --set d_ff=1024 --set device=cuda
 
-Trains every row of GRID on the same training tokens (max_steps follows from --tokens and each
-row's batch x segment x K), then evaluates valid and test with the state carried over the whole
-split (SPEC §3.6) and writes docs/results/ptb.md and docs/results/ptb.png (test perplexity
-against training FLOPs per token). Finished rows are kept in --runs-dir/results.json and are not
-trained again, so an interrupted grid continues where it stopped; --fresh starts over.
+Each cell (row x seed) trains for --epochs passes over the training split, validates
+--evals-per-epoch times per epoch and scores the whole test split at every validation (the
+state carried over the split, SPEC §3.6), and stops early once valid loss has not improved for
+--patience validations. A cell reports the test perplexity at its best validation; a row, the mean
+and standard deviation over its seeds. Two views: equal tokens (every cell the same epochs), and
+test perplexity at matched training FLOPs, read off each cell's curve at the smallest total any
+finished cell reached. Writes docs/results/ptb.md and ptb.png (test perplexity against training
+FLOPs, mean and std over seeds). Finished cells are kept in --runs-dir/results.json and are not
+trained again, so the grid fills over several invocations; --fresh starts over.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
@@ -25,7 +31,7 @@ import torch
 
 from crt.analysis.flops import count_flops
 from crt.analysis.machine import describe
-from crt.analysis.results import header
+from crt.analysis.results import header, write_results
 from crt.checkpoint import load_model
 from crt.config import apply_overrides, load_preset, to_dict
 from crt.data.load import load_corpus
@@ -37,87 +43,139 @@ from crt.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (row name, preset, overrides). The first eight are the comparison of issues 3 and 4; the rest ablate SPEC §3's
-# open choices on CRT-35: what the memory RNN reads, recurrent vs sinusoidal positions, BPTT depth K.
+# (row name, preset, overrides): the comparison of the paper, then the CRT ablations of SPEC §3's open choices on CRT-35
 GRID: list[tuple[str, str, dict]] = [
     ("Transformer L=70", "ptb-transformer-70", {}),
     ("CRT L=70", "ptb-crt-70", {}),
     ("CRT L=35", "ptb-crt-35", {}),
     ("CRT L=17", "ptb-crt-17", {}),
     ("CRT-NCGRU L=35", "ptb-crt-ncgru-35", {}),
+    ("CRT-minGRU L=35 (scan cells)", "ptb-crt-mingru-35", {}),
     ("Transformer-XL L=35 M=35", "ptb-xl-35", {}),
     ("RMT L=35 k=4", "ptb-rmt-35", {}),
     ("ARMT L=35 k=4", "ptb-armt-35", {}),
     ("CRT L=35, memory reads last token", "ptb-crt-35", {"memory_reads": "last_token"}),
-    ("CRT L=35, sinusoidal positions", "ptb-crt-35", {"positions": "sinusoidal"}),
-    ("CRT L=35, K=1", "ptb-crt-35", {"bptt_segments": 1}),
     # what carries the past: without a memory token the memory vector is never read, and the
     # positional GRU's carried state is the only path across segments; without carry_rpe neither
     ("CRT L=35, no memory token", "ptb-crt-35", {"memory_position": "none"}),
-    ("CRT L=35, no memory token, positions restart each segment", "ptb-crt-35", {"memory_position": "none", "carry_rpe": False}),
-    # ARMT as published divides reads by z.q + 1e-5 (crt.layers.associative explains the floor)
-    ("ARMT L=35 k=4, original normaliser z.q + 1e-5", "ptb-armt-35", {"assoc_floor": False}),
-    # issue 18's cell ablation: minGRU (input-only gates, no sequential matmul) for either RNN, two seeds for the noise
-    ("CRT L=35, minGRU memory", "ptb-crt-35", {"memory_cell": "mingru"}),
-    ("CRT L=35, minGRU positions", "ptb-crt-35", {"position_cell": "mingru"}),
-    ("CRT L=35, minGRU positions and memory", "ptb-crt-35", {"position_cell": "mingru", "memory_cell": "mingru"}),
-    ("CRT L=35, seed 1", "ptb-crt-35", {"seed": 1}),
-    ("CRT L=35, minGRU positions and memory, seed 1", "ptb-crt-35", {"position_cell": "mingru", "memory_cell": "mingru", "seed": 1}),
+    ("CRT L=35, no path across segments", "ptb-crt-35", {"memory_position": "none", "carry_rpe": False}),
+    ("CRT L=35, sinusoidal positions", "ptb-crt-35", {"positions": "sinusoidal"}),
+    ("CRT L=35, K=1", "ptb-crt-35", {"bptt_segments": 1}),
+    ("CRT L=35, K=4", "ptb-crt-35", {"bptt_segments": 4}),
 ]
 
 
-def run_row(name: str, preset: str, overrides: dict, args: argparse.Namespace, corpus) -> dict:
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def configure(preset: str, overrides: dict, seed: int, args: argparse.Namespace, corpus):
+    """A cell's configs, and its steps per epoch (windows of the batchified training stream)."""
     mcfg, tcfg = load_preset(preset)
-    mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, **args.set, "data_dir": args.data_dir})
+    mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, **args.set, "data_dir": args.data_dir, "seed": seed})
+    per_epoch = (len(corpus.train) // tcfg.batch_size - 1) // (mcfg.segment_len * tcfg.bptt_segments)
+    return mcfg, tcfg, per_epoch
+
+
+def run_cell(name: str, preset: str, overrides: dict, seed: int, args: argparse.Namespace, corpus) -> dict:
+    mcfg, tcfg, per_epoch = configure(preset, overrides, seed, args, corpus)
     tokens_per_step = tcfg.batch_size * mcfg.segment_len * tcfg.bptt_segments
-    tcfg.max_steps = math.ceil(args.tokens / tokens_per_step)
+    tcfg.max_steps = math.ceil(args.epochs * per_epoch)
     tcfg.warmup_steps = min(tcfg.warmup_steps, tcfg.max_steps // 10)
-    tcfg.eval_every = 0  # validate once at the end; the grid's time goes to training
-    tcfg.out_dir = str(Path(args.runs_dir) / preset)
+    tcfg.eval_every, tcfg.eval_max_tokens = max(1, per_epoch // args.evals_per_epoch), 0  # whole splits
+    tcfg.eval_test, tcfg.patience = True, args.patience
+    tcfg.out_dir = str(Path(args.runs_dir) / f"{slug(name)}-s{seed}")
     start = time.perf_counter()
     summary = train(mcfg, tcfg, corpus=corpus, progress=not args.no_progress)
     wall = time.perf_counter() - start
-    model, _ = load_model(summary["run_dir"], tcfg.device)
-    mcfg = model.cfg
-    test = evaluate(model, corpus.test, tcfg.eval_batch_size, stride=mcfg.eval_stride, precision=tcfg.precision)
-    train_rates = [r["tokens_per_s"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
+    mcfg = trained_config(summary)
+    flops = count_flops(mcfg).train_per_token
+    records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
+    tests = {r["step"]: r for r in records if r["split"] == "test"}
+    curve = [
+        {
+            "step": v["step"],
+            "epochs": v["step"] / per_epoch,
+            "train_flops": v["step"] * tokens_per_step * flops,
+            "valid_ppl": v["ppl"],
+            "test_ppl": tests[v["step"]]["ppl"],
+        }
+        for v in records
+        if v["split"] == "valid"
+    ]
+    rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
+    device = resolve_device(tcfg.device)
     return {
         "name": name,
+        "seed": seed,
         "preset": preset,
         "overrides": overrides,
         "model": to_dict(mcfg),
         "train": {
             k: v
             for k, v in to_dict(tcfg).items()
-            if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "device", "seed")
+            if k in ("batch_size", "bptt_segments", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "patience")
         }
-        | {"precision": resolve_precision(tcfg.precision, next(model.parameters()).device)},  # what ran, not `auto`
+        | {"precision": resolve_precision(tcfg.precision, device)},  # what ran, not `auto`
+        "machine": describe(device),
         "params": summary["params"],
-        "tokens_seen": summary["tokens_seen"],
+        "steps": summary["step"],
+        "stopped_early": summary["step"] < tcfg.max_steps,
         "wall_s": wall,
-        "train_tokens_per_s": statistics.median(train_rates[1:] or train_rates),  # the first interval includes warm-up
-        "train_flops_per_token": count_flops(mcfg).train_per_token,
-        "eval_flops_per_token": count_flops(mcfg, evaluation=True).forward_per_token,
-        "valid_ppl": summary["valid_ppl"],
-        "test_ppl": test["ppl"],
+        "train_tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes warm-up
+        "train_flops_per_token": flops,
+        "curve": curve,
+        "best": min(curve, key=lambda c: c["valid_ppl"]),
         "run_dir": summary["run_dir"],
     }
 
 
-def plot(rows: list[dict], budget: float, path: Path) -> None:
+def trained_config(summary: dict):
+    """The model config as trained (its vocabulary is set from the data)."""
+    from crt.checkpoint import load_checkpoint
+    from crt.config import ModelConfig, config_from_dict
+
+    return config_from_dict(ModelConfig, load_checkpoint(summary["run_dir"]).meta["model"])
+
+
+def at_flops(curve: list[dict], budget: float) -> float:
+    """Test perplexity at `budget` training FLOPs, log-linear between the curve's validations (nan before the first)."""
+    points = [(c["train_flops"], math.log(c["test_ppl"])) for c in curve]
+    if budget < points[0][0] or budget > points[-1][0]:
+        return math.nan
+    for (f0, y0), (f1, y1) in zip(points, points[1:]):
+        if f0 <= budget <= f1:
+            return math.exp(y0 + (y1 - y0) * (budget - f0) / max(f1 - f0, 1e-12))
+    return math.exp(points[-1][1])
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def plot(groups: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["train_flops_per_token"] / 1e6, r["test_ppl"], s=30)
-        ax.annotate(r["name"], (r["train_flops_per_token"] / 1e6, r["test_ppl"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("training MFLOP per token (3 x forward)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, cells in groups.items():
+        n = min(len(c["curve"]) for c in cells)  # seeds that stopped early: their common prefix
+        x = [statistics.mean(c["curve"][i]["train_flops"] for c in cells) / 1e15 for i in range(n)]
+        ys = [[c["curve"][i]["test_ppl"] for c in cells] for i in range(n)]
+        ax.errorbar(
+            x, [statistics.mean(y) for y in ys], yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], label=f"{name} ({len(cells)} seeds)", capsize=2
+        )
+    ax.set_xlabel("training PFLOP (3 x forward)")
     ax.set_ylabel("test perplexity (state carried over the split)")
-    ax.set_title(f"PTB, {budget / 1e6:.1f}M training tokens per model")
+    ax.set_yscale("log")
+    ax.set_title("PTB: test perplexity against training FLOPs (mean and std over seeds)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -125,57 +183,93 @@ def plot(rows: list[dict], budget: float, path: Path) -> None:
     tmp.replace(path)
 
 
-def report(rows: list[dict], args: argparse.Namespace, command: str, machine: str) -> str:
-    ref = next((r for r in rows if r["preset"] == "ptb-transformer-70" and not r["overrides"]), None)
-    m0 = rows[0]["model"]
-    lines = [
-        *header("PTB: quality per FLOP at one equal budget", command, machine),
-        "Finished rows are kept in `--runs-dir`/results.json and not retrained, "
-        f"so a grid may be filled over several invocations (`--only`); this file was last written by `{args.invocation}`.",
+def report(groups: dict[str, list[dict]], args: argparse.Namespace, command: str) -> list[str]:
+    cells = [c for cs in groups.values() for c in cs]
+    budget = min(c["curve"][-1]["train_flops"] for c in cells)
+    m0, t0 = cells[0]["model"], cells[0]["train"]
+    lines = header("PTB: the comparison trained to convergence on valid, several seeds", command, cells[0]["machine"])
+    lines += [
+        f"Finished cells are kept in `{Path(args.runs_dir) / 'results.json'}` and not retrained, so the grid fills over several "
+        f"invocations (`--only`, `--seeds`); this file was last written by `{args.invocation}`. Machines of the cells: "
+        + "; ".join(sorted({c["machine"] for c in cells}))
+        + ".",
         "",
-        f"Every row trained on the same budget of {args.tokens:,.0f} tokens (rounded up to whole steps of batch x segment x K), width {m0['d_model']}, {m0['n_layer']} layers, "
-        f"{m0['n_head']} heads, feed-forward {m0['d_ff']}; test perplexity is over the whole test split with the state carried "
-        "from segment to segment (Transformer: non-overlapping segments). FLOPs from `crt flops` (training = 3 x forward); "
-        "tokens/s is the median training rate logged during the run, without evaluation. Equal tokens is not equal updates: "
-        "a row whose step covers more tokens (batch x segment x K) takes fewer optimiser steps (column updates).",
+        f"Each cell trains up to {args.epochs:g} epochs, validates {args.evals_per_epoch} x per epoch on the whole valid split and scores the whole "
+        f"test split each time (state carried), and stops once valid loss has not improved for {args.patience} validations. "
+        "test ppl is the test perplexity at the cell's best validation; rows give mean ± std over their seeds. "
+        f"test ppl at matched FLOPs reads each cell's test curve at {budget:.3g} training FLOPs, the smallest total any cell reached (log-linear between validations).",
         "",
-        "| model | params | updates | train MFLOP/token | eval MFLOP/token | train tokens/s | valid ppl | test ppl | test ppl vs Transformer-70 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | params | seeds | epochs run | stopped early | train MFLOP/token | tokens/s | valid ppl | test ppl | test ppl at matched FLOPs | hours per cell |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        rel = f"{r['test_ppl'] / ref['test_ppl']:.3f}x" if ref else "-"
+    for name, cs in groups.items():
         lines.append(
-            f"| {r['name']} | {r['params']:,} | {r['train']['max_steps']} | {r['train_flops_per_token'] / 1e6:.2f} | {r['eval_flops_per_token'] / 1e6:.2f} | "
-            f"{r['train_tokens_per_s']:,.0f} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {rel} |"
+            f"| {name} | {cs[0]['params']:,} | {len(cs)} ({', '.join(str(c['seed']) for c in cs)}) | {statistics.mean(c['curve'][-1]['epochs'] for c in cs):.1f} | "
+            f"{sum(c['stopped_early'] for c in cs)} | {cs[0]['train_flops_per_token'] / 1e6:.2f} | {statistics.median(c['train_tokens_per_s'] for c in cs):,.0f} | "
+            f"{mean_std([c['best']['valid_ppl'] for c in cs])} | {mean_std([c['best']['test_ppl'] for c in cs])} | "
+            f"{mean_std([at_flops(c['curve'], budget) for c in cs])} | {statistics.mean(c['wall_s'] for c in cs) / 3600:.2f} |"
         )
-    t = rows[0]["train"]
     lines += [
         "",
-        f"Regularisation and optimisation (all rows): dropout {m0['dropout']} (residual and feed-forward), embedding dropout "
-        f"{m0['emb_dropout']}, attention dropout {m0['attn_dropout']}, AdamW weight decay {t['weight_decay']} on matrices, lr {t['lr']} "
-        f"with linear warmup over min(60, updates / 10) steps and cosine decay to {t['min_lr']}, gradient clipping at 1.0, batch {t['batch_size']}, "
-        f"{t['precision']}, seed {t['seed']}.",
-        "Per-row settings: `benchmarks/ptb.py` GRID (presets in `src/crt/configs/`, overrides listed in the row name); "
-        f"each row's full config is in `{Path(args.runs_dir) / 'results.json'}` after a run.",
+        f"All rows: width {m0['d_model']}, {m0['n_layer']} layers, {m0['n_head']} heads, feed-forward {m0['d_ff']}, dropout {m0['dropout']}, "
+        f"embedding dropout {m0['emb_dropout']}, AdamW weight decay {t0['weight_decay']}, lr {t0['lr']} cosine to {t0['min_lr']}, {t0['precision']}. "
+        "Per-row settings: the GRID of `benchmarks/ptb.py` (presets in `src/crt/configs/`, overrides in the row name).",
         "",
-        f"![test perplexity against training FLOPs per token]({Path(args.out).with_suffix('.png').name})",
+        f"![test perplexity against training FLOPs]({Path(args.out).with_suffix('.png').name})",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def plan(rows: list[tuple[str, str, dict]], args: argparse.Namespace, corpus, command: str) -> None:
+    """Time --plan steps of every chosen row and one validation (valid + test), and project the cost of a cell."""
+    lines = header("PTB grid: what each cell costs on this machine", command, describe(resolve_device(args.set.get("device", "auto"))))
+    lines += [
+        f"Each row trained {args.plan} steps (seed 0) and scored the whole valid and test splits once; a cell of {args.epochs:g} epochs with "
+        f"{args.evals_per_epoch} validation(s) per epoch is projected from those rates (early stopping makes a cell shorter, never longer).",
+        "",
+        "| row | tokens/s | steps per epoch | train min per epoch | validation + test s | hours per cell | hours for 3 seeds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    total = 0.0
+    for name, preset, overrides in rows:
+        mcfg, tcfg, per_epoch = configure(preset, overrides, 0, args, corpus)
+        tcfg.max_steps, tcfg.warmup_steps, tcfg.eval_every, tcfg.eval_max_tokens = args.plan, 2, 0, 1000
+        tcfg.out_dir = str(Path(args.runs_dir) / "plan" / slug(name))
+        summary = train(mcfg, tcfg, corpus=corpus, progress=False)
+        rates = [r["tokens_per_s"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if r["split"] == "train"]
+        rate = statistics.median(rates[1:] or rates)
+        model, _ = load_model(summary["run_dir"], tcfg.device)
+        t0 = time.perf_counter()
+        for split in (corpus.valid, corpus.test):
+            evaluate(model, split, tcfg.eval_batch_size, stride=model.cfg.eval_stride, precision=tcfg.precision)
+        eval_s = time.perf_counter() - t0
+        epoch_s = per_epoch * tcfg.batch_size * mcfg.segment_len * tcfg.bptt_segments / rate
+        cell_h = args.epochs * (epoch_s + args.evals_per_epoch * eval_s) / 3600
+        total += 3 * cell_h
+        lines.append(f"| {name} | {rate:,.0f} | {per_epoch:,} | {epoch_s / 60:.1f} | {eval_s:.0f} | {cell_h:.2f} | {3 * cell_h:.1f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"All rows above, 3 seeds each: {total:.0f} hours on this machine, one cell at a time (2 cores run one cell well, not two)."]
+    print(write_results(Path(args.out).with_name("ptb-plan.md"), lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder with ptb.{train,valid,test}.txt")
-    parser.add_argument("--tokens", type=float, default=1.4e6, help="training tokens per model (equal budget)")
+    parser.add_argument("--epochs", type=float, default=15, help="the most epochs a cell trains (default 15)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one cell per row and seed (default 0,1,2)")
+    parser.add_argument("--evals-per-epoch", type=int, default=1, help="validations (with the test curve) per epoch (default 1)")
+    parser.add_argument("--patience", type=int, default=3, help="stop a cell once valid loss has not improved for this many validations (default 3)")
+    parser.add_argument("--plan", type=int, default=0, metavar="STEPS", help="only time STEPS steps of each chosen row and write ptb-plan.md")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every row (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="train only rows whose name contains this (repeatable)")
     parser.add_argument("--row", action="append", default=[], help="train only the row of exactly this name (repeatable; with --only: either)")
-    parser.add_argument("--runs-dir", default="runs/ptb-bench")
+    parser.add_argument("--runs-dir", default="runs/ptb-grid")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptb.md"))
-    parser.add_argument("--fresh", action="store_true", help="forget finished rows and train every row again")
+    parser.add_argument("--fresh", action="store_true", help="forget finished cells and train every cell again")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
     argv = sys.argv[1:]
     whole = [
@@ -185,27 +279,28 @@ def main() -> None:
     ]
     command = shlex.join(["python", "benchmarks/ptb.py", *whole])  # the whole grid: this invocation without --only
 
-    results_path = Path(args.runs_dir) / "results.json"
-    done = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
     mcfg, tcfg = load_preset(GRID[0][1])
     _, tcfg = apply_overrides(mcfg, tcfg, {"data_dir": args.data_dir})
     corpus = load_corpus(tcfg)
-    for name, preset, overrides in GRID:
-        chosen = not (args.only or args.row) or name in args.row or any(o in name for o in args.only)
-        if name in done or not chosen:
-            continue
-        print(f"== {name}", flush=True)
-        done[name] = run_row(name, preset, overrides, args, corpus)
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(results_path, json.dumps(done, indent=1))
-    rows = [done[name] for name, _, _ in GRID if name in done]
-    device = resolve_device(args.set.get("device", "auto"))
-    text = report(rows, args, command, describe(device))
+    chosen = [r for r in GRID if not (args.only or args.row) or r[0] in args.row or any(o in r[0] for o in args.only)]
+    if args.plan:
+        return plan(chosen, args, corpus, command)
+    results_path = Path(args.runs_dir) / "results.json"
+    done = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
+    for name, preset, overrides in chosen:
+        for seed in seeds:
+            key = f"{name} | seed {seed}"
+            if key in done:
+                continue
+            print(f"== {key}", flush=True)
+            done[key] = run_cell(name, preset, overrides, seed, args, corpus)
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(results_path, json.dumps(done, indent=1))
+    groups = {name: [c for c in done.values() if c["name"] == name] for name, _, _ in GRID}
+    groups = {k: v for k, v in groups.items() if v}
     out = Path(args.out)
-    write_atomic(out, text)
-    plot(rows, args.tokens, out.with_suffix(".png"))
-    print(text)
-    print(f"written to {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    print(write_results(out, report(groups, args, command)))
+    plot(groups, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
