@@ -36,7 +36,7 @@ from crt.checkpoint import load_model
 from crt.config import apply_overrides, load_preset, to_dict
 from crt.data.load import load_corpus
 from crt.files import write_atomic
-from crt.runtime import resolve_device, resolve_precision
+from crt.runtime import describe_precision, resolve_device, resolve_precision
 from crt.train.evaluate import evaluate
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
@@ -224,8 +224,9 @@ def plan(rows: list[tuple[str, str, dict]], args: argparse.Namespace, corpus, co
     """Time --plan steps of every chosen row and one validation (valid + test), and project the cost of a cell."""
     lines = header("PTB grid: what each cell costs on this machine", command, describe(resolve_device(args.set.get("device", "auto"))))
     lines += [
-        f"Each row trained {args.plan} steps (seed 0) and scored the whole valid and test splits once; a cell of {args.epochs:g} epochs with "
-        f"{args.evals_per_epoch} validation(s) per epoch is projected from those rates (early stopping makes a cell shorter, never longer).",
+        f"Each row trained {args.plan} steps (seed 0, {describe_precision('auto', resolve_device(args.set.get('device', 'auto')))}) and scored the whole "
+        f"valid and test splits once; a cell of {args.epochs:g} epochs with {args.evals_per_epoch} validation(s) per epoch is projected from those "
+        "rates (tokens/s: the last of the short run's train records, so warm-up is left out but the figure is one sample; early stopping makes a cell shorter, never longer).",
         "",
         "| row | tokens/s | steps per epoch | train min per epoch | validation + test s | hours per cell | hours for 3 seeds |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

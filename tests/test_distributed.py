@@ -118,6 +118,29 @@ def test_two_processes_train_documents_as_one(tmp_path, capsys, monkeypatch):
         assert records(tmp_path / "two", "valid")[-1][key] == pytest.approx(records(tmp_path / "one", "valid")[-1][key], rel=RTOL)
 
 
+def test_two_process_resume_with_dropout_restores_every_rank_s_random_stream(tmp_path):
+    """With dropout each rank draws its own masks; the checkpoint keeps every rank's stream, so the
+    resumed run redraws the same masks and retraces the uninterrupted one bit for bit."""
+    flags = [*DOCS, "--dropout", "0.1", "--emb-dropout", "0.1", "--checkpoint-every", "2", "--keep-checkpoints", "3"]
+    torchrun("train", *flags, "--out-dir", "two", cwd=tmp_path)
+    torchrun("train", "--resume", "two/checkpoints/step-0000002", "--out-dir", "resumed", "--no-progress", cwd=tmp_path)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "two")
+
+
+def test_an_error_on_rank_0_alone_ends_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone claims the run folder: when it cannot, every rank stops with rank 0's error
+    (not a hang in the next collective, nor a traceback on the others)."""
+    (tmp_path / "taken").write_text("a file where the run folder would go")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "crt", "train", *DOCS, "--out-dir", "taken"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("crt: error")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+    assert errors[0].startswith("crt: error: cannot make the run folder") and errors[1].startswith("crt: error (rank 1): cannot make the run folder")
+    assert not [
+        line for line in proc.stderr.splitlines() if line.strip().startswith('File "') and "crt" in line.split("site-packages")[-1]
+    ]  # no frame of crt's: torchrun's own report only
+
+
 def test_eval_is_the_same_at_any_world_size(stream_runs):
     """The 2-process run's last validation (each process its share of the 10 rows, sums reduced)
     equals this process scoring the same checkpoint alone: the split is scored once."""
@@ -186,7 +209,7 @@ def test_anchor_reaches_exactly_the_unused_parameters():
     assert [p.grad is None for p in params] == [False, False, True, True]
 
 
-def test_tally_reduced_is_itself_in_one_process():
+def test_tally_reduced_keeps_its_token_bytes_and_its_types():
     t = Tally(token_bytes=torch.ones(5, dtype=torch.int64))
     t.nll, t.count, t.hits, t.answers, t.answer_nll, t.bytes = 3.5, 7, 2, 4, 1.5, 9
     before = t.result()

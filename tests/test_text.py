@@ -52,10 +52,13 @@ def test_char_round_trips_the_text_it_was_built_from_and_refuses_others():
 
 def test_bpe_encodes_line_by_line_as_a_whole(bpe):
     """No token spans a newline, so `crt score` (line by line) sees the ids a split gets."""
-    text = corpus_text(50, seed=2) + UNICODE
+    import io
+
+    from crt.infer.text import read_lines, text_ids
+
+    text = corpus_text(50, seed=2) + UNICODE + "  \n\n \t\nend"  # blank lines, spaces before a newline, no final newline
     whole = bpe.encode(text).tolist()
-    by_newline = [i for line in text.split("\n") for i in bpe.encode(line).tolist() + bpe.encode("\n").tolist()][: len(whole)]
-    assert whole == by_newline
+    assert list(text_ids(read_lines(io.BytesIO(text.encode())), bpe)) == whole  # exactly what `crt score` reads
     assert len(whole) < len(text.encode())  # merges happened
 
 

@@ -188,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from crt.data.load import load_corpus
     from crt.data.tokenizer import from_meta
     from crt.runtime import describe_precision, resolve_device, resolve_precision
-    from crt.train.distributed import join
+    from crt.train.distributed import join, launched
     from crt.train.scoring import split_scorer
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -200,6 +200,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if tcfg.task == "video":
         if args.int8:
             raise CRTError("--int8 scores language models only; drop it for a video checkpoint")
+        if launched():
+            raise CRTError("crt eval of a video classifier runs in one process (each clip is scored whole): run it without torchrun")
         return _eval_video(ckpt, mcfg, tcfg, args)
     if args.confusion:
         raise CRTError("--confusion is for video classifiers: a language model has no confusion matrix; drop it")
@@ -544,10 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"crt: warning: {message}\n"  # one line, no source excerpt
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
-    from crt.train.distributed import leave
+    from crt.train.distributed import launched, leave
 
     # under torchrun, rank 0 alone talks; another rank says only why it failed, naming itself
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = int(os.environ.get("RANK", "0") or 0) if launched() else 0  # a RANK a scheduler sets for one process is not ours
     out, errors = sys.stdout, sys.stderr
     with open(os.devnull, "w") as quiet:
         if rank:

@@ -17,6 +17,8 @@ What is split, and why nothing else has to be:
   same global batch, also when ranks score different numbers of answers.
 - evaluation. Each rank scores its share of the split's rows or documents and the sums are
   reduced: the split is scored once, and its perplexity does not depend on the world size.
+  (A video classifier's validation is not split: every rank scores every clip, and all take
+  rank 0's scores, so that their curriculum decisions agree.)
 """
 
 from __future__ import annotations
@@ -125,6 +127,28 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     out = [None] * w.size if w.main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def on_main(work: Callable[[], Any]) -> Any:
+    """Run `work` on rank 0 alone (its result there, None elsewhere). A CRTError or OSError it
+    raises is raised on every rank alike, rather than left on rank 0 while the others wait in
+    their next collective (one process: just `work()`)."""
+    if world().size == 1:
+        return work()
+    result, failure = None, None
+    if world().main:
+        try:
+            result = work()
+        except (CRTError, OSError) as e:
+            failure = (
+                str(e)
+                if isinstance(e, CRTError)
+                else f"rank 0 could not write {e.filename or 'its files'} ({e.strerror or e}): check the disk and the folder's permissions"
+            )
+    failure = broadcast_from_main(failure)
+    if failure is not None:
+        raise CRTError(failure)
+    return result
 
 
 def broadcast_from_main(obj: Any) -> Any:

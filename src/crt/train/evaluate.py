@@ -56,7 +56,7 @@ class Tally:
         scored = targets.ne(IGNORE)  # [B, T]
         self.count += int(scored.sum())
         if self.token_bytes is not None:
-            self.bytes += int(self.token_bytes.to(targets.device)[targets[scored]].sum())
+            self.bytes += int(self.token_bytes[targets[scored]].sum())
         self.answer_nll += nll[is_answer].sum().item()
         self.hits += int(((logits.argmax(-1) == targets) & is_answer).sum())
         self.answers += int(is_answer.sum())
@@ -123,7 +123,7 @@ def evaluate(
     rows = inputs.shape[0]  # 0 on a process left without rows (fewer rows than processes)
     was_training = model.training
     model.eval()
-    tally = Tally(token_bytes)
+    tally = Tally(token_bytes.to(device) if token_bytes is not None else None)
     with autocast(device, precision):
         if not rows:
             pass

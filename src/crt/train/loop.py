@@ -34,6 +34,7 @@ from crt.train.distributed import (
     gather_to_main,
     join,
     micro_rows,
+    on_main,
     reached,
     replicate,
     seed_process,
@@ -161,6 +162,10 @@ class LMTask:
             print(f"{n:,} {split} tokens unseen in train were mapped to <unk>", flush=True)
         if (corpus.tokenizer.kind != "word" or tcfg.tokenizer != "auto") and world().main:
             print(f"tokenizer: {corpus.tokenizer.describe()} (--tokenizer {tcfg.tokenizer})", flush=True)
+        if world().size > 1 and broadcast_from_main(corpus.tokenizer.to_meta()) != corpus.tokenizer.to_meta():
+            raise CRTError(
+                f"rank {world().rank} built another {corpus.tokenizer.kind} tokenizer than rank 0 from the same text: give every process the same files"
+            )
         self.mcfg = dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)).validate()
         self.meta = {"vocab": corpus.tokenizer.labels(), "tokenizer": corpus.tokenizer.to_meta(), "data": corpus.name}
 
@@ -440,7 +445,7 @@ def train(
                 f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another"
             ) from None
         step, tokens_seen = trainer["step"], trainer["tokens_seen"]
-    run = RunFolder.open(base, resume, step) if w.main else FollowerRun()
+    run = on_main(lambda: RunFolder.open(base, resume, step)) or FollowerRun()  # rank 0 claims the folder; its failure is every rank's
     run.path = run_dir = broadcast_from_main(run.path)
     metrics = run.metrics
     meta = {"model": to_dict(mcfg), "train": to_dict(base), "stages": stages_to_list(stages), **task.meta}
@@ -452,8 +457,9 @@ def train(
         streams are gathered; rank 0 writes it, atomically)."""
         rank_rng = gather_to_main(_rng_state())
         dumped = task.dump()
-        if not w.main:
-            return
+        on_main(lambda: write_checkpoint(rank_rng, dumped))
+
+    def write_checkpoint(rank_rng: list, dumped: dict) -> None:
         trainer = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

@@ -24,7 +24,7 @@ from crt.data.skeletons import augment_skeleton
 from crt.errors import CRTError
 from crt.models import VIDEO_ARCHS
 from crt.state import detach
-from crt.train.distributed import Micro, micro_rows, world
+from crt.train.distributed import Micro, broadcast_from_main, micro_rows, world
 
 
 def classify(model: nn.Module, frames: torch.Tensor, lengths: torch.Tensor, segment_len: int, bptt_segments: int = 0) -> torch.Tensor:
@@ -178,7 +178,10 @@ class VideoTask:
         pass
 
     def validate(self, model: nn.Module) -> dict[str, float]:
-        r = evaluate_clips(model, self.data.valid, len(self.data.classes), self.tcfg.eval_batch_size, self.tcfg.video_max_frames, self.tcfg.precision)
+        # every rank scores all clips (not split), and takes rank 0's scores, so that stage decisions agree
+        r = broadcast_from_main(
+            evaluate_clips(model, self.data.valid, len(self.data.classes), self.tcfg.eval_batch_size, self.tcfg.video_max_frames, self.tcfg.precision)
+        )
         return {k: v for k, v in r.items() if k != "confusion"}
 
     def test(self, model: nn.Module) -> None:
