@@ -108,6 +108,7 @@ def run_cell(name: str, preset: str, overrides: dict, seed: int, args: argparse.
     return {
         "name": name,
         "seed": seed,
+        "epochs_budget": args.epochs,
         "preset": preset,
         "overrides": overrides,
         "model": to_dict(mcfg),
@@ -256,7 +257,7 @@ def plan(rows: list[tuple[str, str, dict]], args: argparse.Namespace, corpus, co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder with ptb.{train,valid,test}.txt")
-    parser.add_argument("--epochs", type=float, default=15, help="the most epochs a cell trains (default 15)")
+    parser.add_argument("--epochs", type=float, default=10, help="the most epochs a cell trains (default 10)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one cell per row and seed (default 0,1,2)")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="validations (with the test curve) per epoch (default 1)")
     parser.add_argument("--patience", type=int, default=3, help="stop a cell once valid loss has not improved for this many validations (default 3)")
@@ -290,14 +291,14 @@ def main() -> None:
     done = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
     for name, preset, overrides in chosen:
         for seed in seeds:
-            key = f"{name} | seed {seed}"
+            key = f"{name} | seed {seed} | {args.epochs:g} epochs"  # a cell of another budget is another cell
             if key in done:
                 continue
             print(f"== {key}", flush=True)
             done[key] = run_cell(name, preset, overrides, seed, args, corpus)
             results_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(results_path, json.dumps(done, indent=1))
-    groups = {name: [c for c in done.values() if c["name"] == name] for name, _, _ in GRID}
+    groups = {name: [c for c in done.values() if c["name"] == name and c["epochs_budget"] == args.epochs] for name, _, _ in GRID}
     groups = {k: v for k, v in groups.items() if v}
     out = Path(args.out)
     print(write_results(out, report(groups, args, command)))
