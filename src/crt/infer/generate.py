@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crt.infer.stream import open_segments, open_stream
+from crt.train.evaluate import bits_per_byte
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -108,8 +109,7 @@ def score_stream(
 
     def report() -> dict[str, float]:
         loss = nll / max(count, 1)
-        bpb = nll / math.log(2) / n_bytes if n_bytes else math.nan
-        return {"tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb}  # exp overflows beyond ~709
+        return {"tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nll, n_bytes)}  # exp overflows beyond ~709
 
     for token in tokens:
         segment.append(token)

@@ -37,6 +37,11 @@ def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = 
     return inputs, targets, is_answer
 
 
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """Total NLL (nats) over the UTF-8 bytes it scored, in bits: comparable across tokenizers; nan without bytes."""
+    return nll / math.log(2) / n_bytes if n_bytes else math.nan
+
+
 class Tally:
     """Running sums of next-token scores over the segments of a split.
 
@@ -83,7 +88,7 @@ class Tally:
             "answers": self.answers,
             "answer_loss": self.answer_nll / self.answers if self.answers else nan,
             "bytes": self.bytes,
-            "bpb": self.nll / math.log(2) / self.bytes if self.bytes else nan,
+            "bpb": bits_per_byte(self.nll, self.bytes),
         }
 
 
