@@ -13,6 +13,7 @@ byte) and `to_meta` / `from_meta` (meta["tokenizer"]: the kind and, for bpe, the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +26,11 @@ from crt.errors import CRTError
 KINDS = ("word", "char", "byte", "bpe")
 BYTE_TOKENS = 256
 _BPE_PIECE = 1 << 20  # characters per HF encode call: bounds its per-call memory (offsets of every token)
+
+
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """Total NLL (nats) over the UTF-8 bytes it scored, in bits: comparable across tokenizers; nan without bytes."""
+    return nll / math.log(2) / n_bytes if n_bytes else math.nan
 
 
 class Tokenizer:

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crt.data.tokenizer import bits_per_byte
 from crt.infer.stream import open_segments, open_stream
-from crt.train.evaluate import bits_per_byte
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crt.data.tokenizer import bits_per_byte
 from crt.runtime import autocast
 from crt.state import iter_segments
 from crt.train.distributed import all_reduce_sum, row_share, world
@@ -35,11 +36,6 @@ def streams(data: torch.Tensor, batch_size: int, answers: torch.Tensor | None = 
     targets = F.pad(targets, (0, pad), value=IGNORE).view(batch_size, n)  # [B, n]
     is_answer = F.pad(is_answer, (0, pad), value=False).view(batch_size, n)  # [B, n]
     return inputs, targets, is_answer
-
-
-def bits_per_byte(nll: float, n_bytes: int) -> float:
-    """Total NLL (nats) over the UTF-8 bytes it scored, in bits: comparable across tokenizers; nan without bytes."""
-    return nll / math.log(2) / n_bytes if n_bytes else math.nan
 
 
 class Tally:
