@@ -11,8 +11,9 @@ state carried over the split, SPEC §3.6), and stops early once valid loss has n
 and standard deviation over its seeds. Two views: equal tokens (every cell the same epochs), and
 test perplexity at matched training FLOPs, read off each cell's curve at the smallest total any
 finished cell reached. Writes docs/results/ptb.md and ptb.png (test perplexity against training
-FLOPs, mean and std over seeds). Finished cells are kept in --runs-dir/results.json and are not
-trained again, so the grid fills over several invocations; --fresh starts over.
+FLOPs, mean and std over seeds). Finished cells are kept beside the report (ptb.json, committed
+with it) and are not trained again, so the grid fills over several invocations, sessions and
+machines; --fresh starts over. Checkpoints of the cells go to --runs-dir, which is not kept.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ def report(groups: dict[str, list[dict]], args: argparse.Namespace, command: str
     m0, t0 = cells[0]["model"], cells[0]["train"]
     lines = header("PTB: the comparison trained to convergence on valid, several seeds", command, cells[0]["machine"])
     lines += [
-        f"Finished cells are kept in `{Path(args.runs_dir) / 'results.json'}` and not retrained, so the grid fills over several "
-        f"invocations (`--only`, `--seeds`); this file was last written by `{args.invocation}`. Machines of the cells: "
+        f"Finished cells are kept in `{Path(args.out).with_suffix('.json').name}` beside this file and not retrained, so the grid fills over several "
+        f"invocations (`--only`, `--row`, `--seeds`); this file was last written by `{args.invocation}`. Machines of the cells: "
         + "; ".join(sorted({c["machine"] for c in cells}))
         + ".",
         "",
@@ -265,7 +266,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every row (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="train only rows whose name contains this (repeatable)")
     parser.add_argument("--row", action="append", default=[], help="train only the row of exactly this name (repeatable; with --only: either)")
-    parser.add_argument("--runs-dir", default="runs/ptb-grid")
+    parser.add_argument("--runs-dir", default="runs/ptb-grid", help="where the cells' checkpoints go (default runs/ptb-grid)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptb.md"))
     parser.add_argument("--fresh", action="store_true", help="forget finished cells and train every cell again")
     parser.add_argument("--no-progress", action="store_true")
@@ -287,7 +288,7 @@ def main() -> None:
     chosen = [r for r in GRID if not (args.only or args.row) or r[0] in args.row or any(o in r[0] for o in args.only)]
     if args.plan:
         return plan(chosen, args, corpus, command)
-    results_path = Path(args.runs_dir) / "results.json"
+    results_path = Path(args.out).with_suffix(".json")
     done = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
     for name, preset, overrides in chosen:
         for seed in seeds:
@@ -296,7 +297,6 @@ def main() -> None:
                 continue
             print(f"== {key}", flush=True)
             done[key] = run_cell(name, preset, overrides, seed, args, corpus)
-            results_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(results_path, json.dumps(done, indent=1))
     groups = {name: [c for c in done.values() if c["name"] == name and c["epochs_budget"] == args.epochs] for name, _, _ in GRID}
     groups = {k: v for k, v in groups.items() if v}
