@@ -1,6 +1,7 @@
 """The paper's PTB comparison: every row trained to convergence on valid, several seeds (SPEC §1, §6).
 
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --plan 30           # time each row: the grid's cost on this CPU
+    python benchmarks/ptb.py --data-dir ../shared/data/ptb --tune 0.1,0.2,0.3 --seeds 0   # the dropout of each family, on valid
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --epochs 15 --seeds 0,1,2 --only "CRT L=35"
     python benchmarks/ptb.py --data-dir DIR --epochs 15 --set d_model=256 --set d_ff=1024 --set device=cuda
 
@@ -11,7 +12,13 @@ state carried over the split, SPEC §3.6), and stops early once valid loss has n
 and standard deviation over its seeds. Two views: equal tokens (every cell the same epochs), and
 test perplexity at matched training FLOPs, read off each cell's curve at the smallest total any
 finished cell reached. Writes docs/results/ptb.md and ptb.png (test perplexity against training
-FLOPs, mean and std over seeds). Finished cells are kept beside the report (ptb.json, committed
+FLOPs, mean and std over seeds).
+
+Regularisation is one family, dropout p on the embeddings and on both residual branches (weight
+decay fixed), tuned once on valid for the Transformer (its p serves every attention-only row:
+Transformer, XL, RMT, ARMT) and once for CRT (every CRT row): --tune P,P,... trains the tuning
+row of each family at each p, and every grid cell uses the p of its family's best tuning cell
+(seed 0, same epochs), or the presets' p while no tuning cell exists. Finished cells are kept beside the report (ptb.json, committed
 with it) and are not trained again, so the grid fills over several invocations, sessions and
 machines; --fresh starts over. Checkpoints of the cells go to --runs-dir, which is not kept.
 """
@@ -53,7 +60,9 @@ GRID: list[tuple[str, str, dict]] = [
     ("CRT-NCGRU L=35", "ptb-crt-ncgru-35", {}),
     ("CRT-minGRU L=35 (scan cells)", "ptb-crt-mingru-35", {}),
     ("Transformer-XL L=35 M=35", "ptb-xl-35", {}),
-    ("RMT L=35 k=4", "ptb-rmt-35", {}),
+    # rotary positions, as RMT's retrieval runs and our recall work (synthetic-recall-notes.md); ARMT keeps
+    # the floor normaliser, the better of the two on PTB (ptb-notes.md); both 4 memory tokens, BPTT over K=2
+    ("RMT L=35 k=4, rotary", "ptb-rmt-35", {"positions": "rotary"}),
     ("ARMT L=35 k=4", "ptb-armt-35", {}),
     ("CRT L=35, memory reads last token", "ptb-crt-35", {"memory_reads": "last_token"}),
     # what carries the past: without a memory token the memory vector is never read, and the
@@ -64,6 +73,36 @@ GRID: list[tuple[str, str, dict]] = [
     ("CRT L=35, K=1", "ptb-crt-35", {"bptt_segments": 1}),
     ("CRT L=35, K=4", "ptb-crt-35", {"bptt_segments": 4}),
 ]
+
+
+# the row each regularisation family is tuned on (SPEC §1's two headline models)
+TUNING_ROW = {"transformer": "Transformer L=70", "crt": "CRT L=35"}
+REGULARISATION = ("dropout", "emb_dropout")  # the family: both set to the one p
+
+
+def family(preset: str) -> str:
+    return "crt" if load_preset(preset)[0].arch == "crt" else "transformer"
+
+
+def cell_key(name: str, p: float, seed: int, epochs: float) -> str:
+    return f"{name} | dropout {p:g} | seed {seed} | {epochs:g} epochs"  # a cell of another p or budget is another cell
+
+
+def key_of(cell: dict) -> str:
+    return cell_key(cell["name"], cell["model"]["dropout"], cell["seed"], cell["epochs_budget"])
+
+
+def tuned(done: dict, args: argparse.Namespace) -> dict[str, tuple[float, list[dict]]]:
+    """Each family's p: its tuning row's best cell on valid (seed 0, this budget); the presets' p without one."""
+    out = {}
+    for fam, row in TUNING_ROW.items():
+        trials = sorted(
+            (c for c in done.values() if c["name"] == row and c["seed"] == 0 and c["epochs_budget"] == args.epochs), key=lambda c: c["model"]["dropout"]
+        )
+        preset = next(pr for n, pr, _ in GRID if n == row)
+        p = min(trials, key=lambda c: c["best"]["valid_ppl"])["model"]["dropout"] if trials else load_preset(preset)[0].dropout
+        out[fam] = (p, trials)
+    return out
 
 
 def slug(name: str) -> str:
@@ -78,14 +117,14 @@ def configure(preset: str, overrides: dict, seed: int, args: argparse.Namespace,
     return mcfg, tcfg, per_epoch
 
 
-def run_cell(name: str, preset: str, overrides: dict, seed: int, args: argparse.Namespace, corpus) -> dict:
-    mcfg, tcfg, per_epoch = configure(preset, overrides, seed, args, corpus)
+def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args: argparse.Namespace, corpus) -> dict:
+    mcfg, tcfg, per_epoch = configure(preset, {**overrides, **dict.fromkeys(REGULARISATION, p)}, seed, args, corpus)
     tokens_per_step = tcfg.batch_size * mcfg.segment_len * tcfg.bptt_segments
     tcfg.max_steps = math.ceil(args.epochs * per_epoch)
     tcfg.warmup_steps = min(tcfg.warmup_steps, tcfg.max_steps // 10)
     tcfg.eval_every, tcfg.eval_max_tokens = max(1, per_epoch // args.evals_per_epoch), 0  # whole splits
     tcfg.eval_test, tcfg.patience = True, args.patience
-    tcfg.out_dir = str(Path(args.runs_dir) / f"{slug(name)}-s{seed}")
+    tcfg.out_dir = str(Path(args.runs_dir) / f"{slug(name)}-p{p:g}-s{seed}")
     start = time.perf_counter()
     summary = train(mcfg, tcfg, corpus=corpus, progress=not args.no_progress)
     wall = time.perf_counter() - start
@@ -185,7 +224,7 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
     tmp.replace(path)
 
 
-def report(groups: dict[str, list[dict]], args: argparse.Namespace, command: str) -> list[str]:
+def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace, command: str) -> list[str]:
     cells = [c for cs in groups.values() for c in cs]
     budget = min(c["curve"][-1]["train_flops"] for c in cells)
     m0, t0 = cells[0]["model"], cells[0]["train"]
@@ -213,9 +252,27 @@ def report(groups: dict[str, list[dict]], args: argparse.Namespace, command: str
         )
     lines += [
         "",
-        f"All rows: width {m0['d_model']}, {m0['n_layer']} layers, {m0['n_head']} heads, feed-forward {m0['d_ff']}, dropout {m0['dropout']}, "
-        f"embedding dropout {m0['emb_dropout']}, AdamW weight decay {t0['weight_decay']}, lr {t0['lr']} cosine to {t0['min_lr']}, {t0['precision']}. "
+        f"All rows: width {m0['d_model']}, {m0['n_layer']} layers, {m0['n_head']} heads, feed-forward {m0['d_ff']}, "
+        f"AdamW weight decay {t0['weight_decay']}, lr {t0['lr']} cosine to {t0['min_lr']}, {t0['precision']}; dropout p on the embeddings and both "
+        f"residual branches, p = {choice['transformer'][0]:g} for the attention-only rows and {choice['crt'][0]:g} for the CRT rows (next table). "
         "Per-row settings: the GRID of `benchmarks/ptb.py` (presets in `src/crt/configs/`, overrides in the row name).",
+        "",
+        "## Regularisation, tuned on valid",
+        "",
+        "Each family's tuning row trained at each p (seed 0, the same budget); the best valid perplexity fixes p for the family's rows.",
+        "",
+        "| family | tuning row | p | epochs run | best valid ppl at epoch | valid ppl | test ppl | chosen |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for fam, (chosen, trials) in choice.items():
+        if not trials:
+            lines.append(f"| {fam} | {TUNING_ROW[fam]} | {chosen:g} | - | - | - | - | the presets' p: no tuning cell yet |")
+        for c in trials:
+            lines.append(
+                f"| {fam} | {c['name']} | {c['model']['dropout']:g} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
+                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {'yes' if c['model']['dropout'] == chosen else ''} |"
+            )
+    lines += [
         "",
         f"![test perplexity against training FLOPs]({Path(args.out).with_suffix('.png').name})",
     ]
@@ -262,6 +319,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one cell per row and seed (default 0,1,2)")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="validations (with the test curve) per epoch (default 1)")
     parser.add_argument("--patience", type=int, default=3, help="stop a cell once valid loss has not improved for this many validations (default 3)")
+    parser.add_argument("--tune", default="", metavar="P,P,...", help="first train each family's tuning row at these dropouts (seed 0)")
     parser.add_argument("--plan", type=int, default=0, metavar="STEPS", help="only time STEPS steps of each chosen row and write ptb-plan.md")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every row (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="train only rows whose name contains this (repeatable)")
@@ -272,6 +330,9 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
+    if set(args.set) & set(REGULARISATION):
+        parser.error("dropout is tuned per family (--tune P,P,...), not set for every row: drop --set dropout/emb_dropout")
+    args.tune = [float(x) for x in args.tune.split(",") if x.strip()] if args.tune else []
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
     argv = sys.argv[1:]
@@ -289,19 +350,29 @@ def main() -> None:
     if args.plan:
         return plan(chosen, args, corpus, command)
     results_path = Path(args.out).with_suffix(".json")
-    done = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
-    for name, preset, overrides in chosen:
-        for seed in seeds:
-            key = f"{name} | seed {seed} | {args.epochs:g} epochs"  # a cell of another budget is another cell
-            if key in done:
-                continue
-            print(f"== {key}", flush=True)
-            done[key] = run_cell(name, preset, overrides, seed, args, corpus)
-            write_atomic(results_path, json.dumps(done, indent=1))
-    groups = {name: [c for c in done.values() if c["name"] == name and c["epochs_budget"] == args.epochs] for name, _, _ in GRID}
-    groups = {k: v for k, v in groups.items() if v}
+    done = {} if args.fresh or not results_path.exists() else {key_of(c): c for c in json.loads(results_path.read_text()).values()}
+
+    def fill(cells: list[tuple[str, str, dict, float, int]]) -> None:
+        for name, preset, overrides, p, seed in cells:
+            key = cell_key(name, p, seed, args.epochs)
+            if key not in done:
+                print(f"== {key}", flush=True)
+                done[key] = run_cell(name, preset, overrides, p, seed, args, corpus)
+                write_atomic(results_path, json.dumps(done, indent=1))
+
+    if args.tune:  # the tuning rows first: they fix p for the rest of the grid
+        fill([(n, pr, ov, p, 0) for n, pr, ov in chosen if n in TUNING_ROW.values() for p in args.tune])
+    choice = tuned(done, args)
+    fill([(n, pr, ov, choice[family(pr)][0], seed) for n, pr, ov in chosen for seed in seeds])
+    groups = {  # every seed finished at the family's p, not only this invocation's
+        name: [c for c in done.values() if c["name"] == name and c["epochs_budget"] == args.epochs and c["model"]["dropout"] == choice[family(pr)][0]]
+        for name, pr, _ in GRID
+    }
+    groups = {k: sorted(v, key=lambda c: c["seed"]) for k, v in groups.items() if v}
+    if not groups:
+        raise SystemExit("no finished cell at the tuned regularisation yet: train some (--row, --seeds) first")
     out = Path(args.out)
-    print(write_results(out, report(groups, args, command)))
+    print(write_results(out, report(groups, choice, args, command)))
     plot(groups, out.with_suffix(".png"))
 
 
