@@ -1,9 +1,10 @@
-"""The paper's PTB comparison: every row trained to convergence on valid, several seeds (SPEC §1, §6).
+"""The paper's PTB comparison (and WikiText-2's): every row trained to convergence on valid, several seeds (SPEC §1, §6).
 
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --plan 30           # time each row: the grid's cost on this CPU
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --tune 0.1,0.2,0.3 --seeds 0   # the dropout of each family, on valid
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --epochs 15 --seeds 0,1,2 --only "CRT L=35"
     python benchmarks/ptb.py --data-dir DIR --epochs 15 --set d_model=256 --set d_ff=1024 --set device=cuda
+    python benchmarks/ptb.py --data wikitext-2 --data-dir ../shared/data/wikitext-2 --row "CRT L=35"
 
 Each cell (row x seed) trains for --epochs passes over the training split, validates
 --evals-per-epoch times per epoch and scores the whole test split at every validation (the
@@ -11,8 +12,8 @@ state carried over the split, SPEC §3.6), and stops early once valid loss has n
 --patience validations. A cell reports the test perplexity at its best validation; a row, the mean
 and standard deviation over its seeds. Two views: equal tokens (every cell the same epochs), and
 test perplexity at matched training FLOPs, read off each cell's curve at the smallest total any
-finished cell reached. Writes docs/results/ptb.md and ptb.png (test perplexity against training
-FLOPs, mean and std over seeds).
+finished cell reached. Writes docs/results/ptb.md (wikitext-2.md with --data wikitext-2) and a
+plot beside it (test perplexity against training FLOPs, mean and std over seeds).
 
 Regularisation is one family, dropout p on the embeddings and on both residual branches (weight
 decay fixed), tuned once on valid for the Transformer (its p serves every attention-only row:
@@ -50,6 +51,7 @@ from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+LABEL = {"ptb": "PTB", "wikitext-2": "WikiText-2"}
 
 # (row name, preset, overrides): the comparison of the paper, then the CRT ablations of SPEC §3's open choices on CRT-35
 GRID: list[tuple[str, str, dict]] = [
@@ -112,7 +114,7 @@ def slug(name: str) -> str:
 def configure(preset: str, overrides: dict, seed: int, args: argparse.Namespace, corpus):
     """A cell's configs, and its steps per epoch (windows of the batchified training stream)."""
     mcfg, tcfg = load_preset(preset)
-    mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, **args.set, "data_dir": args.data_dir, "seed": seed})
+    mcfg, tcfg = apply_overrides(mcfg, tcfg, {**overrides, **args.set, "data": args.data, "data_dir": args.data_dir, "seed": seed})
     per_epoch = (len(corpus.train) // tcfg.batch_size - 1) // (mcfg.segment_len * tcfg.bptt_segments)
     return mcfg, tcfg, per_epoch
 
@@ -197,7 +199,7 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
-def plot(groups: dict[str, list[dict]], path: Path) -> None:
+def plot(groups: dict[str, list[dict]], path: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +216,7 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
     ax.set_xlabel("training PFLOP (3 x forward)")
     ax.set_ylabel("test perplexity (state carried over the split)")
     ax.set_yscale("log")
-    ax.set_title("PTB: test perplexity against training FLOPs (mean and std over seeds)")
+    ax.set_title(f"{LABEL[args.data]}: test perplexity against training FLOPs (mean and std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
@@ -228,7 +230,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
     cells = [c for cs in groups.values() for c in cs]
     budget = min(c["curve"][-1]["train_flops"] for c in cells)
     m0, t0 = cells[0]["model"], cells[0]["train"]
-    lines = header("PTB: the comparison trained to convergence on valid, several seeds", command, cells[0]["machine"])
+    lines = header(f"{LABEL[args.data]}: the comparison trained to convergence on valid, several seeds", command, cells[0]["machine"])
     lines += [
         f"Finished cells are kept in `{Path(args.out).with_suffix('.json').name}` beside this file and not retrained, so the grid fills over several "
         f"invocations (`--only`, `--row`, `--seeds`); this file was last written by `{args.invocation}`. Machines of the cells: "
@@ -281,7 +283,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
 
 def plan(rows: list[tuple[str, str, dict]], args: argparse.Namespace, corpus, command: str) -> None:
     """Time --plan steps of every chosen row and one validation (valid + test), and project the cost of a cell."""
-    lines = header("PTB grid: what each cell costs on this machine", command, describe(resolve_device(args.set.get("device", "auto"))))
+    lines = header(f"{LABEL[args.data]} grid: what each cell costs on this machine", command, describe(resolve_device(args.set.get("device", "auto"))))
     lines += [
         f"Each row trained {args.plan} steps (seed 0, {describe_precision('auto', resolve_device(args.set.get('device', 'auto')))}) and scored the whole "
         f"valid and test splits once; a cell of {args.epochs:g} epochs with {args.evals_per_epoch} validation(s) per epoch is projected from those "
@@ -309,23 +311,24 @@ def plan(rows: list[tuple[str, str, dict]], args: argparse.Namespace, corpus, co
         lines.append(f"| {name} | {rate:,.0f} | {per_epoch:,} | {epoch_s / 60:.1f} | {eval_s:.0f} | {cell_h:.2f} | {3 * cell_h:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"All rows above, 3 seeds each: {total:.0f} hours on this machine, one cell at a time (2 cores run one cell well, not two)."]
-    print(write_results(Path(args.out).with_name("ptb-plan.md"), lines))
+    print(write_results(Path(args.out).with_name(f"{args.data}-plan.md"), lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True, help="folder with ptb.{train,valid,test}.txt")
+    parser.add_argument("--data", choices=sorted(LABEL), default="ptb", help="the corpus (default ptb)")
+    parser.add_argument("--data-dir", required=True, help="folder with the corpus's train, valid and test files")
     parser.add_argument("--epochs", type=float, default=10, help="the most epochs a cell trains (default 10)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one cell per row and seed (default 0,1,2)")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="validations (with the test curve) per epoch (default 1)")
     parser.add_argument("--patience", type=int, default=3, help="stop a cell once valid loss has not improved for this many validations (default 3)")
     parser.add_argument("--tune", default="", metavar="P,P,...", help="first train each family's tuning row at these dropouts (seed 0)")
-    parser.add_argument("--plan", type=int, default=0, metavar="STEPS", help="only time STEPS steps of each chosen row and write ptb-plan.md")
+    parser.add_argument("--plan", type=int, default=0, metavar="STEPS", help="only time STEPS steps of each chosen row and write <data>-plan.md")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every row (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="train only rows whose name contains this (repeatable)")
     parser.add_argument("--row", action="append", default=[], help="train only the row of exactly this name (repeatable; with --only: either)")
     parser.add_argument("--runs-dir", default="runs/ptb-grid", help="where the cells' checkpoints go (default runs/ptb-grid)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptb.md"))
+    parser.add_argument("--out", help="the report (default docs/results/<data>.md); its finished cells go beside it, as .json")
     parser.add_argument("--fresh", action="store_true", help="forget finished cells and train every cell again")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -334,6 +337,7 @@ def main() -> None:
         parser.error("dropout is tuned per family (--tune P,P,...), not set for every row: drop --set dropout/emb_dropout")
     args.tune = [float(x) for x in args.tune.split(",") if x.strip()] if args.tune else []
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    args.out = args.out or str(ROOT / "docs" / "results" / f"{args.data}.md")
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
     argv = sys.argv[1:]
     whole = [
@@ -344,7 +348,7 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/ptb.py", *whole])  # the whole grid: this invocation without --only
 
     mcfg, tcfg = load_preset(GRID[0][1])
-    _, tcfg = apply_overrides(mcfg, tcfg, {"data_dir": args.data_dir})
+    _, tcfg = apply_overrides(mcfg, tcfg, {"data": args.data, "data_dir": args.data_dir})
     corpus = load_corpus(tcfg)
     chosen = [r for r in GRID if not (args.only or args.row) or r[0] in args.row or any(o in r[0] for o in args.only)]
     if args.plan:
@@ -373,7 +377,7 @@ def main() -> None:
         raise SystemExit("no finished cell at the tuned regularisation yet: train some (--row, --seeds) first")
     out = Path(args.out)
     print(write_results(out, report(groups, choice, args, command)))
-    plot(groups, out.with_suffix(".png"))
+    plot(groups, out.with_suffix(".png"), args)
 
 
 if __name__ == "__main__":
