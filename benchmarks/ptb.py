@@ -335,7 +335,12 @@ def main() -> None:
     args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
     if set(args.set) & set(REGULARISATION):
         parser.error("dropout is tuned per family (--tune P,P,...), not set for every row: drop --set dropout/emb_dropout")
-    args.tune = [float(x) for x in args.tune.split(",") if x.strip()] if args.tune else []
+    try:
+        args.tune = [float(x) for x in args.tune.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--tune {args.tune!r}: give dropouts as comma-separated numbers, e.g. --tune 0,0.1,0.3")
+    if any(not 0 <= x < 1 for x in args.tune):
+        parser.error(f"--tune {args.tune}: a dropout lies in [0, 1)")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     args.out = args.out or str(ROOT / "docs" / "results" / f"{args.data}.md")
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
