@@ -44,6 +44,7 @@ from crt.analysis.results import header, write_results
 from crt.checkpoint import load_model
 from crt.config import apply_overrides, load_preset, to_dict
 from crt.data.load import load_corpus
+from crt.errors import CRTError
 from crt.files import write_atomic
 from crt.runtime import describe_precision, resolve_device, resolve_precision
 from crt.train.evaluate import evaluate
@@ -79,6 +80,7 @@ GRID: list[tuple[str, str, dict]] = [
 
 # the row each regularisation family is tuned on (SPEC §1's two headline models)
 TUNING_ROW = {"transformer": "Transformer L=70", "crt": "CRT L=35"}
+DEFAULT_SEEDS = (0, 1, 2)  # a row is complete at this many seeds
 REGULARISATION = ("dropout", "emb_dropout")  # the family: both set to the one p
 
 
@@ -193,10 +195,12 @@ def at_flops(curve: list[dict], budget: float) -> float:
 
 
 def mean_std(xs: list[float]) -> str:
-    xs = [x for x in xs if not math.isnan(x)]
-    if not xs:
+    """Mean ± std over the seeds that have a value; "(n of m)" when some have none (a curve that starts past the budget)."""
+    kept = [x for x in xs if not math.isnan(x)]
+    if not kept:
         return "-"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+    text = f"{statistics.mean(kept):.2f} ± {statistics.stdev(kept):.2f}" if len(kept) > 1 else f"{kept[0]:.2f}"
+    return text if len(kept) == len(xs) else f"{text} ({len(kept)} of {len(xs)})"
 
 
 def plot(groups: dict[str, list[dict]], path: Path, args: argparse.Namespace) -> None:
@@ -252,6 +256,14 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
             f"{mean_std([c['best']['valid_ppl'] for c in cs])} | {mean_std([c['best']['test_ppl'] for c in cs])} | "
             f"{mean_std([at_flops(c['curve'], budget) for c in cs])} | {statistics.mean(c['wall_s'] for c in cs) / 3600:.2f} |"
         )
+    missing = [n for n, _, _ in GRID if n not in groups]
+    short = [f"{n} ({len(cs)})" for n, cs in groups.items() if len(cs) < len(DEFAULT_SEEDS)]
+    if missing or short:  # a partial grid says what it lacks, so no reader takes it for the whole comparison
+        lines += [
+            "",
+            f"**The grid is not complete.** Rows with fewer than {len(DEFAULT_SEEDS)} seeds (seeds finished): {'; '.join(short) or 'none'}. "
+            f"Rows without a finished cell: {'; '.join(missing) or 'none'}.",
+        ]
     lines += [
         "",
         f"All rows: width {m0['d_model']}, {m0['n_layer']} layers, {m0['n_head']} heads, feed-forward {m0['d_ff']}, "
@@ -319,7 +331,7 @@ def main() -> None:
     parser.add_argument("--data", choices=sorted(LABEL), default="ptb", help="the corpus (default ptb)")
     parser.add_argument("--data-dir", required=True, help="folder with the corpus's train, valid and test files")
     parser.add_argument("--epochs", type=float, default=10, help="the most epochs a cell trains (default 10)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one cell per row and seed (default 0,1,2)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds: one cell per row and seed (default 0,1,2)")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="validations (with the test curve) per epoch (default 1)")
     parser.add_argument("--patience", type=int, default=3, help="stop a cell once valid loss has not improved for this many validations (default 3)")
     parser.add_argument("--tune", default="", metavar="P,P,...", help="first train each family's tuning row at these dropouts (seed 0)")
@@ -332,7 +344,11 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="forget finished cells and train every cell again")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    if bad := [item for item in args.set if "=" not in item]:
+        parser.error(f"--set {bad[0]!r}: give FIELD=VALUE, e.g. --set d_model=256")
     args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
+    if args.epochs <= 0 or args.patience < 1 or args.evals_per_epoch < 1:
+        parser.error("--epochs must be > 0, and --patience and --evals-per-epoch at least 1")
     if set(args.set) & set(REGULARISATION):
         parser.error("dropout is tuned per family (--tune P,P,...), not set for every row: drop --set dropout/emb_dropout")
     try:
@@ -341,7 +357,15 @@ def main() -> None:
         parser.error(f"--tune {args.tune!r}: give dropouts as comma-separated numbers, e.g. --tune 0,0.1,0.3")
     if any(not 0 <= x < 1 for x in args.tune):
         parser.error(f"--tune {args.tune}: a dropout lies in [0, 1)")
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+    if not seeds:
+        parser.error("--seeds is empty: give at least one seed, e.g. --seeds 0")
+    names = [n for n, _, _ in GRID]
+    if unknown := [r for r in args.row if r not in names] + [o for o in args.only if not any(o in n for n in names)]:
+        parser.error(f"--row/--only {unknown[0]!r} names no row of the grid; the rows: " + "; ".join(names))
     args.out = args.out or str(ROOT / "docs" / "results" / f"{args.data}.md")
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
     argv = sys.argv[1:]
@@ -353,9 +377,11 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/ptb.py", *whole])  # the whole grid: this invocation without --only
 
     mcfg, tcfg = load_preset(GRID[0][1])
-    _, tcfg = apply_overrides(mcfg, tcfg, {"data": args.data, "data_dir": args.data_dir})
-    corpus = load_corpus(tcfg)
+    _, tcfg = apply_overrides(mcfg, tcfg, {**args.set, "data": args.data, "data_dir": args.data_dir})  # a bad --set fails here, before any cell
     chosen = [r for r in GRID if not (args.only or args.row) or r[0] in args.row or any(o in r[0] for o in args.only)]
+    if args.tune and not args.plan and not any(n in TUNING_ROW.values() for n, _, _ in chosen):
+        parser.error(f"--tune trains the tuning rows ({' and '.join(TUNING_ROW.values())}), and this --row/--only chose neither: add --row for one")
+    corpus = load_corpus(tcfg)
     if args.plan:
         return plan(chosen, args, corpus, command)
     results_path = Path(args.out).with_suffix(".json")
@@ -387,4 +413,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    main()
+    try:
+        main()
+    except CRTError as e:  # bad data folder or config field: the one-line message, as the CLI gives it
+        print(f"ptb.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

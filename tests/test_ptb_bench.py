@@ -1,0 +1,136 @@
+"""benchmarks/ptb.py: its grid, the dropout each family is tuned to, the two views (equal tokens,
+matched FLOPs), the report of a partial grid, and its one-line refusals of bad arguments."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from crt.config import apply_overrides, load_preset
+from crt.models import build_model
+
+_spec = importlib.util.spec_from_file_location("ptb_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "ptb.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def cell(name: str, seed: int, p: float, valid: list[float], test: list[float], flops_per_step: float = 1e12, epochs: float = 10) -> dict:
+    """A finished cell as run_cell stores it, with a made-up curve (one validation per epoch)."""
+    curve = [
+        {"step": i + 1, "epochs": i + 1, "train_flops": (i + 1) * flops_per_step, "valid_ppl": v, "test_ppl": t} for i, (v, t) in enumerate(zip(valid, test))
+    ]
+    return {
+        "name": name,
+        "seed": seed,
+        "epochs_budget": epochs,
+        "model": {"dropout": p, "d_model": 128, "n_layer": 3, "n_head": 4, "d_ff": 512},
+        "train": {"weight_decay": 0.1, "lr": 1e-3, "min_lr": 1e-4, "precision": "bf16"},
+        "machine": "test machine",
+        "params": 1000,
+        "stopped_early": False,
+        "wall_s": 3600.0,
+        "train_tokens_per_s": 100.0,
+        "train_flops_per_token": 1e6,
+        "curve": curve,
+        "best": min(curve, key=lambda c: c["valid_ppl"]),
+    }
+
+
+def test_every_row_builds_and_belongs_to_its_family():
+    names = [n for n, _, _ in bench.GRID]
+    assert len(names) == len(set(names))
+    assert set(bench.TUNING_ROW.values()) <= set(names)
+    for name, preset, overrides in bench.GRID:
+        mcfg, _ = apply_overrides(*load_preset(preset), {**overrides, **dict.fromkeys(bench.REGULARISATION, 0.1), "vocab_size": 100})
+        build_model(mcfg)  # every row's overrides name real fields with valid values
+        assert bench.family(preset) == ("crt" if name.startswith("CRT") else "transformer"), name
+
+
+def test_each_family_takes_the_p_of_its_best_seed_0_tuning_cell_at_this_budget():
+    t, c = bench.TUNING_ROW["transformer"], bench.TUNING_ROW["crt"]
+    cells = [
+        cell(t, 0, 0.0, [130], [120]),
+        cell(t, 0, 0.1, [128], [119]),
+        cell(t, 0, 0.3, [150], [140]),
+        cell(t, 1, 0.3, [100], [90]),  # another seed: not a tuning cell
+        cell(t, 0, 0.2, [90], [80], epochs=5),  # another budget: not a tuning cell
+        cell(c, 0, 0.3, [99], [93]),
+        cell(c, 0, 0.1, [112], [105]),
+    ]
+    choice = bench.tuned({bench.key_of(x): x for x in cells}, argparse.Namespace(epochs=10))
+    assert choice["transformer"][0] == 0.1 and [x["model"]["dropout"] for x in choice["transformer"][1]] == [0.0, 0.1, 0.3]
+    assert choice["crt"][0] == 0.3
+    untuned = bench.tuned({}, argparse.Namespace(epochs=10))  # no tuning cell: the presets' p
+    preset = next(pr for n, pr, _ in bench.GRID if n == c)
+    assert untuned["crt"] == (load_preset(preset)[0].dropout, [])
+
+
+def test_a_cell_key_names_row_p_seed_and_budget():
+    x = cell("CRT L=35", 2, 0.1, [1], [1])
+    assert bench.key_of(x) == "CRT L=35 | dropout 0.1 | seed 2 | 10 epochs"
+    assert bench.key_of(x) != bench.key_of(cell("CRT L=35", 2, 0.3, [1], [1]))
+
+
+def test_matched_flops_reads_the_curve_log_linearly_and_not_outside_it():
+    curve = cell("x", 0, 0.1, [1, 1, 1], [100, 400, 200])["curve"]  # validations at 1e12, 2e12, 3e12 FLOPs
+    assert bench.at_flops(curve, 1e12) == pytest.approx(100)
+    assert bench.at_flops(curve, 1.5e12) == pytest.approx(200)  # halfway in log space between 100 and 400
+    assert bench.at_flops(curve, 3e12) == pytest.approx(200)
+    assert math.isnan(bench.at_flops(curve, 0.5e12)) and math.isnan(bench.at_flops(curve, 4e12))
+
+
+def test_mean_std_says_when_a_seed_has_no_value():
+    assert bench.mean_std([1.0, 3.0]) == "2.00 ± 1.41"
+    assert bench.mean_std([5.0]) == "5.00"
+    assert bench.mean_std([1.0, 3.0, math.nan]) == "2.00 ± 1.41 (2 of 3)"
+    assert bench.mean_std([math.nan]) == "-"
+
+
+def test_the_report_of_a_partial_grid_says_what_it_lacks(tmp_path):
+    t, c = bench.TUNING_ROW["transformer"], bench.TUNING_ROW["crt"]
+    groups = {
+        t: [cell(t, 0, 0.1, [130, 128], [121, 120], flops_per_step=1e12)],
+        c: [cell(c, s, 0.1, [100 + s, 99 + s], [95 + s, 94 + s], flops_per_step=2e12) for s in bench.DEFAULT_SEEDS],
+    }
+    choice = {"transformer": (0.1, groups[t]), "crt": (0.1, groups[c][:1])}
+    args = argparse.Namespace(data="ptb", out=str(tmp_path / "ptb.md"), invocation="python benchmarks/ptb.py", epochs=10, evals_per_epoch=1, patience=3)
+    text = "\n".join(bench.report(groups, choice, args, "python benchmarks/ptb.py --data-dir D"))
+    assert "**The grid is not complete.**" in text
+    assert f"fewer than 3 seeds (seeds finished): {t} (1)." in text  # CRT has all three
+    missing = [n for n, _, _ in bench.GRID if n not in groups]
+    assert "Rows without a finished cell: " + "; ".join(missing) + "." in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {c} |"))
+    assert "| 3 (0, 1, 2) |" in row and "| 100.00 ± 1.00 | 95.00 ± 1.00 |" in row  # best valid and its test, mean ± std
+    # matched FLOPs: the smallest total is the Transformer's 2e12, where CRT's curve has its first point (95 + seed)
+    assert row.rstrip(" |").endswith("96.00 ± 1.00 | 1.00")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "a"], "--seeds 'a': give comma-separated integers"),
+        (["--seeds", ","], "--seeds is empty"),
+        (["--row", "CRT L=36"], "'CRT L=36' names no row of the grid"),
+        (["--only", "LSTM"], "'LSTM' names no row of the grid"),
+        (["--set", "d_model"], "--set 'd_model': give FIELD=VALUE"),
+        (["--set", "dropout=0.2"], "dropout is tuned per family"),
+        (["--epochs", "0"], "--epochs must be > 0"),
+        (["--patience", "0"], "--patience and --evals-per-epoch at least 1"),
+        (["--tune", "0.1,x"], "give dropouts as comma-separated numbers"),
+        (["--tune", "1.5"], "a dropout lies in [0, 1)"),
+        (["--tune", "0.1", "--row", "CRT L=17"], "--tune trains the tuning rows"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors_before_any_work(monkeypatch, capsys, tmp_path, argv, message):
+    monkeypatch.setattr(sys, "argv", ["ptb.py", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "ptb.md"), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not list(tmp_path.iterdir())  # nothing written
