@@ -78,6 +78,7 @@ GRID: list[tuple[str, str, dict]] = [
 ]
 
 
+ABLATED = "CRT L=35"  # the row the ablations ("CRT L=35, ...") change one thing of
 # the row each regularisation family is tuned on (SPEC §1's two headline models)
 TUNING_ROW = {"transformer": "Transformer L=70", "crt": "CRT L=35"}
 DEFAULT_SEEDS = (0, 1, 2)  # a row is complete at this many seeds
@@ -234,19 +235,23 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
     cells = [c for cs in groups.values() for c in cs]
     budget = min(c["curve"][-1]["train_flops"] for c in cells)
     m0, t0 = cells[0]["model"], cells[0]["train"]
-    lines = header(f"{LABEL[args.data]}: the comparison trained to convergence on valid, several seeds", command, cells[0]["machine"])
+    tags = machine_tags(cells)
+    machine = (
+        cells[0]["machine"]
+        if len(tags) == 1
+        else f"{len(tags)} machines, each cell's named in the Cells table: " + "; ".join(f"{t} = {m}" for m, t in tags.items())
+    )
+    lines = header(f"{LABEL[args.data]}: the comparison trained to convergence on valid, several seeds", command, machine)
     lines += [
         f"Finished cells are kept in `{Path(args.out).with_suffix('.json').name}` beside this file and not retrained, so the grid fills over several "
-        f"invocations (`--only`, `--row`, `--seeds`); this file was last written by `{args.invocation}`. Machines of the cells: "
-        + "; ".join(sorted({c["machine"] for c in cells}))
-        + ".",
+        f"invocations (`--only`, `--row`, `--seeds`), sessions and machines; this file was last written by `{args.invocation}`.",
         "",
         f"Each cell trains up to {args.epochs:g} epochs, validates {args.evals_per_epoch} x per epoch on the whole valid split and scores the whole "
         f"test split each time (state carried), and stops once valid loss has not improved for {args.patience} validations. "
         "test ppl is the test perplexity at the cell's best validation; rows give mean ± std over their seeds. "
         f"test ppl at matched FLOPs reads each cell's test curve at {budget:.3g} training FLOPs, the smallest total any cell reached (log-linear between validations).",
         "",
-        "| model | params | seeds | epochs run | stopped early | train MFLOP/token | tokens/s | valid ppl | test ppl | test ppl at matched FLOPs | hours per cell |",
+        "| model | params | seeds | epochs run | stopped early | train MFLOP/token | tokens/s (median of cells) | valid ppl | test ppl | test ppl at matched FLOPs | hours per cell |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, cs in groups.items():
@@ -267,7 +272,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
     lines += [
         "",
         f"All rows: width {m0['d_model']}, {m0['n_layer']} layers, {m0['n_head']} heads, feed-forward {m0['d_ff']}, "
-        f"AdamW weight decay {t0['weight_decay']}, lr {t0['lr']} cosine to {t0['min_lr']}, {t0['precision']}; dropout p on the embeddings and both "
+        f"AdamW weight decay {t0['weight_decay']}, lr {t0['lr']} cosine to {t0['min_lr']} (precision: each cell's in the Cells table); dropout p on the embeddings and both "
         f"residual branches, p = {choice['transformer'][0]:g} for the attention-only rows and {choice['crt'][0]:g} for the CRT rows (next table). "
         "Per-row settings: the GRID of `benchmarks/ptb.py` (presets in `src/crt/configs/`, overrides in the row name).",
         "",
@@ -286,10 +291,61 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
                 f"| {fam} | {c['name']} | {c['model']['dropout']:g} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
                 f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {'yes' if c['model']['dropout'] == chosen else ''} |"
             )
+    lines += ablations(groups)
+    lines += [
+        "",
+        "## Cells",
+        "",
+        "Every finished cell of the table above: where it ran, at which precision, and its best validation.",
+        "",
+        "| row | seed | machine | precision | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, cs in groups.items():
+        for c in cs:
+            lines.append(
+                f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
+                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f} |"
+            )
     lines += [
         "",
         f"![test perplexity against training FLOPs]({Path(args.out).with_suffix('.png').name})",
     ]
+    return lines
+
+
+def machine_tags(cells: list[dict]) -> dict[str, str]:
+    """Each machine of the cells, tagged M1, M2, ... in the order the cells list them."""
+    tags: dict[str, str] = {}
+    for c in cells:
+        tags.setdefault(c["machine"], f"M{len(tags) + 1}")
+    return tags
+
+
+def ablations(groups: dict[str, list[dict]]) -> list[str]:
+    """Each finished ablation of CRT-35 against CRT-35 itself: the test perplexity's change, and that change in CRT-35's seed stds."""
+    base, variants = groups.get(ABLATED), [n for n in groups if n.startswith(ABLATED + ",")]
+    if not base or not variants:
+        return []
+    ref = statistics.mean(c["best"]["test_ppl"] for c in base)
+    spread = statistics.stdev(c["best"]["test_ppl"] for c in base) if len(base) > 1 else math.nan
+    lines = [
+        "",
+        f"## Ablations of {ABLATED}",
+        "",
+        f"Test perplexity at the best validation, against {ABLATED}'s {mean_std([c['best']['test_ppl'] for c in base])} ({len(base)} seeds); "
+        f"the last column divides the change by {ABLATED}'s standard deviation over seeds (- with one seed), the scale of run-to-run noise.",
+        "",
+        "| variant | seeds | test ppl | change | change in seed stds |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in variants:
+        cs = groups[name]
+        delta = statistics.mean(c["best"]["test_ppl"] for c in cs) - ref
+        stds = f"{delta / spread:+.1f}" if spread > 0 else "-"
+        lines.append(
+            f"| {name[len(ABLATED) + 2 :]} | {len(cs)} | {mean_std([c['best']['test_ppl'] for c in cs])} | {delta:+.2f} ({delta / ref:+.1%}) | {stds} |"
+        )
     return lines
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from crt.runtime import cpu_bf16_units
+
 
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
@@ -21,8 +23,9 @@ def cpu_name() -> str:
 
 
 def describe(device: torch.device | None = None) -> str:
+    units = cpu_bf16_units()  # two CPUs of one name can differ here, and it decides what --precision auto runs
     text = (
-        f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{cpu_name()} ({'native bf16: ' + ' and '.join(units) if units else 'no native bf16'}), {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"Python {platform.python_version()}, {platform.system()} {platform.machine()}"
     )
     if device is not None and device.type == "cuda":
