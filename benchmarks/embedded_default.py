@@ -18,14 +18,13 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import torch
 
 from crt.analysis.results import header, write_results
 from crt.cli.main import DEFAULT_PRESETS
-from crt.config import apply_overrides, load_curriculum, load_preset, without_fields
+from crt.config import apply_overrides, load_curriculum, load_preset, parse_assignment, without_fields
 from crt.train.loop import train
 from crt.train.metrics import read_metrics
 
@@ -46,15 +45,6 @@ def stage_steps(run_dir: str) -> list[int]:
     return [r["step"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["split"] == "stage"]
 
 
-def _field_value(item: str) -> tuple[str, object]:
-    """FIELD=VALUE with VALUE read as a TOML value (3e-3, 8, true), else as a string."""
-    name, _, text = item.partition("=")
-    try:
-        return name, tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return name, text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", action="append", help="synthetic preset to train; repeat for several (default: the two of `crt train`)")
@@ -67,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     presets = args.preset or list(DEFAULT_PRESETS)
     command = "python benchmarks/embedded_default.py" + "".join(f" {a}" for a in sys.argv[1:])
-    overrides = dict(_field_value(item) for item in args.set)
+    overrides = dict(parse_assignment(item) for item in args.set)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:

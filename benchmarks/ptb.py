@@ -3,7 +3,7 @@
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --plan 30           # time each row: the grid's cost on this CPU
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --tune 0.1,0.2,0.3 --seeds 0   # the dropout of each family, on valid
     python benchmarks/ptb.py --data-dir ../shared/data/ptb --epochs 15 --seeds 0,1,2 --only "CRT L=35"
-    python benchmarks/ptb.py --data-dir DIR --epochs 15 --set d_model=256 --set d_ff=1024 --set device=cuda
+    python benchmarks/ptb.py --data-dir DIR --epochs 15 --set d_model=256 --set d_ff=1024 --set device=cuda --jobs 8   # 8 cells at once on one GPU
     python benchmarks/ptb.py --data wikitext-2 --data-dir ../shared/data/wikitext-2 --row "CRT L=35"
 
 Each cell (row x seed) trains for --epochs passes over the training split, validates
@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import re
 import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ from crt.analysis.flops import count_flops
 from crt.analysis.machine import describe
 from crt.analysis.results import header, write_results
 from crt.checkpoint import load_model
-from crt.config import apply_overrides, load_preset, to_dict
+from crt.config import apply_overrides, load_preset, parse_assignment, to_dict
 from crt.data.load import load_corpus
 from crt.errors import CRTError
 from crt.files import write_atomic
@@ -168,12 +170,40 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
         "steps": summary["step"],
         "stopped_early": summary["step"] < tcfg.max_steps,
         "wall_s": wall,
+        "cells_at_once": args.jobs,  # >1: its wall time and tokens/s shared the device with other cells
         "train_tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes warm-up
         "train_flops_per_token": flops,
         "curve": curve,
         "best": min(curve, key=lambda c: c["valid_ppl"]),
         "run_dir": summary["run_dir"],
     }
+
+
+def train_cells(todo: list[tuple[str, str, dict, float, int]], args: argparse.Namespace, corpus):
+    """Train each (name, preset, overrides, p, seed) of `todo`, yielding (key, cell) as each finishes.
+
+    --jobs 1 trains them one after another here. --jobs N trains N at a time, each in a process of
+    its own (spawned: CUDA cannot be forked), for a device that one small model leaves idle, such as
+    a GPU; on a CPU each process takes cores / N threads, so N cells share the cores rather than
+    fight over them. A cell's record keeps N, since its wall time and tokens/s were shared.
+    """
+    keys = [cell_key(name, p, seed, args.epochs) for name, _, _, p, seed in todo]
+    if args.jobs == 1:
+        for key, (name, preset, overrides, p, seed) in zip(keys, todo):
+            print(f"== {key}", flush=True)
+            yield key, run_cell(name, preset, overrides, p, seed, args, corpus)
+        return
+    quiet = argparse.Namespace(**{**vars(args), "no_progress": True})  # N progress bars would overwrite each other
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,))
+    try:
+        running = {pool.submit(run_cell, name, preset, overrides, p, seed, quiet, corpus): key for key, (name, preset, overrides, p, seed) in zip(keys, todo)}
+        print(f"== {len(todo)} cells, {args.jobs} at a time, {threads} thread(s) each: " + "; ".join(keys), flush=True)
+        for future in as_completed(running):
+            print(f"== finished {running[future]}", flush=True)
+            yield running[future], future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # a failed cell: the ones not yet started are dropped, the finished ones are kept
 
 
 def trained_config(summary: dict):
@@ -296,15 +326,15 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         "",
         "## Cells",
         "",
-        "Every finished cell of the table above: where it ran, at which precision, and its best validation.",
+        "Every finished cell of the table above: where it ran, at which precision, how many cells shared the device (`--jobs`), and its best validation.",
         "",
-        "| row | seed | machine | precision | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, cs in groups.items():
         for c in cs:
             lines.append(
-                f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
+                f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c.get('cells_at_once', 1)} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
                 f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f} |"
             )
     lines += [
@@ -398,13 +428,16 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/ptb-grid", help="where the cells' checkpoints go (default runs/ptb-grid)")
     parser.add_argument("--out", help="the report (default docs/results/<data>.md); its finished cells go beside it, as .json")
     parser.add_argument("--fresh", action="store_true", help="forget finished cells and train every cell again")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cells trained at once, each in its own process (default 1; several for a GPU that one small model leaves idle)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if bad := [item for item in args.set if "=" not in item]:
         parser.error(f"--set {bad[0]!r}: give FIELD=VALUE, e.g. --set d_model=256")
-    args.set = dict(item.split("=", 1) for item in args.set)  # apply_overrides converts each value to its field's type
-    if args.epochs <= 0 or args.patience < 1 or args.evals_per_epoch < 1:
-        parser.error("--epochs must be > 0, and --patience and --evals-per-epoch at least 1")
+    args.set = dict(parse_assignment(item) for item in args.set)  # apply_overrides checks each value's type
+    if args.epochs <= 0 or args.patience < 1 or args.evals_per_epoch < 1 or args.jobs < 1:
+        parser.error("--epochs must be > 0, and --patience, --evals-per-epoch and --jobs at least 1")
     if set(args.set) & set(REGULARISATION):
         parser.error("dropout is tuned per family (--tune P,P,...), not set for every row: drop --set dropout/emb_dropout")
     try:
@@ -444,12 +477,10 @@ def main() -> None:
     done = {} if args.fresh or not results_path.exists() else {key_of(c): c for c in json.loads(results_path.read_text()).values()}
 
     def fill(cells: list[tuple[str, str, dict, float, int]]) -> None:
-        for name, preset, overrides, p, seed in cells:
-            key = cell_key(name, p, seed, args.epochs)
-            if key not in done:
-                print(f"== {key}", flush=True)
-                done[key] = run_cell(name, preset, overrides, p, seed, args, corpus)
-                write_atomic(results_path, json.dumps(done, indent=1))
+        todo = [cell for cell in cells if cell_key(cell[0], cell[3], cell[4], args.epochs) not in done]
+        for key, finished in train_cells(todo, args, corpus):
+            done[key] = finished
+            write_atomic(results_path, json.dumps(done, indent=1))  # each cell kept as it finishes
 
     if args.tune:  # the tuning rows first: they fix p for the rest of the grid
         fill([(n, pr, ov, p, 0) for n, pr, ov in chosen if n in TUNING_ROW.values() for p in args.tune])

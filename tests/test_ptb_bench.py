@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
+import random
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from crt.config import apply_overrides, load_preset
+from crt.config import apply_overrides, load_preset, parse_assignment
+from crt.errors import CRTError
 from crt.models import build_model
 
 _spec = importlib.util.spec_from_file_location("ptb_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "ptb.py")
@@ -136,7 +141,8 @@ def test_the_report_names_each_cells_machine_and_precision_and_sets_ablations_ag
         (["--set", "d_model"], "--set 'd_model': give FIELD=VALUE"),
         (["--set", "dropout=0.2"], "dropout is tuned per family"),
         (["--epochs", "0"], "--epochs must be > 0"),
-        (["--patience", "0"], "--patience and --evals-per-epoch at least 1"),
+        (["--patience", "0"], "--patience, --evals-per-epoch and --jobs at least 1"),
+        (["--jobs", "0"], "--patience, --evals-per-epoch and --jobs at least 1"),
         (["--tune", "0.1,x"], "give dropouts as comma-separated numbers"),
         (["--tune", "1.5"], "a dropout lies in [0, 1)"),
         (["--tune", "0.1", "--row", "CRT L=17"], "--tune trains the tuning rows"),
@@ -150,3 +156,43 @@ def test_bad_arguments_are_one_line_usage_errors_before_any_work(monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_set_reads_values_as_a_user_types_them():
+    """--set FIELD=VALUE: numbers and booleans typed, words left strings, so apply_overrides' strict types judge them."""
+    assert [parse_assignment(x) for x in ("d_model=256", "lr=3e-3", "tie_weights=false", "device=cuda", "frame_shape=")] == [
+        ("d_model", 256),
+        ("lr", 0.003),
+        ("tie_weights", False),
+        ("device", "cuda"),
+        ("frame_shape", ""),
+    ]
+    mcfg, tcfg = apply_overrides(*load_preset("ptb-crt-35"), dict(parse_assignment(x) for x in ("d_model=256", "lr=3e-3")))
+    assert (mcfg.d_model, tcfg.lr) == (256, 0.003)
+    with pytest.raises(CRTError, match="d_model expects an integer"):
+        apply_overrides(*load_preset("ptb-crt-35"), dict([parse_assignment("d_model=wide")]))
+
+
+def test_jobs_trains_cells_in_processes_of_their_own_and_keeps_each(tmp_path):
+    """--jobs 2 at a tiny size: both cells finish in their own processes, each at half the threads, and the report lists them."""
+    rng, words = random.Random(0), [f"w{i}" for i in range(30)]
+    for split, n in (("train", 150), ("valid", 30), ("test", 30)):
+        (tmp_path / f"ptb.{split}.txt").write_text("".join(" ".join(rng.choice(words) for _ in range(20)) + "\n" for _ in range(n)))
+    rows = [bench.TUNING_ROW["transformer"], bench.TUNING_ROW["crt"]]
+    tiny = ["--set", "d_model=16", "--set", "d_ff=32", "--set", "n_head=2", "--set", "batch_size=4"]  # typed by parse_assignment, as a user types them
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out" / "ptb.md"), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--seeds", "0"]
+    script = Path(bench.__file__)
+    done = subprocess.run(
+        [sys.executable, str(script), *argv, *tiny, "--row", rows[0], "--row", rows[1], "--jobs", "2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    cells = json.loads((tmp_path / "out" / "ptb.json").read_text())
+    assert sorted(c["name"] for c in cells.values()) == sorted(rows)
+    for c in cells.values():
+        assert c["cells_at_once"] == 2 and c["model"]["d_model"] == 16 and c["steps"] > 0
+        assert f"({max(1, torch.get_num_threads() // 2)} threads)" in c["machine"]  # the cores shared, not oversubscribed
+    report = (tmp_path / "out" / "ptb.md").read_text()
+    assert all(f"| {r} | 0 | M1 |" in report for r in rows)  # both in the Cells table

@@ -298,6 +298,16 @@ MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """A script's `--set FIELD=VALUE`: VALUE read as a TOML value (3e-3, 8, true), else as a string,
+    so that apply_overrides' strict types accept `d_model=256` and refuse `d_model=wide`."""
+    name, _, text = item.partition("=")
+    try:
+        return name, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return name, text
+
+
 def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     """Return copies of both configs with `overrides` (field name -> value) applied and type-checked."""
     m, t = {}, {}
