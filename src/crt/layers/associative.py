@@ -48,7 +48,7 @@ class AssociativeMemory(nn.Module):
         stored keys only a little has a tiny z . q, and dividing by it rescales a weak match to full
         strength, and whatever A holds in that direction with it (up to 1/eps). Trained from
         scratch on PTB (width 128, lr 2e-3) the original's loss rose from step 50 to 100 and the
-        run ended at twice the Transformer's perplexity (docs/results/ptb.md, ptb-notes.md); with
+        run ended at twice the Transformer's perplexity (docs/results/ptb-early.md, ptb-notes.md); with
         the floor a weak match stays weak, a stored unit key (z . k = 1) still returns exactly its
         value, and several stored keys are still averaged.
 
