@@ -246,7 +246,11 @@ def plot(groups: dict[str, list[dict]], path: Path, args: argparse.Namespace) ->
         x = [statistics.mean(c["curve"][i]["train_flops"] for c in cells) / 1e15 for i in range(n)]
         ys = [[c["curve"][i]["test_ppl"] for c in cells] for i in range(n)]
         ax.errorbar(
-            x, [statistics.mean(y) for y in ys], yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys], label=f"{name} ({len(cells)} seeds)", capsize=2
+            x,
+            [statistics.mean(y) for y in ys],
+            yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
+            label=f"{name} ({len(cells)} seed{'s' if len(cells) > 1 else ''})",
+            capsize=2,
         )
     ax.set_xlabel("training PFLOP (3 x forward)")
     ax.set_ylabel("test perplexity (state carried over the split)")
