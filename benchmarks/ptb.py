@@ -332,20 +332,25 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         "",
         "Every finished cell of the table above: where it ran, at which precision, how many cells shared the device (`--jobs`), and its best validation.",
         "",
-        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours | valid gain at the last validation |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, cs in groups.items():
         for c in cs:
             lines.append(
                 f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c.get('cells_at_once', 1)} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
-                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f} |"
+                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f} | {last_gain(c['curve'])} |"
             )
     lines += [
         "",
         f"![test perplexity against training FLOPs]({Path(args.out).with_suffix('.png').name})",
     ]
     return lines
+
+
+def last_gain(curve: list[dict]) -> str:
+    """How much the last validation lowered valid perplexity: near 0 once a cell has flattened."""
+    return f"{curve[-2]['valid_ppl'] / curve[-1]['valid_ppl'] - 1:+.2%}" if len(curve) > 1 else "-"
 
 
 def machine_tags(cells: list[dict]) -> dict[str, str]:
