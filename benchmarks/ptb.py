@@ -225,6 +225,22 @@ def at_flops(curve: list[dict], budget: float) -> float:
     return math.exp(points[-1][1])
 
 
+def device_hours(cell: dict) -> float:
+    """Hours of the whole device one cell took: its wall time shared among the cells trained beside it (--jobs)."""
+    return cell["wall_s"] / cell.get("cells_at_once", 1) / 3600
+
+
+def remaining_cost(groups: dict[str, list[dict]]) -> str:
+    """How many cells the grid still lacks and what they would cost at the device hours measured so far."""
+    every = statistics.median(device_hours(c) for cs in groups.values() for c in cs)
+    todo = {name: max(0, len(DEFAULT_SEEDS) - len(groups.get(name, []))) for name, _, _ in GRID}
+    hours = sum(n * (statistics.mean(map(device_hours, groups[name])) if name in groups else every) for name, n in todo.items() if n > 0)
+    return (
+        f"{sum(todo.values())} cells remain: about {hours:.0f} device hours at the hours measured so far "
+        f"(a row's mean device hours per cell where it has a cell, else the median of all cells, {every:.2f})."
+    )
+
+
 def mean_std(xs: list[float]) -> str:
     """Mean ± std over the seeds that have a value; "(n of m)" when some have none (a curve that starts past the budget)."""
     kept = [x for x in xs if not math.isnan(x)]
@@ -283,17 +299,18 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         f"Each cell trains up to {args.epochs:g} epochs, validates {args.evals_per_epoch} x per epoch on the whole valid split and scores the whole "
         f"test split each time (state carried), and stops once valid loss has not improved for {args.patience} validations. "
         "test ppl is the test perplexity at the cell's best validation; rows give mean ± std over their seeds. "
-        f"test ppl at matched FLOPs reads each cell's test curve at {budget:.3g} training FLOPs, the smallest total any cell reached (log-linear between validations).",
+        f"test ppl at matched FLOPs reads each cell's test curve at {budget:.3g} training FLOPs, the smallest total any cell reached (log-linear between validations). "
+        "A cell trained beside N - 1 others (`--jobs N`) counts N x its tokens/s and 1/N of its wall time as the device's (its own are in the Cells table).",
         "",
-        "| model | params | seeds | epochs run | stopped early | train MFLOP/token | tokens/s (median of cells) | valid ppl | test ppl | test ppl at matched FLOPs | hours per cell |",
+        "| model | params | seeds | epochs run | stopped early | train MFLOP/token | device tokens/s (median of cells) | valid ppl | test ppl | test ppl at matched FLOPs | device hours per cell |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, cs in groups.items():
         lines.append(
             f"| {name} | {cs[0]['params']:,} | {len(cs)} ({', '.join(str(c['seed']) for c in cs)}) | {statistics.mean(c['curve'][-1]['epochs'] for c in cs):.1f} | "
-            f"{sum(c['stopped_early'] for c in cs)} | {cs[0]['train_flops_per_token'] / 1e6:.2f} | {statistics.median(c['train_tokens_per_s'] for c in cs):,.0f} | "
+            f"{sum(c['stopped_early'] for c in cs)} | {cs[0]['train_flops_per_token'] / 1e6:.2f} | {statistics.median(c['train_tokens_per_s'] * c.get('cells_at_once', 1) for c in cs):,.0f} | "
             f"{mean_std([c['best']['valid_ppl'] for c in cs])} | {mean_std([c['best']['test_ppl'] for c in cs])} | "
-            f"{mean_std([at_flops(c['curve'], budget) for c in cs])} | {statistics.mean(c['wall_s'] for c in cs) / 3600:.2f} |"
+            f"{mean_std([at_flops(c['curve'], budget) for c in cs])} | {statistics.mean(map(device_hours, cs)):.2f} |"
         )
     missing = [n for n, _, _ in GRID if n not in groups]
     short = [f"{n} ({len(cs)})" for n, cs in groups.items() if len(cs) < len(DEFAULT_SEEDS)]
@@ -301,7 +318,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         lines += [
             "",
             f"**The grid is not complete.** Rows with fewer than {len(DEFAULT_SEEDS)} seeds (seeds finished): {'; '.join(short) or 'none'}. "
-            f"Rows without a finished cell: {'; '.join(missing) or 'none'}.",
+            f"Rows without a finished cell: {'; '.join(missing) or 'none'}. {remaining_cost(groups)}",
         ]
     lines += [
         "",
@@ -417,7 +434,11 @@ def plan(rows: list[tuple[str, str, dict]], args: argparse.Namespace, corpus, co
         total += 3 * cell_h
         lines.append(f"| {name} | {rate:,.0f} | {per_epoch:,} | {epoch_s / 60:.1f} | {eval_s:.0f} | {cell_h:.2f} | {3 * cell_h:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"All rows above, 3 seeds each: {total:.0f} hours on this machine, one cell at a time (2 cores run one cell well, not two)."]
+    lines += [
+        "",
+        f"All rows above, 3 seeds each: {total:.0f} hours on this machine, one cell at a time. A projection from a short run: the hours "
+        f"the finished cells took, on each machine, are in the Cells table of `{Path(args.out).name}`.",
+    ]
     print(write_results(Path(args.out).with_name(f"{args.data}-plan.md"), lines))
 
 

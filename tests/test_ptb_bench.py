@@ -115,6 +115,21 @@ def test_the_report_of_a_partial_grid_says_what_it_lacks(tmp_path):
     assert row.rstrip(" |").endswith("96.00 ± 1.00 | 1.00")
 
 
+def test_a_partial_grid_projects_its_remaining_cells_at_the_device_hours_measured(tmp_path):
+    t, c = bench.TUNING_ROW["transformer"], bench.TUNING_ROW["crt"]
+    shared = cell(t, 0, 0.1, [130, 128], [121, 120]) | {"wall_s": 7200.0, "cells_at_once": 2}  # 2 h beside another cell: 1 device hour
+    groups = {t: [shared], c: [cell(c, s, 0.1, [100, 99], [95, 94]) | {"wall_s": 1800.0} for s in bench.DEFAULT_SEEDS]}
+    choice = {"transformer": (0.1, groups[t]), "crt": (0.1, groups[c][:1])}
+    args = argparse.Namespace(data="ptb", out=str(tmp_path / "ptb.md"), invocation="python benchmarks/ptb.py", epochs=10, evals_per_epoch=1, patience=3)
+    text = "\n".join(bench.report(groups, choice, args, "python benchmarks/ptb.py --data-dir D"))
+    empty = len(bench.GRID) - 2
+    # the Transformer's 2 missing seeds at its own 1 device hour, the empty rows' 3 seeds each at the median of all cells (0.5 h)
+    assert f"{2 + 3 * empty} cells remain: about {2 * 1.0 + 3 * empty * 0.5:.0f} device hours" in text
+    assert "else the median of all cells, 0.50)" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {t} |"))
+    assert "| 200 |" in row and row.rstrip(" |").endswith("| 1.00")  # device tokens/s (2 x 100) and device hours
+
+
 def test_the_report_names_each_cells_machine_and_precision_and_sets_ablations_against_their_row(tmp_path):
     base, ablation = bench.ABLATED, f"{bench.ABLATED}, no memory token"
     assert ablation in [n for n, _, _ in bench.GRID]
