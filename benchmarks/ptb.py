@@ -289,7 +289,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
     machine = (
         cells[0]["machine"]
         if len(tags) == 1
-        else f"{len(tags)} machines, each cell's named in the Cells table: " + "; ".join(f"{t} = {m}" for m, t in tags.items())
+        else f"{len(tags)} machines or thread counts, each cell's named in the Cells table: " + "; ".join(f"{t} = {m}" for m, t in tags.items())
     )
     lines = header(f"{LABEL[args.data]}: the comparison trained to convergence on valid, several seeds", command, machine)
     lines += [

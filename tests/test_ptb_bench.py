@@ -138,7 +138,7 @@ def test_the_report_names_each_cells_machine_and_precision_and_sets_ablations_ag
     choice = {"transformer": (0.1, []), "crt": (0.1, groups[base][:1])}
     args = argparse.Namespace(data="ptb", out=str(tmp_path / "ptb.md"), invocation="python benchmarks/ptb.py", epochs=10, evals_per_epoch=1, patience=3)
     lines = bench.report(groups, choice, args, "python benchmarks/ptb.py --data-dir D")
-    assert "Machine: 2 machines, each cell's named in the Cells table: M1 = test machine; M2 = other machine." in lines
+    assert "Machine: 2 machines or thread counts, each cell's named in the Cells table: M1 = test machine; M2 = other machine." in lines
     cells = [line for line in lines if line.startswith(f"| {base} | ")][1:]  # the first is the row of the main table
     assert [line.split(" | ")[2:4] for line in cells] == [["M1", "bf16"], ["M1", "bf16"], ["M2", "fp32"]]
     # CRT-35 is 96.00 ± 1.00 over its seeds; the ablation's 99 is 3 more, 3 of those stds
