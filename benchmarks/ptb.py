@@ -257,7 +257,9 @@ def plot(groups: dict[str, list[dict]], path: Path, args: argparse.Namespace) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, cells in groups.items():
+    tab20 = plt.get_cmap("tab20").colors
+    colours = tab20[0::2] + tab20[1::2]  # 15 rows: 10 strong colours, then their light shades (the default cycle of 10 repeats)
+    for row, (name, cells) in enumerate(groups.items()):
         n = min(len(c["curve"]) for c in cells)  # seeds that stopped early: their common prefix
         x = [statistics.mean(c["curve"][i]["train_flops"] for c in cells) / 1e15 for i in range(n)]
         ys = [[c["curve"][i]["test_ppl"] for c in cells] for i in range(n)]
@@ -267,11 +269,16 @@ def plot(groups: dict[str, list[dict]], path: Path, args: argparse.Namespace) ->
             yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
             label=f"{name} ({len(cells)} seed{'s' if len(cells) > 1 else ''})",
             capsize=2,
+            color=colours[row % len(colours)],
+            linestyle="--" if name.startswith(ABLATED + ",") else "-",  # ablations dashed
         )
+    # the early points of a slow starter (ARMT's first epochs reach 1,000) would flatten where the rows differ
+    best = min(c["best"]["test_ppl"] for cells in groups.values() for c in cells)
+    ax.set_ylim(0.9 * best, 4 * best)
     ax.set_xlabel("training PFLOP (3 x forward)")
     ax.set_ylabel("test perplexity (state carried over the split)")
     ax.set_yscale("log")
-    ax.set_title(f"{LABEL[args.data]}: test perplexity against training FLOPs (mean and std over seeds)")
+    ax.set_title(f"{LABEL[args.data]}: test perplexity against training FLOPs (mean and std over seeds; y cut at 4x the best)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
