@@ -227,7 +227,7 @@ def at_flops(curve: list[dict], budget: float) -> float:
 
 def device_hours(cell: dict) -> float:
     """Hours of the whole device one cell took: its wall time shared among the cells trained beside it (--jobs)."""
-    return cell["wall_s"] / cell.get("cells_at_once", 1) / 3600
+    return cell["wall_s"] / cell["cells_at_once"] / 3600
 
 
 def remaining_cost(groups: dict[str, list[dict]]) -> str:
@@ -315,7 +315,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
     for name, cs in groups.items():
         lines.append(
             f"| {name} | {cs[0]['params']:,} | {len(cs)} ({', '.join(str(c['seed']) for c in cs)}) | {statistics.mean(c['curve'][-1]['epochs'] for c in cs):.1f} | "
-            f"{sum(c['stopped_early'] for c in cs)} | {cs[0]['train_flops_per_token'] / 1e6:.2f} | {statistics.median(c['train_tokens_per_s'] * c.get('cells_at_once', 1) for c in cs):,.0f} | "
+            f"{sum(c['stopped_early'] for c in cs)} | {cs[0]['train_flops_per_token'] / 1e6:.2f} | {statistics.median(c['train_tokens_per_s'] * c['cells_at_once'] for c in cs):,.0f} | "
             f"{mean_std([c['best']['valid_ppl'] for c in cs])} | {mean_std([c['best']['test_ppl'] for c in cs])} | "
             f"{mean_std([at_flops(c['curve'], budget) for c in cs])} | {statistics.mean(map(device_hours, cs)):.2f} |"
         )
@@ -362,7 +362,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
     for name, cs in groups.items():
         for c in cs:
             lines.append(
-                f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c.get('cells_at_once', 1)} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
+                f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c['cells_at_once']} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
                 f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f} | {last_gain(c['curve'])} |"
             )
     lines += [
@@ -512,6 +512,8 @@ def main() -> None:
         return plan(chosen, args, corpus, command)
     results_path = Path(args.out).with_suffix(".json")
     done = {} if args.fresh or not results_path.exists() else {key_of(c): c for c in json.loads(results_path.read_text()).values()}
+    for c in done.values():
+        c.setdefault("cells_at_once", 1)  # cells from before --jobs ran one at a time
 
     def fill(cells: list[tuple[str, str, dict, float, int]]) -> None:
         todo = [cell for cell in cells if cell_key(cell[0], cell[3], cell[4], args.epochs) not in done]
