@@ -21,7 +21,9 @@ Transformer, XL, RMT, ARMT) and once for CRT (every CRT row): --tune P,P,... tra
 row of each family at each p, and every grid cell uses the p of its family's best tuning cell
 (seed 0, same epochs), or the presets' p while no tuning cell exists. Finished cells are kept beside the report (ptb.json, committed
 with it) and are not trained again, so the grid fills over several invocations, sessions and
-machines; --fresh starts over. Checkpoints of the cells go to --runs-dir, which is not kept.
+machines; --fresh starts over. Checkpoints of the cells go to --runs-dir, which is not kept; a
+cell stopped part-way (a session's end, a kill) goes on from its last validation's checkpoint
+there when the grid runs again with the same settings, so a cell may outlast a session.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from crt.analysis.flops import count_flops
 from crt.analysis.machine import describe
 from crt.analysis.results import header, write_results
-from crt.checkpoint import load_model
+from crt.checkpoint import Checkpoint, load_checkpoint, load_model
 from crt.config import apply_overrides, load_preset, parse_assignment, to_dict
 from crt.data.load import load_corpus
 from crt.errors import CRTError
@@ -132,9 +134,8 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
     tcfg.eval_every, tcfg.eval_max_tokens = max(1, per_epoch // args.evals_per_epoch), 0  # whole splits
     tcfg.eval_test, tcfg.patience = True, args.patience
     tcfg.out_dir = str(Path(args.runs_dir) / f"{slug(name)}-p{p:g}-s{seed}")
-    start = time.perf_counter()
-    summary = train(mcfg, tcfg, corpus=corpus, progress=not args.no_progress)
-    wall = time.perf_counter() - start
+    resume = None if args.fresh else interrupted(Path(tcfg.out_dir), mcfg, tcfg)
+    summary = train(mcfg, tcfg, resume=resume, corpus=corpus, progress=not args.no_progress)
     mcfg = trained_config(summary)
     flops = count_flops(mcfg).train_per_token
     records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
@@ -169,7 +170,8 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
         "params": summary["params"],
         "steps": summary["step"],
         "stopped_early": summary["step"] < tcfg.max_steps,
-        "wall_s": wall,
+        "wall_s": summary["elapsed_s"],  # over all its resumes
+        "resumed_at_step": resume.meta["step"] if resume is not None else None,
         "cells_at_once": args.jobs,  # >1: its wall time and tokens/s shared the device with other cells
         "train_tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes warm-up
         "train_flops_per_token": flops,
@@ -177,6 +179,31 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
         "best": min(curve, key=lambda c: c["valid_ppl"]),
         "run_dir": summary["run_dir"],
     }
+
+
+def interrupted(out: Path, mcfg, tcfg) -> Checkpoint | None:
+    """The last checkpoint in `out` of a cell trained with exactly these configs and not yet in
+    the results (its process was stopped, or stopped before writing them), or None. Training goes
+    on from it: a resumed run follows the trajectory of an unbroken one (crt.train.loop.train), so
+    a cell longer than a session still finishes. Any other run in `out` is left as it is, and the
+    cell trains afresh in a new folder beside it."""
+    if not (out / "checkpoints").exists():
+        return None
+    try:
+        ckpt = load_checkpoint(out)
+        elapsed = "elapsed_s" in ckpt.load_trainer()
+    except CRTError as e:
+        print(f"{out} holds an unusable checkpoint ({e}); the cell trains afresh beside it", flush=True)
+        return None
+    model = {k: v for k, v in ckpt.meta["model"].items() if k != "vocab_size"}  # set from the data, which check_resume compares
+    if ckpt.meta["train"] != to_dict(tcfg) or model != {k: v for k, v in to_dict(mcfg).items() if k != "vocab_size"}:
+        print(f"{out} holds a run with other settings (data, epochs, --set or seed); the cell trains afresh beside it", flush=True)
+        return None
+    if not elapsed:
+        print(f"{out} holds a checkpoint written before runs recorded their wall time; the cell trains afresh beside it", flush=True)
+        return None
+    print(f"{out}: resuming the interrupted cell at step {ckpt.meta['step']}", flush=True)
+    return ckpt
 
 
 def train_cells(todo: list[tuple[str, str, dict, float, int]], args: argparse.Namespace, corpus):
@@ -208,7 +235,6 @@ def train_cells(todo: list[tuple[str, str, dict, float, int]], args: argparse.Na
 
 def trained_config(summary: dict):
     """The model config as trained (its vocabulary is set from the data)."""
-    from crt.checkpoint import load_checkpoint
     from crt.config import ModelConfig, config_from_dict
 
     return config_from_dict(ModelConfig, load_checkpoint(summary["run_dir"]).meta["model"])
@@ -354,7 +380,12 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         "",
         "## Cells",
         "",
-        "Every finished cell of the table above: where it ran, at which precision, how many cells shared the device (`--jobs`), and its best validation.",
+        "Every finished cell of the table above: where it ran, at which precision, how many cells shared the device (`--jobs`), and its best validation."
+        + (
+            " A cell stopped and resumed (hours: resumed at step N) counts the wall time of all its parts; its machine and cells at once are its last part's."
+            if any(c.get("resumed_at_step") for cs in groups.values() for c in cs)
+            else ""
+        ),
         "",
         "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours | valid gain at the last validation |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -363,13 +394,17 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         for c in cs:
             lines.append(
                 f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c['cells_at_once']} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
-                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f} | {last_gain(c['curve'])} |"
+                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f}{resumed(c)} | {last_gain(c['curve'])} |"
             )
     lines += [
         "",
         f"![test perplexity against training FLOPs]({Path(args.out).with_suffix('.png').name})",
     ]
     return lines
+
+
+def resumed(cell: dict) -> str:
+    return f" (resumed at step {cell['resumed_at_step']})" if cell.get("resumed_at_step") else ""
 
 
 def last_gain(curve: list[dict]) -> str:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,11 +190,53 @@ def test_set_reads_values_as_a_user_types_them():
         apply_overrides(*load_preset("ptb-crt-35"), dict([parse_assignment("d_model=wide")]))
 
 
-def test_jobs_trains_cells_in_processes_of_their_own_and_keeps_each(tmp_path):
-    """--jobs 2 at a tiny size: both cells finish in their own processes, each at half the threads, and the report lists them."""
+def tiny_corpus(folder: Path) -> None:
     rng, words = random.Random(0), [f"w{i}" for i in range(30)]
     for split, n in (("train", 150), ("valid", 30), ("test", 30)):
-        (tmp_path / f"ptb.{split}.txt").write_text("".join(" ".join(rng.choice(words) for _ in range(20)) + "\n" for _ in range(n)))
+        (folder / f"ptb.{split}.txt").write_text("".join(" ".join(rng.choice(words) for _ in range(20)) + "\n" for _ in range(n)))
+
+
+def test_an_interrupted_cell_resumes_from_its_last_checkpoint_and_ends_as_an_unbroken_one(monkeypatch, capsys, tmp_path):
+    """A cell stopped after a validation (its process killed; here: its later checkpoint removed
+    and the results forgotten) goes on from its checkpoint, to the curve of an unbroken run, and
+    counts the wall time of both parts; a run of other settings in its folder is left alone."""
+    tiny_corpus(tmp_path)
+    out, runs = tmp_path / "out" / "ptb.md", tmp_path / "runs"
+    tiny = ["--set", "d_model=16", "--set", "d_ff=32", "--set", "n_head=2", "--set", "batch_size=4"]
+
+    def grid(*extra: str) -> dict:
+        argv = ["ptb.py", "--data-dir", str(tmp_path), "--out", str(out), "--runs-dir", str(runs), "--seeds", "0", "--row", "CRT L=35", *tiny, "--no-progress"]
+        monkeypatch.setattr(sys, "argv", [*argv, "--evals-per-epoch", "2", *extra])
+        bench.main()
+        return json.loads(out.with_suffix(".json").read_text())
+
+    unbroken = grid("--epochs", "2")
+    (key,) = unbroken
+    folder = runs / "crt-l-35-p0.1-s0"
+    kept = sorted((folder / "checkpoints").glob("step-*"))
+    steps = [int(p.name.split("-")[1]) for p in kept]
+    assert len(steps) == 2 and steps[-1] == unbroken[key]["steps"]
+    # the kill: the last checkpoint never written, the cell never recorded
+    shutil.rmtree(kept[-1])
+    (folder / "checkpoints" / "latest").write_text(kept[0].name)
+    out.with_suffix(".json").unlink()
+    capsys.readouterr()
+    resumed = grid("--epochs", "2")[key]
+    assert f"resuming the interrupted cell at step {steps[0]}" in capsys.readouterr().out
+    assert resumed["resumed_at_step"] == steps[0] and resumed["run_dir"] == str(folder)
+    assert [c["valid_ppl"] for c in resumed["curve"]] == pytest.approx([c["valid_ppl"] for c in unbroken[key]["curve"]], rel=1e-5)
+    assert resumed["best"]["test_ppl"] == pytest.approx(unbroken[key]["best"]["test_ppl"], rel=1e-5)
+    assert resumed["wall_s"] > 0 and unbroken[key]["resumed_at_step"] is None
+    assert f"(resumed at step {steps[0]})" in out.read_text()  # the Cells table says so
+    # another budget is another cell: it does not continue the 2-epoch run
+    other = grid("--epochs", "1")
+    assert "holds a run with other settings" in capsys.readouterr().out
+    assert {c["run_dir"] for c in other.values()} == {str(folder), str(folder) + "-2"}
+
+
+def test_jobs_trains_cells_in_processes_of_their_own_and_keeps_each(tmp_path):
+    """--jobs 2 at a tiny size: both cells finish in their own processes, each at half the threads, and the report lists them."""
+    tiny_corpus(tmp_path)
     rows = [bench.TUNING_ROW["transformer"], bench.TUNING_ROW["crt"]]
     tiny = ["--set", "d_model=16", "--set", "d_ff=32", "--set", "n_head=2", "--set", "batch_size=4"]  # typed by parse_assignment, as a user types them
     argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out" / "ptb.md"), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--seeds", "0"]

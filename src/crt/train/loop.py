@@ -354,7 +354,8 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one model through its curriculum; return a summary (run_dir, params, steps, the
-    task's validation scores, and test scores for tasks that mark answers).
+    task's validation scores, test scores for tasks that mark answers, and elapsed_s: the run's
+    wall seconds, over all its resumes, not counting steps an interruption made it redo).
 
     stages: the curriculum (`crt.config.load_curriculum`, with the user's explicit fields taken
         out by `without_fields`); None or []: one plain stage of max_steps. When resuming, None
@@ -370,6 +371,7 @@ def train(
     Summary["curriculum"]: stages (count), reached (1-based), passed (False when a stage ran out
     of steps before its condition held), message. Scores are on the last stage's data.
     """
+    started = time.perf_counter()  # wall time of the run; a resume adds the seconds its checkpoint had run
     tcfg.validate()
     if stages is None:
         stages = stages_from_list(resume.meta.get("stages", [])) if resume is not None else []
@@ -440,6 +442,7 @@ def train(
                 )
             interval_loss, interval_tokens, interval_time, interval_steps = trainer.get("interval", (0.0, 0, 0.0, 0))
             best_loss, since_best = trainer.get("early", (math.inf, 0))
+            started -= trainer.get("elapsed_s", 0.0)  # work redone after an interruption counts once
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise CRTError(
                 f"{resume.path / 'trainer.pt'} does not hold this run's trainer state ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint is damaged; use another"
@@ -473,6 +476,7 @@ def train(
             "ended": status if decided else None,
             "interval": (interval_loss, interval_tokens, interval_time, interval_steps),
             "early": (best_loss, since_best),
+            "elapsed_s": time.perf_counter() - started,
             **dumped,
         }
         run.saved = True
@@ -630,6 +634,7 @@ def train(
         "params": n_params,
         "step": step,
         "tokens_seen": tokens_seen,
+        "elapsed_s": time.perf_counter() - started,
         **task.summary(last_valid),
         **(task.summary(test, "test") if test else {}),
         "curriculum": {"stages": n_stages, "reached": stage + 1, **status},
