@@ -29,6 +29,8 @@ there when the grid runs again with the same settings, so a cell may outlast a s
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import multiprocessing
@@ -46,10 +48,12 @@ from crt.analysis.flops import count_flops
 from crt.analysis.machine import describe
 from crt.analysis.results import header, write_results
 from crt.checkpoint import Checkpoint, load_checkpoint, load_model
-from crt.config import apply_overrides, load_preset, parse_assignment, to_dict
+from crt.config import ModelConfig, apply_overrides, config_from_dict, load_preset, parse_assignment, to_dict
 from crt.data.load import load_corpus
+from crt.data.tokenizer import from_meta as tokenizer_from_meta
 from crt.errors import CRTError
 from crt.files import write_atomic
+from crt.models import build_model
 from crt.runtime import describe_precision, resolve_device, resolve_precision
 from crt.train.evaluate import evaluate
 from crt.train.loop import train
@@ -134,7 +138,7 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
     tcfg.eval_every, tcfg.eval_max_tokens = max(1, per_epoch // args.evals_per_epoch), 0  # whole splits
     tcfg.eval_test, tcfg.patience = True, args.patience
     tcfg.out_dir = str(Path(args.runs_dir) / f"{slug(name)}-p{p:g}-s{seed}")
-    resume = None if args.fresh else interrupted(Path(tcfg.out_dir), mcfg, tcfg)
+    resume = None if args.fresh else interrupted(Path(tcfg.out_dir), mcfg, tcfg, corpus)
     summary = train(mcfg, tcfg, resume=resume, corpus=corpus, progress=not args.no_progress)
     mcfg = trained_config(summary)
     flops = count_flops(mcfg).train_per_token
@@ -171,7 +175,7 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
         "steps": summary["step"],
         "stopped_early": summary["step"] < tcfg.max_steps,
         "wall_s": summary["elapsed_s"],  # over all its resumes
-        "resumed_at_step": resume.meta["step"] if resume is not None else None,
+        "resumed_at_step": resume.load_trainer()["step"] if resume is not None else None,
         "cells_at_once": args.jobs,  # >1: its wall time and tokens/s shared the device with other cells
         "train_tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes warm-up
         "train_flops_per_token": flops,
@@ -181,29 +185,35 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
     }
 
 
-def interrupted(out: Path, mcfg, tcfg) -> Checkpoint | None:
-    """The last checkpoint in `out` of a cell trained with exactly these configs and not yet in
-    the results (its process was stopped, or stopped before writing them), or None. Training goes
-    on from it: a resumed run follows the trajectory of an unbroken one (crt.train.loop.train), so
-    a cell longer than a session still finishes. Any other run in `out` is left as it is, and the
-    cell trains afresh in a new folder beside it."""
-    if not (out / "checkpoints").exists():
-        return None
-    try:
-        ckpt = load_checkpoint(out)
-        elapsed = "elapsed_s" in ckpt.load_trainer()
-    except CRTError as e:
-        print(f"{out} holds an unusable checkpoint ({e}); the cell trains afresh beside it", flush=True)
-        return None
-    model = {k: v for k, v in ckpt.meta["model"].items() if k != "vocab_size"}  # set from the data, which check_resume compares
-    if ckpt.meta["train"] != to_dict(tcfg) or model != {k: v for k, v in to_dict(mcfg).items() if k != "vocab_size"}:
-        print(f"{out} holds a run with other settings (data, epochs, --set or seed); the cell trains afresh beside it", flush=True)
-        return None
-    if not elapsed:
-        print(f"{out} holds a checkpoint written before runs recorded their wall time; the cell trains afresh beside it", flush=True)
-        return None
-    print(f"{out}: resuming the interrupted cell at step {ckpt.meta['step']}", flush=True)
-    return ckpt
+def interrupted(out: Path, mcfg, tcfg, corpus) -> Checkpoint | None:
+    """The checkpoint to go on from, if an earlier run of this cell stopped part-way (its process
+    killed, or killed before it wrote the results): the newest of `out`, `out`-2, `out`-3, ...
+    (a run that found its folder taken moved on to the next) that holds a sound checkpoint of a run
+    with exactly these configs and data. A resumed run follows the trajectory of an unbroken one
+    (crt.train.loop.train), so a cell longer than a session still finishes. Runs of other settings
+    are left as they are; with none to go on from, the cell trains afresh in the next free folder."""
+    folders = [out] + list(itertools.takewhile(Path.exists, (out.with_name(f"{out.name}-{n}") for n in itertools.count(2))))
+    model = to_dict(dataclasses.replace(mcfg, vocab_size=len(corpus.vocab)))  # as trained: the vocabulary is set from the data
+    refused = []
+    for folder in reversed([f for f in folders if (f / "checkpoints").exists()]):
+        try:
+            ckpt = load_checkpoint(folder)
+            trainer = ckpt.load_trainer()
+            if to_dict(ckpt.train_config(in_stage=False)) != to_dict(tcfg) or ckpt.meta["model"] != model or tokenizer_from_meta(ckpt.meta) != corpus.tokenizer:
+                refused.append(f"{folder} holds a run with other settings (data, epochs, --set or seed)")
+                continue
+            if "elapsed_s" not in trainer:
+                refused.append(f"{folder} holds a checkpoint written before runs recorded their wall time")
+                continue
+            ckpt.load_weights(build_model(config_from_dict(ModelConfig, model)))  # its weights whole and of this model
+        except CRTError as e:
+            refused.append(f"{folder} holds an unusable checkpoint ({e})")
+            continue
+        print(f"{folder}: resuming the stopped cell at step {trainer['step']}", flush=True)
+        return ckpt
+    if refused:
+        print("; ".join(refused) + ": left as they are; the cell trains afresh in a new folder", flush=True)
+    return None
 
 
 def train_cells(todo: list[tuple[str, str, dict, float, int]], args: argparse.Namespace, corpus):
@@ -235,8 +245,6 @@ def train_cells(todo: list[tuple[str, str, dict, float, int]], args: argparse.Na
 
 def trained_config(summary: dict):
     """The model config as trained (its vocabulary is set from the data)."""
-    from crt.config import ModelConfig, config_from_dict
-
     return config_from_dict(ModelConfig, load_checkpoint(summary["run_dir"]).meta["model"])
 
 
@@ -497,7 +505,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every row (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="train only rows whose name contains this (repeatable)")
     parser.add_argument("--row", action="append", default=[], help="train only the row of exactly this name (repeatable; with --only: either)")
-    parser.add_argument("--runs-dir", default="runs/ptb-grid", help="where the cells' checkpoints go (default runs/ptb-grid)")
+    parser.add_argument("--runs-dir", help="where the cells' checkpoints go (default runs/<data>-grid)")
     parser.add_argument("--out", help="the report (default docs/results/<data>.md); its finished cells go beside it, as .json")
     parser.add_argument("--fresh", action="store_true", help="forget finished cells and train every cell again")
     parser.add_argument(
@@ -528,6 +536,7 @@ def main() -> None:
     if unknown := [r for r in args.row if r not in names] + [o for o in args.only if not any(o in n for n in names)]:
         parser.error(f"--row/--only {unknown[0]!r} names no row of the grid; the rows: " + "; ".join(names))
     args.out = args.out or str(ROOT / "docs" / "results" / f"{args.data}.md")
+    args.runs_dir = args.runs_dir or f"runs/{args.data}-grid"  # a folder per corpus: a cell resumes only its own corpus's runs
     args.invocation = shlex.join(["python", "benchmarks/ptb.py", *sys.argv[1:]])
     argv = sys.argv[1:]
     whole = [

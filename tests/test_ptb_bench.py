@@ -210,28 +210,39 @@ def test_an_interrupted_cell_resumes_from_its_last_checkpoint_and_ends_as_an_unb
         bench.main()
         return json.loads(out.with_suffix(".json").read_text())
 
+    def kill(folder: Path, key: str) -> int:
+        """Its last checkpoint never written, the cell never recorded: the step it goes on from."""
+        kept = sorted((folder / "checkpoints").glob("step-*"))
+        assert len(kept) == 2
+        shutil.rmtree(kept[-1])
+        (folder / "checkpoints" / "latest").write_text(kept[0].name)
+        cells = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".json").write_text(json.dumps({k: c for k, c in cells.items() if k != key}))
+        return int(kept[0].name.split("-")[1])
+
     unbroken = grid("--epochs", "2")
     (key,) = unbroken
     folder = runs / "crt-l-35-p0.1-s0"
-    kept = sorted((folder / "checkpoints").glob("step-*"))
-    steps = [int(p.name.split("-")[1]) for p in kept]
-    assert len(steps) == 2 and steps[-1] == unbroken[key]["steps"]
-    # the kill: the last checkpoint never written, the cell never recorded
-    shutil.rmtree(kept[-1])
-    (folder / "checkpoints" / "latest").write_text(kept[0].name)
-    out.with_suffix(".json").unlink()
+    assert unbroken[key]["run_dir"] == str(folder)
+    steps = [kill(folder, key)]
     capsys.readouterr()
     resumed = grid("--epochs", "2")[key]
-    assert f"resuming the interrupted cell at step {steps[0]}" in capsys.readouterr().out
+    assert f"resuming the stopped cell at step {steps[0]}" in capsys.readouterr().out
     assert resumed["resumed_at_step"] == steps[0] and resumed["run_dir"] == str(folder)
     assert [c["valid_ppl"] for c in resumed["curve"]] == pytest.approx([c["valid_ppl"] for c in unbroken[key]["curve"]], rel=1e-5)
     assert resumed["best"]["test_ppl"] == pytest.approx(unbroken[key]["best"]["test_ppl"], rel=1e-5)
     assert resumed["wall_s"] > 0 and unbroken[key]["resumed_at_step"] is None
     assert f"(resumed at step {steps[0]})" in out.read_text()  # the Cells table says so
-    # another budget is another cell: it does not continue the 2-epoch run
+    # another budget is another cell: it does not continue the 2-epoch run, but trains beside it ...
     other = grid("--epochs", "1")
     assert "holds a run with other settings" in capsys.readouterr().out
-    assert {c["run_dir"] for c in other.values()} == {str(folder), str(folder) + "-2"}
+    (short,) = set(other) - {key}
+    assert other[short]["run_dir"] == str(folder) + "-2" and other[short]["resumed_at_step"] is None
+    # ... and, stopped there, goes on in that folder, not the first
+    step = kill(Path(other[short]["run_dir"]), short)
+    again = grid("--epochs", "1")[short]
+    assert f"{folder}-2: resuming the stopped cell at step {step}" in capsys.readouterr().out
+    assert again["run_dir"] == str(folder) + "-2" and again["best"]["test_ppl"] == pytest.approx(other[short]["best"]["test_ppl"], rel=1e-5)
 
 
 def test_jobs_trains_cells_in_processes_of_their_own_and_keeps_each(tmp_path):
