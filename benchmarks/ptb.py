@@ -175,7 +175,7 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
         "steps": summary["step"],
         "stopped_early": summary["step"] < tcfg.max_steps,
         "wall_s": summary["elapsed_s"],  # over all its resumes
-        "resumed_at_step": resume.load_trainer()["step"] if resume is not None else None,
+        "resumed_at_step": resume.meta["step"] if resume is not None else None,  # save_checkpoint records it
         "cells_at_once": args.jobs,  # >1: its wall time and tokens/s shared the device with other cells
         "train_tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes warm-up
         "train_flops_per_token": flops,
