@@ -12,7 +12,8 @@ state carried over the split, SPEC §3.6), and stops early once valid loss has n
 --patience validations. A cell reports the test perplexity at its best validation; a row, the mean
 and standard deviation over its seeds. Two views: equal tokens (every cell the same epochs), and
 test perplexity at matched training FLOPs, read off each cell's curve at the smallest total any
-finished cell reached. Writes docs/results/ptb.md (wikitext-2.md with --data wikitext-2) and a
+finished cell reached. Every row is set against the Transformer-70 and CRT-35 (Welch's t over
+seeds, its p, whether the seeds overlap). Writes docs/results/ptb.md (wikitext-2.md with --data wikitext-2) and a
 plot beside it (test perplexity against training FLOPs, mean and std over seeds).
 
 Regularisation is one family, dropout p on the embeddings and on both residual branches (weight
@@ -179,10 +180,33 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
         "cells_at_once": args.jobs,  # >1: its wall time and tokens/s shared the device with other cells
         "train_tokens_per_s": statistics.median(rates[1:] or rates),  # the first interval includes warm-up
         "train_flops_per_token": flops,
+        "train_ppl": last_epoch_train_ppl(records, per_epoch),
         "curve": curve,
         "best": min(curve, key=lambda c: c["valid_ppl"]),
         "run_dir": summary["run_dir"],
     }
+
+
+def last_epoch_train_ppl(records: list[dict], per_epoch: float) -> float:
+    """Training perplexity over a run's last epoch (dropout on): exp of the mean loss of its train records there."""
+    train = [r for r in records if r["split"] == "train"]
+    return math.exp(statistics.mean(r["loss"] for r in train if r["step"] > train[-1]["step"] - per_epoch))
+
+
+def recover_train_ppl(done: dict[str, dict]) -> bool:
+    """Give each kept cell that predates `train_ppl` its value, read from its run's metrics where that run is
+    still on this machine and ended where the cell did; True if any cell gained one."""
+    gained = False
+    for c in done.values():
+        metrics = Path(c["run_dir"]) / "metrics.jsonl"
+        if "train_ppl" in c or not metrics.exists():
+            continue
+        records = read_metrics(metrics)
+        if [r["step"] for r in records if r["split"] == "train"][-1:] != [c["steps"]]:
+            continue  # the folder holds another run now
+        c["train_ppl"] = last_epoch_train_ppl(records, c["curve"][0]["step"] / c["curve"][0]["epochs"])
+        gained = True
+    return gained
 
 
 def interrupted(out: Path, mcfg, tcfg, corpus) -> Checkpoint | None:
@@ -367,6 +391,9 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
         f"AdamW weight decay {t0['weight_decay']}, lr {t0['lr']} cosine to {t0['min_lr']} (precision: each cell's in the Cells table); dropout p on the embeddings and both "
         f"residual branches, p = {choice['transformer'][0]:g} for the attention-only rows and {choice['crt'][0]:g} for the CRT rows (next table). "
         "Per-row settings: the GRID of `benchmarks/ptb.py` (presets in `src/crt/configs/`, overrides in the row name).",
+    ]
+    lines += comparisons(groups)
+    lines += [
         "",
         "## Regularisation, tuned on valid",
         "",
@@ -383,7 +410,6 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
                 f"| {fam} | {c['name']} | {c['model']['dropout']:g} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
                 f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {'yes' if c['model']['dropout'] == chosen else ''} |"
             )
-    lines += ablations(groups)
     lines += [
         "",
         "## Cells",
@@ -395,16 +421,19 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
             else ""
         ),
         "",
-        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train tokens/s | hours | valid gain at the last validation |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train ppl, last epoch | valid / train | train tokens/s | hours | valid gain at the last validation |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, cs in groups.items():
         for c in cs:
             lines.append(
                 f"| {name} | {c['seed']} | {tags[c['machine']]} | {c['train']['precision']} | {c['cells_at_once']} | {c['curve'][-1]['epochs']:.1f} | {c['best']['epochs']:.1f} | "
-                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {c['train_tokens_per_s']:,.0f} | {c['wall_s'] / 3600:.2f}{resumed(c)} | {last_gain(c['curve'])} |"
+                f"{c['best']['valid_ppl']:.2f} | {c['best']['test_ppl']:.2f} | {overfit(c)} | {c['train_tokens_per_s']:,.0f} | "
+                f"{c['wall_s'] / 3600:.2f}{resumed(c)} | {last_gain(c['curve'])} |"
             )
     lines += [
+        "",
+        converged(cells),
         "",
         f"![test perplexity against training FLOPs]({Path(args.out).with_suffix('.png').name})",
     ]
@@ -415,9 +444,32 @@ def resumed(cell: dict) -> str:
     return f" (resumed at step {cell['resumed_at_step']})" if cell.get("resumed_at_step") else ""
 
 
+def overfit(cell: dict) -> str:
+    """Train perplexity over the last epoch and best valid over it: the generalisation gap (- for cells kept without it)."""
+    if cell.get("train_ppl") is None:
+        return "- | -"
+    return f"{cell['train_ppl']:.2f} | {cell['best']['valid_ppl'] / cell['train_ppl']:.2f}"
+
+
+def converged(cells: list[dict]) -> str:
+    """How flat the cells ended: the spread of their last validations' gains."""
+    gains = [g for c in cells if (g := final_gain(c["curve"])) is not None]
+    if not gains:
+        return "No cell has two validations yet, so none can say how flat it ended."
+    return (
+        f"Valid gain at the last validation, over {len(gains)} cells: median {statistics.median(gains):+.2%}, from {min(gains):+.2%} to {max(gains):+.2%}; "
+        f"{sum(g > 0.01 for g in gains)} gained over 1%, still falling when the budget ran out. Train ppl: exp of the mean training loss over the cell's "
+        "last epoch, dropout on (- for a cell kept from before it was recorded whose run was not on the machine that last wrote this file)."
+    )
+
+
+def final_gain(curve: list[dict]) -> float | None:
+    """How much the last validation lowered valid perplexity (a share): near 0 once a cell has flattened; None with one validation."""
+    return curve[-2]["valid_ppl"] / curve[-1]["valid_ppl"] - 1 if len(curve) > 1 else None
+
+
 def last_gain(curve: list[dict]) -> str:
-    """How much the last validation lowered valid perplexity: near 0 once a cell has flattened."""
-    return f"{curve[-2]['valid_ppl'] / curve[-1]['valid_ppl'] - 1:+.2%}" if len(curve) > 1 else "-"
+    return "-" if (g := final_gain(curve)) is None else f"{g:+.2%}"
 
 
 def machine_tags(cells: list[dict]) -> dict[str, str]:
@@ -428,30 +480,66 @@ def machine_tags(cells: list[dict]) -> dict[str, str]:
     return tags
 
 
-def ablations(groups: dict[str, list[dict]]) -> list[str]:
-    """Each finished ablation of CRT-35 against CRT-35 itself: the test perplexity's change, and that change in CRT-35's seed stds."""
-    base, variants = groups.get(ABLATED), [n for n in groups if n.startswith(ABLATED + ",")]
-    if not base or not variants:
+REFERENCES = ("Transformer L=70", ABLATED)  # every row is set against the paper's baseline and its model
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t of mean(a) - mean(b) and its Welch-Satterthwaite degrees of freedom (unequal variances)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # squared standard errors
+    if va + vb == 0:
+        return math.copysign(math.inf, statistics.mean(a) - statistics.mean(b)), math.inf
+    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
+    return t, (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+
+
+def t_pvalue(t: float, df: float, intervals: int = 4000) -> float:
+    """Two-sided p of Student's t with df degrees of freedom: 1 - 2 * (the density's integral over [0, |t|]), by Simpson's rule."""
+    if math.isinf(t):
+        return 0.0
+    scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    h = abs(t) / intervals
+
+    def density(x: float) -> float:  # Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) · (1 + x²/ν)^-(ν+1)/2
+        return math.exp(scale - (df + 1) / 2 * math.log1p(x * x / df))
+
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+    return max(0.0, 1 - 2 * h / 3 * (density(0) + inner + density(abs(t))))
+
+
+def versus(a: list[float], b: list[float]) -> str:
+    """Row a against reference b: the change of the mean, Welch's t (df), its two-sided p, and whether the seeds' ranges overlap."""
+    delta = statistics.mean(a) - statistics.mean(b)
+    change = f"{delta:+.2f} ({delta / statistics.mean(b):+.1%})"
+    overlap = "yes" if max(min(a), min(b)) <= min(max(a), max(b)) else "no"
+    if len(a) < 2 or len(b) < 2:
+        return f"{change} | - | - | {overlap}"  # one seed has no spread to weigh the change against
+    t, df = welch(a, b)
+    p = t_pvalue(t, df)
+    return f"{change} | {t:+.1f} ({df:.1f}) | {'<0.001' if p < 0.001 else f'{p:.3f}'} | {overlap}"
+
+
+def comparisons(groups: dict[str, list[dict]]) -> list[str]:
+    """Every row against each reference row present: how far apart their test perplexities are, and whether the seeds settle it."""
+    refs = [r for r in REFERENCES if r in groups]
+    if not refs:
         return []
-    ref = statistics.mean(c["best"]["test_ppl"] for c in base)
-    spread = statistics.stdev(c["best"]["test_ppl"] for c in base) if len(base) > 1 else math.nan
+    tests = {name: [c["best"]["test_ppl"] for c in cs] for name, cs in groups.items()}
     lines = [
         "",
-        f"## Ablations of {ABLATED}",
+        "## How far apart the rows are",
         "",
-        f"Test perplexity at the best validation, against {ABLATED}'s {mean_std([c['best']['test_ppl'] for c in base])} ({len(base)} seeds); "
-        f"the last column divides the change by {ABLATED}'s standard deviation over seeds (- with one seed), the scale of run-to-run noise.",
+        f"Each row's test perplexity (at its best validation) against {' and against '.join(refs)}: the change of the mean; Welch's t over the two rows' seeds "
+        "(unequal variances) with its degrees of freedom, and its two-sided p, the chance of a |t| this large were the two means equal; "
+        "and whether the seeds' ranges overlap. With 3 seeds a row, p < 0.05 takes |t| of about 3 to 4; a row of one seed has no t. "
+        "spread: the row's seed std as a share of its mean.",
         "",
-        "| variant | seeds | test ppl | change | change in seed stds |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| row | seeds | spread | " + " | ".join(f"vs {r}: change | t (df) | p | seeds overlap" for r in refs) + " |",
+        "| --- | ---: | ---: |" + " ---: | ---: | ---: | --- |" * len(refs),
     ]
-    for name in variants:
-        cs = groups[name]
-        delta = statistics.mean(c["best"]["test_ppl"] for c in cs) - ref
-        stds = f"{delta / spread:+.1f}" if spread > 0 else "-"
-        lines.append(
-            f"| {name[len(ABLATED) + 2 :]} | {len(cs)} | {mean_std([c['best']['test_ppl'] for c in cs])} | {delta:+.2f} ({delta / ref:+.1%}) | {stds} |"
-        )
+    for name, xs in tests.items():
+        spread = f"{statistics.stdev(xs) / statistics.mean(xs):.1%}" if len(xs) > 1 else "-"
+        against = " | ".join("- | - | - | -" if r == name else versus(xs, tests[r]) for r in refs)
+        lines.append(f"| {name} | {len(xs)} | {spread} | {against} |")
     return lines
 
 
@@ -558,6 +646,8 @@ def main() -> None:
     done = {} if args.fresh or not results_path.exists() else {key_of(c): c for c in json.loads(results_path.read_text()).values()}
     for c in done.values():
         c.setdefault("cells_at_once", 1)  # cells from before --jobs ran one at a time
+    if recover_train_ppl(done):
+        write_atomic(results_path, json.dumps(done, indent=1))
 
     def fill(cells: list[tuple[str, str, dict, float, int]]) -> None:
         todo = [cell for cell in cells if cell_key(cell[0], cell[3], cell[4], args.epochs) not in done]

@@ -132,20 +132,73 @@ def test_a_partial_grid_projects_its_remaining_cells_at_the_device_hours_measure
     assert "| 200 |" in row and row.rstrip(" |").endswith("| 1.00")  # device tokens/s (2 x 100) and device hours
 
 
-def test_the_report_names_each_cells_machine_and_precision_and_sets_ablations_against_their_row(tmp_path):
-    base, ablation = bench.ABLATED, f"{bench.ABLATED}, no memory token"
-    assert ablation in [n for n, _, _ in bench.GRID]
-    groups = {base: [cell(base, s, 0.1, [100], [95 + s]) for s in bench.DEFAULT_SEEDS], ablation: [cell(ablation, 0, 0.1, [103], [99])]}
+def test_the_report_names_each_cells_machine_and_precision(tmp_path):
+    base = bench.ABLATED
+    groups = {base: [cell(base, s, 0.1, [100], [95 + s]) for s in bench.DEFAULT_SEEDS]}
     groups[base][2]["machine"], groups[base][2]["train"]["precision"] = "other machine", "fp32"
     choice = {"transformer": (0.1, []), "crt": (0.1, groups[base][:1])}
     args = argparse.Namespace(data="ptb", out=str(tmp_path / "ptb.md"), invocation="python benchmarks/ptb.py", epochs=10, evals_per_epoch=1, patience=3)
     lines = bench.report(groups, choice, args, "python benchmarks/ptb.py --data-dir D")
     assert "Machine: 2 machines or thread counts, each cell's named in the Cells table: M1 = test machine; M2 = other machine." in lines
-    cells = [line for line in lines if line.startswith(f"| {base} | ")][1:]  # the first is the row of the main table
+    cells = [line for line in lines if line.startswith(f"| {base} | ") and " | M" in line]
     assert [line.split(" | ")[2:4] for line in cells] == [["M1", "bf16"], ["M1", "bf16"], ["M2", "fp32"]]
-    # CRT-35 is 96.00 ± 1.00 over its seeds; the ablation's 99 is 3 more, 3 of those stds
-    assert "| no memory token | 1 | 99.00 | +3.00 (+3.1%) | +3.0 |" in lines
-    assert bench.ablations({ablation: groups[ablation]}) == []  # nothing to compare against without the row itself
+
+
+def test_welch_t_and_its_p_match_their_closed_forms():
+    # means 2 and 6, variances 1 and 4 over 3 seeds each: t = -4 / sqrt(1/3 + 4/3), df = (5/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17
+    t, df = bench.welch([1.0, 2.0, 3.0], [4.0, 6.0, 8.0])
+    assert t == pytest.approx(-4 / math.sqrt(5 / 3)) and df == pytest.approx(50 / 17)
+    for x in (0.3, 1.0, 2.5, 12.0):
+        assert bench.t_pvalue(x, 1) == pytest.approx(1 - 2 / math.pi * math.atan(x), abs=1e-9)  # Cauchy
+        assert bench.t_pvalue(-x, 2) == pytest.approx(1 - x / math.sqrt(2 + x * x), abs=1e-9)
+    assert bench.t_pvalue(1.959964, 1e7) == pytest.approx(0.05, abs=1e-5)  # many df: the normal's 5% point
+    assert bench.t_pvalue(0.0, 3) == pytest.approx(1.0)
+    assert bench.welch([1.0, 1.0], [2.0, 2.0]) == (-math.inf, math.inf) and bench.t_pvalue(-math.inf, math.inf) == 0.0
+
+
+def test_every_row_is_set_against_the_transformer_70_and_crt_35(tmp_path):
+    t, c, ablation = "Transformer L=70", bench.ABLATED, f"{bench.ABLATED}, no memory token"
+    assert set(bench.REFERENCES) == {t, c} and ablation in [n for n, _, _ in bench.GRID]
+    groups = {
+        t: [cell(t, s, 0.1, [130], [x]) for s, x in enumerate((117.0, 119.0, 118.0))],
+        c: [cell(c, s, 0.1, [100], [x]) for s, x in enumerate((93.0, 95.0, 94.0))],
+        ablation: [cell(ablation, 0, 0.1, [103], [99.0])],
+    }
+    lines = bench.comparisons(groups)
+    row = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and " | " in line}
+    # CRT-35 against the Transformer: -24 (-20.3%); both stds 1 over 3 seeds, so t = -24 / sqrt(2/3) on df 4, p far under 0.001; no overlap
+    assert row[c] == f"| {c} | 3 | 1.1% | -24.00 (-20.3%) | {-24 / math.sqrt(2 / 3):+.1f} (4.0) | <0.001 | no | - | - | - | - |"
+    # one seed: the change and the overlap (99 lies inside neither row's range), no t
+    assert row[ablation] == f"| {ablation} | 1 | - | -19.00 (-16.1%) | - | - | no | +5.00 (+5.3%) | - | - | no |"
+    assert bench.comparisons({ablation: groups[ablation]}) == []  # neither reference: nothing to set the rows against
+    # a reference alone still sets the others against itself
+    only = bench.comparisons({c: groups[c], ablation: groups[ablation]})
+    assert any(line.startswith(f"| {ablation} | 1 | - | +5.00 (+5.3%) | - | - | no |") for line in only)
+
+
+def test_train_ppl_is_the_last_epochs_and_is_recovered_for_cells_kept_without_it(tmp_path):
+    records = [{"step": s, "split": "train", "loss": float(s)} for s in (10, 20, 30, 40)] + [{"step": 40, "split": "valid", "loss": 9.0, "ppl": 1.0}]
+    assert bench.last_epoch_train_ppl(records, per_epoch=20) == pytest.approx(math.exp(35))  # steps 30 and 40: the last 20
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    first = cell("CRT L=35", 0, 0.1, [100, 99], [95, 94]) | {"run_dir": str(run), "steps": 40}  # validations at steps 1 and 2 of 1 per epoch
+    other = cell("CRT L=35", 1, 0.1, [100], [95]) | {"run_dir": str(run), "steps": 80}  # the folder now holds another run
+    gone = cell("CRT L=35", 2, 0.1, [100], [95]) | {"run_dir": str(tmp_path / "absent"), "steps": 40}
+    kept = cell("CRT L=35", 3, 0.1, [100], [95]) | {"run_dir": str(run), "steps": 40, "train_ppl": 7.0}
+    done = {str(i): x for i, x in enumerate((first, other, gone, kept))}
+    assert bench.recover_train_ppl(done) is True
+    assert first["train_ppl"] == pytest.approx(math.exp(40)) and kept["train_ppl"] == 7.0  # 1 step per epoch: the last record
+    assert "train_ppl" not in other and "train_ppl" not in gone
+    assert bench.recover_train_ppl(done) is False  # nothing left to recover
+    assert bench.overfit(kept) == f"7.00 | {100 / 7:.2f}" and bench.overfit(other) == "- | -"
+
+
+def test_the_report_says_how_flat_the_cells_ended():
+    cells = [cell("x", 0, 0.1, [110, 100], [1, 1]), cell("x", 1, 0.1, [100.5, 100], [1, 1]), cell("x", 2, 0.1, [100], [1])]
+    assert bench.final_gain(cells[0]["curve"]) == pytest.approx(0.1) and bench.final_gain(cells[2]["curve"]) is None
+    line = bench.converged(cells)
+    assert line.startswith("Valid gain at the last validation, over 2 cells: median +5.25%, from +0.50% to +10.00%; 1 gained over 1%")
 
 
 @pytest.mark.parametrize(
@@ -232,6 +285,7 @@ def test_an_interrupted_cell_resumes_from_its_last_checkpoint_and_ends_as_an_unb
     assert [c["valid_ppl"] for c in resumed["curve"]] == pytest.approx([c["valid_ppl"] for c in unbroken[key]["curve"]], rel=1e-5)
     assert resumed["best"]["test_ppl"] == pytest.approx(unbroken[key]["best"]["test_ppl"], rel=1e-5)
     assert resumed["wall_s"] > 0 and unbroken[key]["resumed_at_step"] is None
+    assert resumed["train_ppl"] == pytest.approx(unbroken[key]["train_ppl"], rel=1e-5)  # its last epoch's records, across the resume
     assert f"(resumed at step {steps[0]})" in out.read_text()  # the Cells table says so
     # another budget is another cell: it does not continue the 2-epoch run, but trains beside it ...
     other = grid("--epochs", "1")
