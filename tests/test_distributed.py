@@ -222,6 +222,34 @@ def test_commands_that_do_not_run_distributed_are_refused(capsys, monkeypatch):
     refused(cli(capsys, "flops"), "torchrun", "train and eval")
 
 
+def test_under_torchrun_the_command_ends_with_os_exit_after_flushing(capsys, monkeypatch):
+    """entry(), the `crt` command: under torchrun it skips the interpreter's teardown of the
+    distributed runtime (os._exit, main's status, output flushed first); outside, a normal exit."""
+    import crt.cli.main as cli_main
+
+    class Exited(Exception):
+        pass
+
+    def os_exit(code):
+        calls.append("os._exit")
+        raise Exited(code)
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli_main.os, "_exit", os_exit)
+    monkeypatch.setattr(sys.stdout, "flush", lambda: calls.append("stdout flushed"))
+    monkeypatch.setattr(sys.stderr, "flush", lambda: calls.append("stderr flushed"))
+    monkeypatch.setattr(sys, "argv", ["crt", "flops"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as ended:
+        cli_main.entry()
+    assert ended.value.args == (2,) and calls[-3:] == ["stdout flushed", "stderr flushed", "os._exit"]  # flops refuses torchrun: status 2
+    assert "only train and eval run distributed" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as normal:
+        cli_main.entry()
+    assert normal.value.code == 0 and "MFLOP" in capsys.readouterr().out
+
+
 def test_world_size_without_torchrun_is_a_clear_error(capsys, monkeypatch, tmp_path):
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

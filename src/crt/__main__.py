@@ -1,5 +1,3 @@
-import sys
+from crt.cli.main import entry
 
-from crt.cli.main import main
-
-sys.exit(main())
+entry()

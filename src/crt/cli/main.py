@@ -563,6 +563,24 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout, sys.stderr = out, errors
 
 
+def entry() -> None:
+    """The `crt` command and `python -m crt`: run main() and exit with its status.
+
+    Under torchrun the process ends with os._exit once main() has left the process group and its
+    output is flushed. Python's own exit goes on to the C++ teardown of the distributed runtime,
+    which now and then aborts a process whose job had succeeded (SIGABRT after all its atexit
+    handlers ran), and torchrun then fails the whole job (docs/results/distributed-notes.md).
+    Nothing is left to write by then: every file is written whole and closed before main() returns."""
+    from crt.train.distributed import launched
+
+    rc = main()
+    if launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 def _run(args: argparse.Namespace, errors, who: str) -> int:
     from crt.train.distributed import launched
 
