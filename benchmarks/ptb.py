@@ -187,24 +187,27 @@ def run_cell(name: str, preset: str, overrides: dict, p: float, seed: int, args:
     }
 
 
-def last_epoch_train_ppl(records: list[dict], per_epoch: float) -> float:
-    """Training perplexity over a run's last epoch (dropout on): exp of the mean loss of its train records there."""
+def last_epoch_train_ppl(records: list[dict], per_epoch: int) -> float:
+    """Training perplexity over a run's last epoch (dropout on): exp of the mean training loss of its
+    train records there, each weighted by the steps it averages (from the record before it)."""
     train = [r for r in records if r["split"] == "train"]
-    return math.exp(statistics.mean(r["loss"] for r in train if r["step"] > train[-1]["step"] - per_epoch))
+    steps = [r["step"] for r in train]
+    spans = [(r["loss"], step - before) for r, step, before in zip(train, steps, [0, *steps[:-1]]) if step > steps[-1] - per_epoch]
+    return math.exp(sum(loss * n for loss, n in spans) / sum(n for _, n in spans))
 
 
 def recover_train_ppl(done: dict[str, dict]) -> bool:
     """Give each kept cell that predates `train_ppl` its value, read from its run's metrics where that run is
-    still on this machine and ended where the cell did; True if any cell gained one."""
+    still on this machine and its validations are exactly the cell's curve; True if any cell gained one."""
     gained = False
     for c in done.values():
         metrics = Path(c["run_dir"]) / "metrics.jsonl"
         if "train_ppl" in c or not metrics.exists():
             continue
         records = read_metrics(metrics)
-        if [r["step"] for r in records if r["split"] == "train"][-1:] != [c["steps"]]:
+        if [(r["step"], r["ppl"]) for r in records if r["split"] == "valid"] != [(v["step"], v["valid_ppl"]) for v in c["curve"]]:
             continue  # the folder holds another run now
-        c["train_ppl"] = last_epoch_train_ppl(records, c["curve"][0]["step"] / c["curve"][0]["epochs"])
+        c["train_ppl"] = last_epoch_train_ppl(records, round(c["curve"][0]["step"] / c["curve"][0]["epochs"]))
         gained = True
     return gained
 
@@ -421,7 +424,7 @@ def report(groups: dict[str, list[dict]], choice: dict, args: argparse.Namespace
             else ""
         ),
         "",
-        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train ppl, last epoch | valid / train | train tokens/s | hours | valid gain at the last validation |",
+        "| row | seed | machine | precision | cells at once | epochs run | best valid ppl at epoch | valid ppl | test ppl | train ppl, last epoch | best valid / train | train tokens/s | hours | valid gain at the last validation |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, cs in groups.items():
@@ -445,7 +448,7 @@ def resumed(cell: dict) -> str:
 
 
 def overfit(cell: dict) -> str:
-    """Train perplexity over the last epoch and best valid over it: the generalisation gap (- for cells kept without it)."""
+    """Train perplexity over the last epoch (dropout on) and the best valid perplexity over it (- for cells kept without it)."""
     if cell.get("train_ppl") is None:
         return "- | -"
     return f"{cell['train_ppl']:.2f} | {cell['best']['valid_ppl'] / cell['train_ppl']:.2f}"
@@ -484,26 +487,47 @@ REFERENCES = ("Transformer L=70", ABLATED)  # every row is set against the paper
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Welch's t of mean(a) - mean(b) and its Welch-Satterthwaite degrees of freedom (unequal variances)."""
+    """Welch's t of mean(a) - mean(b) and its Welch-Satterthwaite degrees of freedom (unequal variances);
+    nan for both when neither row varies and the means are equal (nothing to test)."""
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # squared standard errors
+    delta = statistics.mean(a) - statistics.mean(b)
     if va + vb == 0:
-        return math.copysign(math.inf, statistics.mean(a) - statistics.mean(b)), math.inf
-    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
-    return t, (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        return (math.copysign(math.inf, delta), math.inf) if delta else (math.nan, math.nan)
+    return delta / math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
 
 
-def t_pvalue(t: float, df: float, intervals: int = 4000) -> float:
-    """Two-sided p of Student's t with df degrees of freedom: 1 - 2 * (the density's integral over [0, |t|]), by Simpson's rule."""
-    if math.isinf(t):
-        return 0.0
-    scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    h = abs(t) / intervals
+def t_pvalue(t: float, df: float) -> float:
+    """Two-sided p of Student's t with df degrees of freedom: I_x(df/2, 1/2) at x = df / (df + t²),
+    the regularised incomplete beta function; the normal's tails for infinite df."""
+    if math.isinf(df):
+        return math.erfc(abs(t) / math.sqrt(2))
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
 
-    def density(x: float) -> float:  # Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) · (1 + x²/ν)^-(ν+1)/2
-        return math.exp(scale - (df + 1) / 2 * math.log1p(x * x / df))
 
-    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
-    return max(0.0, 1 - 2 * h / 3 * (density(0) + inner + density(abs(t))))
+def incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) = B(x; a, b) / B(a, b), by its continued fraction
+    (evaluated with Lentz's method), which converges fast for x < (a + 1) / (a + b + 2); above that, by
+    the symmetry I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(b, a, 1 - x)
+    # x^a (1-x)^b / (a B(a, b)), in logs
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 100_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * fraction
 
 
 def versus(a: list[float], b: list[float]) -> str:
@@ -514,8 +538,10 @@ def versus(a: list[float], b: list[float]) -> str:
     if len(a) < 2 or len(b) < 2:
         return f"{change} | - | - | {overlap}"  # one seed has no spread to weigh the change against
     t, df = welch(a, b)
+    if math.isnan(t):
+        return f"{change} | - | - | {overlap}"  # neither row varies and their means agree
     p = t_pvalue(t, df)
-    return f"{change} | {t:+.1f} ({df:.1f}) | {'<0.001' if p < 0.001 else f'{p:.3f}'} | {overlap}"
+    return f"{change} | {t:+.1f} ({df:.1f}) | {'-' if math.isnan(p) else '<0.001' if p < 0.001 else f'{p:.3f}'} | {overlap}"
 
 
 def comparisons(groups: dict[str, list[dict]]) -> list[str]:
@@ -528,10 +554,11 @@ def comparisons(groups: dict[str, list[dict]]) -> list[str]:
         "",
         "## How far apart the rows are",
         "",
-        f"Each row's test perplexity (at its best validation) against {' and against '.join(refs)}: the change of the mean; Welch's t over the two rows' seeds "
-        "(unequal variances) with its degrees of freedom, and its two-sided p, the chance of a |t| this large were the two means equal; "
-        "and whether the seeds' ranges overlap. With 3 seeds a row, p < 0.05 takes |t| of about 3 to 4; a row of one seed has no t. "
-        "spread: the row's seed std as a share of its mean.",
+        f"Each row's test perplexity (at its best validation) against {' and against '.join(refs)}: the change of the mean (the row's minus the "
+        "reference's: + is worse); Welch's t over the two rows' seeds (unequal variances) with its degrees of freedom, and its two-sided p, the chance "
+        "of a |t| this large were the two means equal; and whether the seeds' ranges overlap. With 3 seeds a row (2 to 4 degrees of freedom) "
+        "p < 0.05 takes |t| of 2.8 to 4.3; a row of one seed has no t. The table makes two comparisons a row and corrects for none: "
+        "one in twenty comparisons of rows that do not differ passes p < 0.05 by chance. spread: the row's seed std as a share of its mean.",
         "",
         "| row | seeds | spread | " + " | ".join(f"vs {r}: change | t (df) | p | seeds overlap" for r in refs) + " |",
         "| --- | ---: | ---: |" + " ---: | ---: | ---: | --- |" * len(refs),

@@ -153,7 +153,14 @@ def test_welch_t_and_its_p_match_their_closed_forms():
         assert bench.t_pvalue(-x, 2) == pytest.approx(1 - x / math.sqrt(2 + x * x), abs=1e-9)
     assert bench.t_pvalue(1.959964, 1e7) == pytest.approx(0.05, abs=1e-5)  # many df: the normal's 5% point
     assert bench.t_pvalue(0.0, 3) == pytest.approx(1.0)
+    for x in (60.0, 7079.0):  # far in the tail
+        assert bench.t_pvalue(x, 1) == pytest.approx(2 / math.pi * math.atan(1 / x), rel=1e-9)  # the Cauchy tail, without cancellation
+    r = math.sqrt(2 + 7943.0**2)
+    assert bench.t_pvalue(7943.0, 2) == pytest.approx(2 / (r * (r + 7943.0)), rel=1e-6)  # 1 - t/√(2+t²), without its cancellation
+    assert bench.t_pvalue(2.776445, 4) == pytest.approx(0.05, abs=1e-6) and bench.t_pvalue(1.959964, math.inf) == pytest.approx(0.05, abs=1e-6)
     assert bench.welch([1.0, 1.0], [2.0, 2.0]) == (-math.inf, math.inf) and bench.t_pvalue(-math.inf, math.inf) == 0.0
+    assert all(math.isnan(x) for x in bench.welch([1.0, 1.0], [1.0, 1.0]))  # identical rows: nothing to test
+    assert bench.versus([1.0, 1.0], [1.0, 1.0]) == "+0.00 (+0.0%) | - | - | yes"
 
 
 def test_every_row_is_set_against_the_transformer_70_and_crt_35(tmp_path):
@@ -177,21 +184,31 @@ def test_every_row_is_set_against_the_transformer_70_and_crt_35(tmp_path):
 
 
 def test_train_ppl_is_the_last_epochs_and_is_recovered_for_cells_kept_without_it(tmp_path):
-    records = [{"step": s, "split": "train", "loss": float(s)} for s in (10, 20, 30, 40)] + [{"step": 40, "split": "valid", "loss": 9.0, "ppl": 1.0}]
-    assert bench.last_epoch_train_ppl(records, per_epoch=20) == pytest.approx(math.exp(35))  # steps 30 and 40: the last 20
+    train = [{"step": s, "split": "train", "loss": float(s)} for s in (10, 20, 30, 40, 45)]  # every 10 steps, and a capped last record
+    valid = [{"step": 20, "split": "valid", "loss": 4.6, "ppl": 100.0}, {"step": 45, "split": "valid", "loss": 4.5, "ppl": 99.0}]
+    records = train + valid
+    # the last 20 steps: records 30, 40 (10 steps each) and 45 (5 steps), weighted by the steps they average
+    assert bench.last_epoch_train_ppl(records, per_epoch=20) == pytest.approx(math.exp((30 * 10 + 40 * 10 + 45 * 5) / 25))
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    first = cell("CRT L=35", 0, 0.1, [100, 99], [95, 94]) | {"run_dir": str(run), "steps": 40}  # validations at steps 1 and 2 of 1 per epoch
-    other = cell("CRT L=35", 1, 0.1, [100], [95]) | {"run_dir": str(run), "steps": 80}  # the folder now holds another run
-    gone = cell("CRT L=35", 2, 0.1, [100], [95]) | {"run_dir": str(tmp_path / "absent"), "steps": 40}
-    kept = cell("CRT L=35", 3, 0.1, [100], [95]) | {"run_dir": str(run), "steps": 40, "train_ppl": 7.0}
-    done = {str(i): x for i, x in enumerate((first, other, gone, kept))}
+
+    def kept(seed: int, valid_ppl: list[float], run_dir: Path, **extra) -> dict:
+        x = cell("CRT L=35", seed, 0.1, valid_ppl, [95.0] * len(valid_ppl)) | {"run_dir": str(run_dir), **extra}
+        for v, step in zip(x["curve"], (20, 45)):  # 20 steps per epoch: validations at epochs 1 and 2.25
+            v["step"], v["epochs"] = step, step / 20
+        return x
+
+    first = kept(0, [100.0, 99.0], run)
+    other = kept(1, [100.0, 98.0], run)  # the folder holds another run now: its curve differs
+    gone = kept(2, [100.0, 99.0], tmp_path / "absent")
+    known = kept(3, [100.0, 99.0], run, train_ppl=7.0)
+    done = {str(i): x for i, x in enumerate((first, other, gone, known))}
     assert bench.recover_train_ppl(done) is True
-    assert first["train_ppl"] == pytest.approx(math.exp(40)) and kept["train_ppl"] == 7.0  # 1 step per epoch: the last record
+    assert first["train_ppl"] == pytest.approx(bench.last_epoch_train_ppl(records, 20)) and known["train_ppl"] == 7.0
     assert "train_ppl" not in other and "train_ppl" not in gone
     assert bench.recover_train_ppl(done) is False  # nothing left to recover
-    assert bench.overfit(kept) == f"7.00 | {100 / 7:.2f}" and bench.overfit(other) == "- | -"
+    assert bench.overfit(known) == f"7.00 | {99 / 7:.2f}" and bench.overfit(other) == "- | -"
 
 
 def test_the_report_says_how_flat_the_cells_ended():

@@ -575,8 +575,11 @@ def entry() -> None:
 
     rc = main()
     if launched():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a reader that went away (`| head`): its output is lost either way
+                pass
         os._exit(rc)
     sys.exit(rc)
 
@@ -610,4 +613,4 @@ def _run(args: argparse.Namespace, errors, who: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
